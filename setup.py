@@ -1,0 +1,39 @@
+"""SkyMoE-JAX: a JAX/Flax reimplementation of SkyMoE (arXiv 2512.02517)."""
+from setuptools import find_packages, setup
+
+# Versions known to install together on Python 3.11 (see README).
+INSTALL_REQUIRES = [
+    'jax==0.10.2',
+    'jaxlib==0.10.2',
+    'flax==0.12.8',
+    'optax==0.2.8',
+    'orbax-checkpoint==0.12.8',
+    'tensorflow-cpu==2.21.0',
+    'tensorflow-datasets==4.9.10',
+    'sentencepiece==0.2.3',
+    'ml_collections==1.1.0',
+    'clu==0.0.12',
+    'einops==0.8.2',
+    'numpy==2.4.6',
+    # clu's writers and tfds use these without declaring them.
+    'tensorboard==2.21.0',
+    'importlib_resources==7.1.0',
+]
+
+EXTRAS_REQUIRE = {
+    'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0'],
+    # PyTorch export and the parity tests against HF transformers.
+    'export': ['torch==2.13.0', 'safetensors==0.8.0', 'transformers==5.24.0'],
+    'tpu': ['jax[tpu]==0.10.2'],
+    'gpu': ['jax[cuda12]==0.10.2'],
+}
+
+setup(
+    name='skymoe_jax',
+    version='0.1.0',
+    description='SkyMoE remote-sensing vision-language MoE in JAX/Flax',
+    packages=find_packages(include=['skymoe_jax', 'skymoe_jax.*']),
+    python_requires='>=3.11',
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

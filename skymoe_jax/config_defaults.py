@@ -1,0 +1,127 @@
+"""The full config tree with its defaults, and the checks every config passes before use.
+
+Config files in configs/ start from `base_config()` and change what they need; the command line
+overrides any field (`--config.model.moe.num_experts=4`). Defaults are the paper's 7B model
+(SPEC.md): CLIP ViT-L/14 at 504 px, Vicuna-7B, 8 experts top-2 in layers 0, 2, ..., 30.
+"""
+import jax.numpy as jnp
+import ml_collections
+
+# Task and granularity vocabularies for the adaptive router (SPEC.md section 4).
+TASKS = ('scene_classification', 'vqa', 'grounding', 'captioning', 'counting')
+GRANULARITIES = ('global', 'local', 'mixed')
+
+
+class ConfigError(ValueError):
+  """A config field has a bad value; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  m.dtype = 'bfloat16'        # compute dtype
+  m.param_dtype = 'float32'   # storage dtype of the parameters
+  m.scan_layers = True        # scan repeated layers: compile time independent of depth
+  m.remat_policy = 'none'     # see model.layers.REMAT_POLICIES
+
+  m.vision = ml_collections.ConfigDict(dict(
+      image_size=504, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
+      feature_layer=-2,  # HF hidden_states index: -2 = output of the penultimate block
+      norm_eps=1e-5))
+
+  m.llm = ml_collections.ConfigDict(dict(
+      vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+      head_dim=128, mlp_dim=11008, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
+      max_seq_len=2048))
+
+  # LoRA on the named attention projections; rank 0 = no adapters (stage II, merged).
+  m.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=('query', 'value')))
+
+  m.moe = ml_collections.ConfigDict(dict(
+      num_experts=8,            # 0 = dense model (stage I)
+      top_k=2,
+      layers=tuple(range(0, 32, 2)),
+      mlp_dim=0,                # 0 = the dense FFN's size (upcycling copies it)
+      renormalize=False,        # False: the paper's raw softmax weights of the top k
+      backend='ragged',         # loop | dense | ragged | capacity
+      capacity_factor=1.25,     # capacity backend only
+      ragged_impl='auto',       # ragged_dot | blocks | auto (blocks on CPU)
+      ragged_block_size=128,
+      adaptive=True,            # task + granularity bias on the router logits
+      num_tasks=len(TASKS),
+      num_granularities=len(GRANULARITIES),
+      condition_dim=64,
+      load_balance_weight=0.01,
+      z_loss_weight=0.0))
+  return c
+
+
+def _check(ok: bool, field: str, value, why: str):
+  if not ok:
+    raise ConfigError(f'config.{field}={value!r}: {why}')
+
+
+def vision_tokens(model_cfg) -> int:
+  v = model_cfg.vision
+  return (v.image_size // v.patch_size) ** 2
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the first bad field. Called before anything is built."""
+  from skymoe_jax.model import layers as model_layers  # avoid a jax import cycle at load time
+  from skymoe_jax.model.vit import num_feature_layers
+  from skymoe_jax.moe import backends
+
+  m = config.model
+  for field in ('dtype', 'param_dtype'):
+    try:
+      jnp.dtype(m[field])
+    except TypeError:
+      _check(False, f'model.{field}', m[field], 'not a dtype name')
+  _check(m.remat_policy in model_layers.REMAT_POLICIES, 'model.remat_policy', m.remat_policy,
+         f'must be one of {sorted(model_layers.REMAT_POLICIES)}')
+
+  v = m.vision
+  _check(v.patch_size > 0 and v.image_size % v.patch_size == 0, 'model.vision.image_size',
+         v.image_size, f'must be a multiple of model.vision.patch_size={v.patch_size}')
+  _check(v.width % v.num_heads == 0, 'model.vision.num_heads', v.num_heads,
+         f'must divide model.vision.width={v.width}')
+  try:
+    num_feature_layers(v.depth, v.feature_layer)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+  llm = m.llm
+  _check(llm.num_kv_heads > 0 and llm.num_heads % llm.num_kv_heads == 0,
+         'model.llm.num_kv_heads', llm.num_kv_heads,
+         f'must divide model.llm.num_heads={llm.num_heads}')
+  _check(llm.head_dim % 2 == 0, 'model.llm.head_dim', llm.head_dim, 'RoPE needs an even size')
+  _check(llm.max_seq_len > vision_tokens(m), 'model.llm.max_seq_len', llm.max_seq_len,
+         f'must hold the {vision_tokens(m)} image tokens and some text')
+
+  lora = m.lora
+  _check(lora.rank >= 0, 'model.lora.rank', lora.rank, 'must be >= 0')
+  bad = set(lora.targets) - {'query', 'key', 'value'}
+  _check(not bad, 'model.lora.targets', tuple(lora.targets),
+         f'{sorted(bad)} not among query, key, value')
+
+  moe = m.moe
+  if moe.num_experts > 0:
+    _check(1 <= moe.top_k <= moe.num_experts, 'model.moe.top_k', moe.top_k,
+           f'must be in [1, model.moe.num_experts={moe.num_experts}]')
+    layers = tuple(moe.layers)
+    _check(all(0 <= i < llm.num_layers for i in layers) and len(set(layers)) == len(layers),
+           'model.moe.layers', layers,
+           f'must be distinct layer indices below model.llm.num_layers={llm.num_layers}')
+    _check(moe.backend in backends.BACKENDS, 'model.moe.backend', moe.backend,
+           f'must be one of {backends.BACKENDS}')
+    _check(moe.ragged_impl in backends.RAGGED_IMPLS, 'model.moe.ragged_impl', moe.ragged_impl,
+           f'must be one of {backends.RAGGED_IMPLS}')
+    _check(moe.capacity_factor > 0, 'model.moe.capacity_factor', moe.capacity_factor,
+           'must be > 0')
+    _check(moe.ragged_block_size > 0, 'model.moe.ragged_block_size', moe.ragged_block_size,
+           'must be > 0')
+    _check(moe.num_tasks >= 1 and moe.num_granularities >= 1, 'model.moe.num_tasks',
+           (moe.num_tasks, moe.num_granularities), 'tasks and granularities must be >= 1')

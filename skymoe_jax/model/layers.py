@@ -1,0 +1,133 @@
+"""Small building blocks shared by the vision tower and the decoder.
+
+Every parameter is created through `param` so that it carries logical axis names; the mesh rules
+(one table in the config) map those names to mesh axes. Model code never names a mesh axis.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str], dtype):
+  """Creates a parameter whose metadata names one logical axis per dimension."""
+  if len(axes) != len(shape):
+    raise ValueError(f'{name}: {len(shape)} dims but logical axes {axes}')
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def fan_in_init(num_in_dims: int, num_batch_dims: int = 0):
+  """Lecun-normal over the `num_in_dims` input dims of a kernel shaped [*batch, *in, *out]."""
+  in_axis = tuple(range(num_batch_dims, num_batch_dims + num_in_dims))
+  def init(key, shape, dtype=jnp.float32):
+    out_axis = tuple(range(num_batch_dims + num_in_dims, len(shape)))
+    batch_axis = tuple(range(num_batch_dims))
+    return nn.initializers.variance_scaling(
+        1.0, 'fan_in', 'truncated_normal', in_axis=in_axis, out_axis=out_axis,
+        batch_axis=batch_axis)(key, shape, dtype)
+  return init
+
+
+class Linear(nn.Module):
+  """y = x @ W (+ b), contracting the last `len(in_axes)` dims of x into `features`.
+
+  Kernels are [*in_dims, *features], so multi-head projections keep their head axis
+  (e.g. query: [embed, heads, head_dim]) and can be sharded by name.
+  """
+  features: Sequence[int]
+  in_axes: Sequence[str]
+  out_axes: Sequence[str]
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n_in = len(self.in_axes)
+    kernel_shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+    kernel = param(self, 'kernel', fan_in_init(n_in), kernel_shape,
+                   tuple(self.in_axes) + tuple(self.out_axes), self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = jax.lax.dot_general(
+        x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    if self.use_bias:
+      bias = param(self, 'bias', nn.initializers.zeros, tuple(self.features), self.out_axes,
+                   self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """LLaMA RMSNorm: statistics in fp32, scale applied in the compute dtype."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = param(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('norm',), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with logically named scale and bias; statistics in fp32."""
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = param(self, 'scale', nn.initializers.ones, (d,), ('norm',), self.param_dtype)
+    bias = param(self, 'bias', nn.initializers.zeros, (d,), ('norm',), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def quick_gelu(x):
+  """CLIP's activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def attend(q, k, v, mask):
+  """Grouped-query attention with fp32 softmax.
+
+  q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] with H a multiple of Hkv; mask: bool, broadcastable
+  to [B, T, S] (True = may attend). Returns [B, T, H, Dh] in q's dtype.
+  """
+  b, t, h, dh = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, t, hkv, h // hkv, dh)
+  logits = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+  logits = logits / np.sqrt(dh).astype(np.float32)
+  logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(b, t, h, dh)
+
+
+REMAT_POLICIES = {
+    'none': None,  # no rematerialisation
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def maybe_remat(block_cls, policy_name: str, static_argnums=()):
+  """Wraps a layer class in nn.remat with a named policy ('none' leaves it as is)."""
+  if policy_name not in REMAT_POLICIES:
+    raise ValueError(f'remat policy {policy_name!r} not in {sorted(REMAT_POLICIES)}')
+  if policy_name == 'none':
+    return block_cls
+  return nn.remat(block_cls, policy=REMAT_POLICIES[policy_name], prevent_cse=False,
+                  static_argnums=static_argnums)

@@ -1,0 +1,146 @@
+"""CLIP-style vision transformer (ViT-L/14 in the paper), returning patch features for the LLM.
+
+Patch embedding (no bias), a CLS token, learned position embeddings, a LayerNorm before the
+blocks, pre-LN blocks with quick-GELU. Features come from `feature_layer` (-2: the penultimate
+block, LLaVA-1.5's choice) with CLS dropped; blocks past that layer would never be used, so they
+are not built. Position embeddings are stored at the configured grid and resized bicubically
+(PyTorch's kernel, so converted CLIP checkpoints behave as in PyTorch) for other input sizes.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from skymoe_jax.model import layers
+
+
+def cubic_resize_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
+  """[out, in] matrix of PyTorch's bicubic interpolation (align_corners=False, edges clamped)."""
+  def kernel(d):
+    d = abs(d)
+    if d <= 1:
+      return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1
+    if d < 2:
+      return a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a
+    return 0.0
+  scale = in_size / out_size
+  m = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    src = (i + 0.5) * scale - 0.5
+    base = int(np.floor(src))
+    frac = src - base
+    for j in range(-1, 3):
+      m[i, min(max(base + j, 0), in_size - 1)] += kernel(j - frac)
+  return m.astype(np.float32)
+
+
+def resize_position_embedding(pos, new_grid: int):
+  """pos: [1 + g*g, W] (CLS first) -> [1 + new_grid^2, W]; identity when the grid is unchanged."""
+  old_grid = int(round(np.sqrt(pos.shape[0] - 1)))
+  if old_grid * old_grid != pos.shape[0] - 1:
+    raise ValueError(f'position embedding of {pos.shape[0]} rows is not 1 + a square grid')
+  if new_grid == old_grid:
+    return pos
+  m = cubic_resize_matrix(old_grid, new_grid)
+  grid = pos[1:].reshape(old_grid, old_grid, -1).astype(jnp.float32)
+  grid = jnp.einsum('ih,jw,hwc->ijc', m, m, grid).reshape(new_grid * new_grid, -1)
+  return jnp.concatenate([pos[:1], grid.astype(pos.dtype)], axis=0)
+
+
+class VisionMLP(nn.Module):
+  mlp_dim: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = layers.Linear((self.mlp_dim,), ('embed',), ('mlp',), name='fc1', **kw)(x)
+    return layers.Linear((x.shape[-1],), ('mlp',), ('embed',), name='fc2', **kw)(
+        layers.quick_gelu(h))
+
+
+class VisionLayer(nn.Module):
+  """One pre-LN transformer block; scanned, so it returns (carry, None)."""
+  num_heads: int
+  mlp_dim: int
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    h = layers.LayerNorm(self.eps, name='norm1', **kw)(x)
+    proj = lambda name: layers.Linear((self.num_heads, head_dim), ('embed',), ('heads', 'head_dim'),
+                                      use_bias=True, name=name, **kw)(h)
+    q, k, v = proj('query'), proj('key'), proj('value')
+    mask = jnp.ones((1, x.shape[1], x.shape[1]), bool)
+    out = layers.attend(q, k, v, mask)
+    x = x + layers.Linear((width,), ('heads', 'head_dim'), ('embed',), use_bias=True, name='out',
+                          **kw)(out)
+    x = nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))
+    x = x + VisionMLP(self.mlp_dim, name='mlp', **kw)(layers.LayerNorm(self.eps, name='norm2', **kw)(x))
+    return x, None
+
+
+def num_feature_layers(depth: int, feature_layer: int) -> int:
+  """How many blocks run to produce the hidden state `feature_layer` (HF hidden_states index)."""
+  n = depth + 1 + feature_layer if feature_layer < 0 else feature_layer
+  if not 1 <= n <= depth:
+    raise ValueError(f'config.model.vision.feature_layer={feature_layer} is outside a '
+                     f'{depth}-layer tower')
+  return n
+
+
+class VisionTower(nn.Module):
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  feature_layer: int = -2
+  eps: float = 1e-5
+  scan_layers: bool = True
+  remat_policy: str = 'none'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    """images: [B, H, W, 3] normalised pixels -> [B, (H/p)*(W/p), width] patch features."""
+    b, h, w, c = images.shape
+    p = self.patch_size
+    if h != w or h % p:
+      raise ValueError(f'images must be square multiples of the patch size {p}, got {h}x{w}')
+    grid = h // p
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    patches = images.reshape(b, grid, p, grid, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, grid * grid, p, p, c)
+    x = layers.Linear((self.width,), ('patch_h', 'patch_w', 'channels'), ('embed',),
+                      name='patch_embed', **kw)(patches)
+    cls = layers.param(self, 'cls_token', nn.initializers.normal(0.02), (self.width,), ('embed',),
+                       self.param_dtype)
+    stored_grid = self.image_size // p
+    pos = layers.param(self, 'pos_embed', nn.initializers.normal(0.02),
+                       (1 + stored_grid * stored_grid, self.width), ('positions', 'embed'),
+                       self.param_dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x], axis=1)
+    x = x + resize_position_embedding(pos, grid).astype(x.dtype)[None]
+    x = layers.LayerNorm(self.eps, name='pre_norm', **kw)(x)
+
+    n = num_feature_layers(self.depth, self.feature_layer)
+    block = layers.maybe_remat(VisionLayer, self.remat_policy)
+    args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, eps=self.eps, **kw)
+    if self.scan_layers:
+      x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                     length=n, metadata_params={nn.PARTITION_NAME: 'layers'})(
+                         name='layers', **args)(x, None)
+    else:
+      for i in range(n):
+        x, _ = block(name=f'layer_{i}', **args)(x)
+    return x[:, 1:]

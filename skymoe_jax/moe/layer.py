@@ -1,0 +1,104 @@
+"""The routed MoE feed-forward layer with SkyMoE's adaptive (task- and granularity-aware) router.
+
+Router logits f(x) = W x + U (e_task + e_granularity): each sample's task and granularity add a
+learned bias to every one of its tokens' logits. U starts at zero, so a fresh (or upcycled)
+adaptive router routes exactly like the plain token router; `adaptive=False` drops U and the
+embeddings altogether.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from skymoe_jax.model import layers
+from skymoe_jax.moe import backends, router
+
+
+class MoeFFN(nn.Module):
+  num_experts: int
+  top_k: int
+  mlp_dim: int
+  renormalize: bool = False
+  backend: str = 'ragged'
+  capacity_factor: float = 1.25
+  ragged_impl: str = 'auto'
+  ragged_block_size: int = 128
+  adaptive: bool = True
+  num_tasks: int = 1
+  num_granularities: int = 1
+  condition_dim: int = 64
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, token_mask, task_id, granularity_id):
+    """x: [B, T, D]; token_mask: [B, T] bool; task_id, granularity_id: [B] int.
+
+    Returns (y [B, T, D], aux) where aux holds the load-balance and z losses and the router
+    statistics (router.router_stats) of this layer.
+    """
+    b, t, d = x.shape
+    e = self.num_experts
+    kernel = layers.param(self, 'router', layers.fan_in_init(1), (d, e), ('embed', 'exp'),
+                          self.param_dtype)
+    logits = jnp.einsum('btd,de->bte', x.astype(jnp.float32), kernel.astype(jnp.float32))
+    if self.adaptive:
+      task_table = layers.param(self, 'task_embed', nn.initializers.normal(1.0),
+                                (self.num_tasks, self.condition_dim), ('task', 'condition'),
+                                self.param_dtype)
+      gran_table = layers.param(self, 'granularity_embed', nn.initializers.normal(1.0),
+                                (self.num_granularities, self.condition_dim),
+                                ('granularity', 'condition'), self.param_dtype)
+      u = layers.param(self, 'condition_proj', nn.initializers.zeros, (self.condition_dim, e),
+                       ('condition', 'exp'), self.param_dtype)
+      cond = task_table[task_id] + gran_table[granularity_id]  # [B, C]
+      logits = logits + (cond.astype(jnp.float32) @ u.astype(jnp.float32))[:, None, :]
+
+    experts = {
+        'w_gate': layers.param(self, 'w_gate', layers.fan_in_init(1, 1), (e, d, self.mlp_dim),
+                               ('exp', 'embed', 'mlp'), self.param_dtype),
+        'w_up': layers.param(self, 'w_up', layers.fan_in_init(1, 1), (e, d, self.mlp_dim),
+                             ('exp', 'embed', 'mlp'), self.param_dtype),
+        'w_down': layers.param(self, 'w_down', layers.fan_in_init(1, 1), (e, self.mlp_dim, d),
+                               ('exp', 'mlp', 'embed'), self.param_dtype),
+    }
+    experts = jax.tree.map(lambda w: w.astype(self.dtype), experts)
+
+    valid = token_mask.reshape(-1)
+    flat_logits = logits.reshape(b * t, e)
+    routing = router.route(flat_logits, self.top_k, self.renormalize, valid)
+    dispatch = backends.get_backend(self.backend, capacity_factor=self.capacity_factor,
+                                    ragged_impl=self.ragged_impl,
+                                    block_size=self.ragged_block_size)
+    y, num_dropped = dispatch(x.reshape(b * t, d).astype(self.dtype), routing.ids,
+                              routing.weights, valid, experts)
+
+    condition = task_id * self.num_granularities + granularity_id  # [B]
+    condition = jnp.broadcast_to(condition[:, None], (b, t)).reshape(-1)
+    aux = router.router_stats(routing, valid, condition,
+                              self.num_tasks * self.num_granularities)
+    aux['counts_by_condition'] = aux['counts_by_condition'].reshape(
+        self.num_tasks, self.num_granularities, e)
+    aux['load_balance_loss'] = router.load_balance_loss(routing, valid)
+    aux['z_loss'] = router.z_loss(flat_logits, valid)
+    aux['num_dropped'] = num_dropped
+    aux['num_routed'] = jnp.sum(valid.astype(jnp.int32)) * self.top_k
+    return y.reshape(b, t, d), aux
+
+
+def upcycle_mlp(mlp_params, num_experts: int):
+  """Expert weights for an MoE layer made from a dense SwiGLU FFN: each expert a copy.
+
+  mlp_params: {'gate': {'kernel'}, 'up': {'kernel'}, 'down': {'kernel'}} of model.mlp.MLP,
+  possibly with leading scanned-layer axes. Returns {'w_gate', 'w_up', 'w_down'} with the
+  expert axis placed right before the kernel's own two dims.
+  """
+  def tile(kernel):
+    expanded = jnp.expand_dims(kernel, axis=kernel.ndim - 2)
+    reps = [1] * expanded.ndim
+    reps[kernel.ndim - 2] = num_experts
+    return jnp.tile(expanded, reps)
+  return {'w_gate': tile(mlp_params['gate']['kernel']),
+          'w_up': tile(mlp_params['up']['kernel']),
+          'w_down': tile(mlp_params['down']['kernel'])}

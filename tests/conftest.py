@@ -1,0 +1,27 @@
+"""Test setup: 8 forced CPU devices (set before jax is imported) and shared fixtures."""
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg=None):
+  """configs/<name>.py's get_config(arg), loaded the way the command line loads it."""
+  path = REPO / 'configs' / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture
+def tiny_config():
+  return load_config('tiny')
