@@ -4,6 +4,8 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# rbg keys compile much faster than threefry on CPU; no test depends on particular random values.
+os.environ.setdefault('JAX_DEFAULT_PRNG_IMPL', 'rbg')
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
