@@ -4,8 +4,15 @@ Config files in configs/ start from `base_config()` and change what they need; t
 overrides any field (`--config.model.moe.num_experts=4`). Defaults are the paper's 7B model
 (SPEC.md): CLIP ViT-L/14 at 504 px, Vicuna-7B, 8 experts top-2 in layers 0, 2, ..., 30.
 """
+import math
+
 import jax.numpy as jnp
 import ml_collections
+
+from skymoe_jax.model import layers as model_layers
+from skymoe_jax.model.vit import num_feature_layers
+from skymoe_jax.moe import backends
+from skymoe_jax.parallel import expert_parallel, mesh
 
 # Task and granularity vocabularies for the adaptive router (SPEC.md section 4).
 TASKS = ('scene_classification', 'vqa', 'grounding', 'captioning', 'counting')
@@ -46,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
       mlp_dim=0,                # 0 = the dense FFN's size (upcycling copies it)
       renormalize=False,        # False: the paper's raw softmax weights of the top k
       backend='ragged',         # loop | dense | ragged | capacity
+      ep_strategy='ring',       # expert parallelism over the mesh: ring | all_to_all | none
       capacity_factor=1.25,     # capacity backend only
       ragged_impl='auto',       # ragged_dot | blocks | auto (blocks on CPU)
       ragged_block_size=128,
@@ -55,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
       condition_dim=64,
       load_balance_weight=0.01,
       z_loss_weight=0.0))
+
+  # Device mesh: axis sizes (-1 = the rest of the devices) and the logical-axis rule table.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.mesh.rules = mesh.DEFAULT_RULES
   return c
 
 
@@ -70,10 +82,6 @@ def vision_tokens(model_cfg) -> int:
 
 def validate(config) -> None:
   """Raises ConfigError naming the first bad field. Called before anything is built."""
-  from skymoe_jax.model import layers as model_layers  # avoid a jax import cycle at load time
-  from skymoe_jax.model.vit import num_feature_layers
-  from skymoe_jax.moe import backends
-
   m = config.model
   for field in ('dtype', 'param_dtype'):
     try:
@@ -119,9 +127,24 @@ def validate(config) -> None:
            f'must be one of {backends.BACKENDS}')
     _check(moe.ragged_impl in backends.RAGGED_IMPLS, 'model.moe.ragged_impl', moe.ragged_impl,
            f'must be one of {backends.RAGGED_IMPLS}')
+    _check(moe.ep_strategy in expert_parallel.EP_STRATEGIES, 'model.moe.ep_strategy',
+           moe.ep_strategy, f'must be one of {expert_parallel.EP_STRATEGIES}')
+    _check(moe.ep_strategy != 'all_to_all' or moe.backend == 'capacity', 'model.moe.backend',
+           moe.backend, 'ep_strategy=all_to_all exchanges capacity buffers: use backend=capacity')
     _check(moe.capacity_factor > 0, 'model.moe.capacity_factor', moe.capacity_factor,
            'must be > 0')
     _check(moe.ragged_block_size > 0, 'model.moe.ragged_block_size', moe.ragged_block_size,
            'must be > 0')
     _check(moe.num_tasks >= 1 and moe.num_granularities >= 1, 'model.moe.num_tasks',
            (moe.num_tasks, moe.num_granularities), 'tasks and granularities must be >= 1')
+
+
+def validate_for_mesh(config, mesh_shape: dict) -> None:
+  """Checks that need the mesh's axis sizes ({'data': 2, 'expert': 4, ...})."""
+  moe = config.model.moe
+  expert_axes = dict(mesh.logical_rules(config)).get('exp') or ()
+  expert_axes = expert_axes if isinstance(expert_axes, tuple) else (expert_axes,)
+  ways = math.prod(mesh_shape[a] for a in expert_axes)
+  if moe.num_experts > 0:
+    _check(moe.num_experts % ways == 0, 'model.moe.num_experts', moe.num_experts,
+           f'must be a multiple of the {ways} devices of mesh axes {expert_axes}')

@@ -47,8 +47,8 @@ class DecoderLayer(nn.Module):
       m = cfg.moe
       ffn_out, aux = MoeFFN(
           m.num_experts, m.top_k, m.mlp_dim or llm.mlp_dim, m.renormalize, m.backend,
-          m.capacity_factor, m.ragged_impl, m.ragged_block_size, m.adaptive, m.num_tasks,
-          m.num_granularities, m.condition_dim, name='moe', **kw)(
+          m.ep_strategy, m.capacity_factor, m.ragged_impl, m.ragged_block_size, m.adaptive,
+          m.num_tasks, m.num_granularities, m.condition_dim, name='moe', **kw)(
               h, token_mask, task_id, granularity_id)
     else:
       ffn_out, aux = MLP(llm.mlp_dim, name='mlp', **kw)(h), None
@@ -107,7 +107,9 @@ class Decoder(nn.Module):
       self.layers = [layer_cls(cfg, i in moe, name=f'layer_{i}') for i in range(n)]
 
   def embed(self, tokens):
-    return self.embedding.astype(jnp.dtype(self.config.dtype))[tokens]
+    x = self.embedding.astype(jnp.dtype(self.config.dtype))[tokens]
+    return nn.with_logical_constraint(x, ('activation_batch', 'activation_length',
+                                          'activation_embed'))
 
   def init_cache(self, batch: int, max_len: int):
     """Empty KV cache laid out like the layers (stacked per block when scanned)."""

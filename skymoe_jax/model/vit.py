@@ -123,6 +123,7 @@ class VisionTower(nn.Module):
     patches = patches.reshape(b, grid * grid, p, p, c)
     x = layers.Linear((self.width,), ('patch_h', 'patch_w', 'channels'), ('embed',),
                       name='patch_embed', **kw)(patches)
+    x = nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))
     cls = layers.param(self, 'cls_token', nn.initializers.normal(0.02), (self.width,), ('embed',),
                        self.param_dtype)
     stored_grid = self.image_size // p

@@ -8,6 +8,10 @@ Every backend has one signature:
   no expert capacity); experts: {'w_gate': [E, D, F], 'w_up': [E, D, F], 'w_down': [E, F, D]}.
   y: [N, D] = sum over the k slots of weight * expert(x); num_dropped: int32 count of valid
   (token, slot) pairs that no expert computed (non-zero only for `capacity`).
+
+An id equal to E (one past the last expert) means "no expert here": expert parallelism uses it
+for assignments to experts held by another device. Such a slot must have weight 0; it is
+neither computed nor counted as dropped.
 """
 import functools
 import math
@@ -69,15 +73,21 @@ def _grouped_matmul_blocks(xs, w, group_sizes, block_size):
   padded_starts = padded_ends - padded_sizes
   starts = jnp.cumsum(group_sizes) - group_sizes
   num_blocks = -(-(m + g * (block_size - 1)) // block_size)
-  # Where each sorted row lands in the padded layout.
+  # Where each sorted row lands in the padded layout; rows past the last group (ids == G, "no
+  # expert here") land out of range and are dropped.
   row_group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(m), side='right')
-  row_dest = padded_starts[row_group] + jnp.arange(m) - starts[row_group]
-  padded = jnp.zeros((num_blocks * block_size, xs.shape[1]), xs.dtype).at[row_dest].set(xs)
+  in_group = row_group < g
+  row_group = jnp.minimum(row_group, g - 1)
+  row_dest = jnp.where(in_group, padded_starts[row_group] + jnp.arange(m) - starts[row_group],
+                       num_blocks * block_size)
+  padded = jnp.zeros((num_blocks * block_size, xs.shape[1]), xs.dtype).at[row_dest].set(
+      xs, mode='drop')
   block_group = jnp.minimum(
       jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block_size, side='right'), g - 1)
   blocks = padded.reshape(num_blocks, block_size, -1)
   out = jax.lax.map(lambda args: args[0] @ w[args[1]], (blocks, block_group))
-  return out.reshape(num_blocks * block_size, -1)[row_dest]
+  return jnp.take(out.reshape(num_blocks * block_size, -1), row_dest, axis=0, mode='fill',
+                  fill_value=0)
 
 
 def ragged_backend(x, ids, weights, valid, experts, *, impl='auto', block_size=128):
@@ -98,6 +108,9 @@ def ragged_backend(x, ids, weights, valid, experts, *, impl='auto', block_size=1
   h = jax.nn.silu(matmul(xs, experts['w_gate'], group_sizes, block_size))
   h = h * matmul(xs, experts['w_up'], group_sizes, block_size)
   ys = matmul(h, experts['w_down'], group_sizes, block_size)
+  # Rows with no local expert (id == E) are left out of the groups: zero them whatever the
+  # grouped matmul left there.
+  ys = jnp.where((flat_ids[order] < num_experts)[:, None], ys, 0)
   unsorted = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
   return jnp.einsum('nkd,nk->nd', unsorted, weights.astype(x.dtype)), jnp.int32(0)
 
@@ -123,21 +136,31 @@ def capacity_dispatch(ids, valid, num_experts: int, capacity: int):
   return dispatch.reshape(k, n, num_experts, capacity), kept.sum(-1).reshape(k, n)
 
 
-def capacity_backend(x, ids, weights, valid, experts, *, capacity_factor=1.25):
-  """Fixed-size expert buffers; assignments over capacity are dropped and counted."""
+def experts_on_buffers(xin, experts):
+  """Each expert's FFN on its own buffer: xin [E, C, D] -> [E, C, D]."""
+  h = jax.nn.silu(jnp.einsum('ecd,edf->ecf', xin, experts['w_gate']))
+  h = h * jnp.einsum('ecd,edf->ecf', xin, experts['w_up'])
+  return jnp.einsum('ecf,efd->ecd', h, experts['w_down'])
+
+
+def capacity_backend(x, ids, weights, valid, experts, *, capacity_factor=1.25, capacity=None,
+                     num_total_experts=None):
+  """Fixed-size expert buffers; assignments over capacity are dropped and counted.
+
+  capacity defaults to expert_capacity(N, k, num_total_experts, capacity_factor), where
+  num_total_experts (default: the experts given) is the model's expert count.
+  """
   n, k = ids.shape
   num_experts = experts['w_gate'].shape[0]
-  capacity = expert_capacity(n, k, num_experts, capacity_factor)
+  if capacity is None:
+    capacity = expert_capacity(n, k, num_total_experts or num_experts, capacity_factor)
   dispatch, kept = capacity_dispatch(ids, valid, num_experts, capacity)
   dispatch_nec = dispatch.sum(0).astype(x.dtype)  # a token picks an expert at most once
   combine_nec = jnp.einsum('knec,nk->nec', dispatch.astype(weights.dtype), weights).astype(x.dtype)
-  xin = jnp.einsum('nd,nec->ecd', x, dispatch_nec)
-  h = jax.nn.silu(jnp.einsum('ecd,edf->ecf', xin, experts['w_gate']))
-  h = h * jnp.einsum('ecd,edf->ecf', xin, experts['w_up'])
-  out = jnp.einsum('ecf,efd->ecd', h, experts['w_down'])
+  out = experts_on_buffers(jnp.einsum('nd,nec->ecd', x, dispatch_nec), experts)
   y = jnp.einsum('ecd,nec->nd', out, combine_nec)
-  num_dropped = jnp.sum(valid.astype(jnp.int32)) * k - jnp.sum(kept)
-  return y, num_dropped.astype(jnp.int32)
+  assigned = jnp.sum(valid[:, None] & (ids < num_experts))
+  return y, (assigned - jnp.sum(kept)).astype(jnp.int32)
 
 
 def get_backend(name: str, *, capacity_factor=1.25, ragged_impl='auto', block_size=128):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from skymoe_jax.model import layers
 from skymoe_jax.moe import backends, router
+from skymoe_jax.parallel import expert_parallel
 
 
 class MoeFFN(nn.Module):
@@ -21,6 +22,7 @@ class MoeFFN(nn.Module):
   mlp_dim: int
   renormalize: bool = False
   backend: str = 'ragged'
+  ep_strategy: str = 'ring'  # expert parallelism when a mesh is active; see parallel/
   capacity_factor: float = 1.25
   ragged_impl: str = 'auto'
   ragged_block_size: int = 128
@@ -68,9 +70,12 @@ class MoeFFN(nn.Module):
     valid = token_mask.reshape(-1)
     flat_logits = logits.reshape(b * t, e)
     routing = router.route(flat_logits, self.top_k, self.renormalize, valid)
-    dispatch = backends.get_backend(self.backend, capacity_factor=self.capacity_factor,
-                                    ragged_impl=self.ragged_impl,
-                                    block_size=self.ragged_block_size)
+    options = dict(capacity_factor=self.capacity_factor, ragged_impl=self.ragged_impl,
+                   block_size=self.ragged_block_size)
+    if self.ep_strategy != 'none' and expert_parallel.mesh_active():
+      dispatch = expert_parallel.sharded_backend(self.ep_strategy, self.backend, **options)
+    else:
+      dispatch = backends.get_backend(self.backend, **options)
     y, num_dropped = dispatch(x.reshape(b * t, d).astype(self.dtype), routing.ids,
                               routing.weights, valid, experts)
 

@@ -1,0 +1,149 @@
+"""Expert parallelism: a dispatch backend wrapped in jax.shard_map over the mesh.
+
+Experts are split over the mesh axis that the rule table gives the logical name `exp`; tokens
+are split over the batch axes (`activation_batch`). Two strategies:
+
+- ring: every device all-gathers the tokens of its expert group, runs the local backend on its
+  own experts only (assignments to other devices' experts get the "no expert here" id), and a
+  psum_scatter sums the partial outputs and hands each device back its own tokens. Uses only
+  all_gather / psum_scatter, so it runs (and is tested) on CPU.
+- all_to_all: GShard-style. Each device fills fixed-capacity buffers for every expert from its
+  own tokens, an all_to_all sends each buffer to the device holding that expert, the experts
+  run, and a second all_to_all brings the results back to be combined. Drops overflow like the
+  capacity backend.
+
+Expert weights sharded over `fsdp` (their `embed` dim) are all-gathered inside; weights split over
+`tensor` (their `mlp` dim) give partial sums, reduced with psum.
+"""
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from skymoe_jax.moe import backends
+
+EP_STRATEGIES = ('none', 'ring', 'all_to_all', 'ragged_all_to_all')
+
+
+def mesh_active() -> bool:
+  return not jax.sharding.get_abstract_mesh().empty
+
+
+def _axes(spec_entry):
+  """A PartitionSpec entry as a tuple of mesh axis names."""
+  if spec_entry is None:
+    return ()
+  return tuple(spec_entry) if isinstance(spec_entry, (tuple, list)) else (spec_entry,)
+
+
+def _size(axes) -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _index(axes):
+  """This device's index along the (flattened) axes, major to minor."""
+  idx = 0
+  for a in axes:
+    idx = idx * jax.lax.axis_size(a) + jax.lax.axis_index(a)
+  return idx
+
+
+def _ring(local_backend, x, ids, weights, valid, experts, *, expert_axes, mlp_axes):
+  num_local = experts['w_gate'].shape[0]
+  if expert_axes:
+    gather = lambda a: jax.lax.all_gather(a, expert_axes, axis=0, tiled=True)
+    x, ids, weights, valid = gather(x), gather(ids), gather(weights), gather(valid)
+  local_ids = ids - _index(expert_axes) * num_local
+  here = (local_ids >= 0) & (local_ids < num_local)
+  ids = jnp.where(here, local_ids, num_local)  # "no expert here"
+  weights = jnp.where(here, weights, 0)
+  y, num_dropped = local_backend(x, ids, weights, valid, experts)
+  if mlp_axes:
+    y = jax.lax.psum(y, mlp_axes)
+  if expert_axes:
+    y = jax.lax.psum_scatter(y, expert_axes, scatter_dimension=0, tiled=True)
+  return y, num_dropped
+
+
+def _all_to_all(x, ids, weights, valid, experts, *, expert_axes, mlp_axes, capacity_factor,
+                num_total_experts):
+  n, k = ids.shape
+  d = x.shape[1]
+  num_local = experts['w_gate'].shape[0]
+  groups = num_total_experts // num_local
+  capacity = backends.expert_capacity(n, k, num_total_experts, capacity_factor)
+  dispatch, kept = backends.capacity_dispatch(ids, valid, num_total_experts, capacity)
+  xin = jnp.einsum('nd,nec->ecd', x, dispatch.sum(0).astype(x.dtype))  # [E, C, D]
+  if expert_axes:
+    # Send expert e's buffer to the device holding it: [E, C, D] -> [groups(source), E_l, C, D].
+    xin = jax.lax.all_to_all(xin, expert_axes, 0, 0, tiled=True)
+  xin = xin.reshape(groups, num_local, capacity, d).transpose(1, 0, 2, 3)
+  out = backends.experts_on_buffers(xin.reshape(num_local, groups * capacity, d), experts)
+  out = out.reshape(num_local, groups, capacity, d).transpose(1, 0, 2, 3)
+  out = out.reshape(num_total_experts, capacity, d)
+  if expert_axes:
+    out = jax.lax.all_to_all(out, expert_axes, 0, 0, tiled=True)  # back to the tokens' device
+  combine = jnp.einsum('knec,nk->nec', dispatch.astype(weights.dtype), weights).astype(x.dtype)
+  y = jnp.einsum('ecd,nec->nd', out, combine)
+  if mlp_axes:
+    y = jax.lax.psum(y, mlp_axes)
+  return y, (jnp.sum(valid) * k - jnp.sum(kept)).astype(jnp.int32)
+
+
+def sharded_backend(strategy: str, backend: str, *, capacity_factor: float, **backend_options):
+  """A function with the backend signature that runs `strategy` over the active mesh.
+
+  backend (with backend_options) is the local dispatch backend of the ring strategy;
+  all_to_all always exchanges capacity buffers.
+  Must be called while a mesh (jax.set_mesh) and the logical rules (nn.logical_axis_rules) are
+  in force, as parallel.mesh.activate provides. num_dropped is summed over all devices.
+  """
+  if strategy not in EP_STRATEGIES[1:]:
+    raise ValueError(f'config.model.moe.ep_strategy={strategy!r} not in {EP_STRATEGIES}')
+  if strategy == 'ragged_all_to_all':
+    raise NotImplementedError(
+        'config.model.moe.ep_strategy=ragged_all_to_all: jax.lax.ragged_all_to_all does not '
+        f'run on {jax.default_backend()!r} in this build; use ring or all_to_all')
+
+  def run(x, ids, weights, valid, experts):
+    batch = _axes(nn.logical_to_mesh_axes(('activation_batch',))[0])
+    w_spec = nn.logical_to_mesh_axes(('exp', 'embed', 'mlp'))
+    expert_axes, embed_axes, mlp_axes = (_axes(a) for a in w_spec)
+    down_spec = nn.logical_to_mesh_axes(('exp', 'mlp', 'embed'))
+    num_total = experts['w_gate'].shape[0]
+    if num_total % _size(expert_axes):
+      raise ValueError(f'config.model.moe.num_experts={num_total} must be a multiple of the '
+                       f'{_size(expert_axes)} devices on mesh axes {expert_axes}')
+    if not set(expert_axes) <= set(batch):
+      raise ValueError(f'expert axes {expert_axes} must also split the batch ({batch})')
+
+    def body(x, ids, weights, valid, experts):
+      if embed_axes:  # FSDP: gather the weights' embed dim just for this layer
+        experts = {'w_gate': jax.lax.all_gather(experts['w_gate'], embed_axes, axis=1, tiled=True),
+                   'w_up': jax.lax.all_gather(experts['w_up'], embed_axes, axis=1, tiled=True),
+                   'w_down': jax.lax.all_gather(experts['w_down'], embed_axes, axis=2, tiled=True)}
+      if strategy == 'ring':
+        local_backend = backends.get_backend(backend, capacity_factor=capacity_factor,
+                                             **backend_options)
+        if backend == 'capacity':  # capacity: a share of the group's tokens over ALL experts
+          local_backend = functools.partial(local_backend, num_total_experts=num_total)
+        y, dropped = _ring(local_backend, x, ids, weights, valid, experts,
+                           expert_axes=expert_axes, mlp_axes=mlp_axes)
+      else:
+        y, dropped = _all_to_all(x, ids, weights, valid, experts, expert_axes=expert_axes,
+                                 mlp_axes=mlp_axes, capacity_factor=capacity_factor,
+                                 num_total_experts=num_total)
+      return y, dropped.reshape(1)
+
+    tokens = jax.P(batch, None)
+    y, dropped = jax.shard_map(
+        body,
+        in_specs=(tokens, tokens, tokens, jax.P(batch),
+                  {'w_gate': w_spec, 'w_up': w_spec, 'w_down': down_spec}),
+        out_specs=(tokens, jax.P(batch)))(x, ids, weights, valid, experts)
+    return y, jnp.sum(dropped)
+
+  return run
