@@ -67,6 +67,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Device mesh: axis sizes (-1 = the rest of the devices) and the logical-axis rule table.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   c.mesh.rules = mesh.DEFAULT_RULES
+
+  # Multi-process start-up (parallel/multihost.py); unset fields fall back to the environment
+  # (SKYMOE_COORDINATOR, SKYMOE_NUM_PROCESSES, SKYMOE_PROCESS_ID); none at all = one process.
+  placeholder = ml_collections.config_dict.placeholder
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address=placeholder(str), num_processes=placeholder(int),
+      process_id=placeholder(int), auto=False, cpu_collectives='gloo',
+      initialization_timeout=placeholder(int)))
   return c
 
 

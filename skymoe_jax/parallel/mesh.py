@@ -50,9 +50,24 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple:
   return tuple(sizes)
 
 
+def process_major_devices(devices: Optional[Sequence] = None) -> list:
+  """Devices ordered by (process index, id).
+
+  jax does not promise that device ids are grouped by process (on multi-host TPU they follow
+  the chip topology). The mesh is filled row-major and its batch axes lead, so this order gives
+  each process a contiguous block of the batch, in process order: the rows it loads
+  (multihost.host_batch_slice).
+  """
+  devices = jax.devices() if devices is None else devices
+  return sorted(devices, key=lambda d: (d.process_index, d.id))
+
+
 def create_mesh(config, devices: Optional[Sequence] = None) -> jax.sharding.Mesh:
-  """The mesh config.mesh describes, over the first devices it needs (Auto axis types)."""
-  devices = list(jax.devices() if devices is None else devices)
+  """The mesh config.mesh describes, over the first devices it needs (Auto axis types).
+
+  devices defaults to all devices in process-major order; a given list is used as it is.
+  """
+  devices = process_major_devices() if devices is None else list(devices)
   shape = mesh_shape(config.mesh, len(devices))
   used = np.array(devices[:math.prod(shape)]).reshape(shape)
   return jax.sharding.Mesh(used, MESH_AXES,

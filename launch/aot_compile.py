@@ -1,0 +1,421 @@
+"""Compiles the full sharded train step ahead of time for a TPU topology, on a CPU-only machine.
+
+  python launch/aot_compile.py --config=configs/skymoe_7b.py --topology=v5p:4x4x4 \
+      [--batch_size=144] [--seq_len=2048] [--config.mesh.fsdp=8 --config.mesh.expert=2 ...]
+
+Needs libtpu (`pip install "jax[tpu]==0.10.2"`): jax.experimental.topologies then describes a TPU
+pod's devices without any TPU attached, and XLA's TPU compiler builds the real executable for it.
+Nothing is allocated: state and batch are ShapeDtypeStructs that carry their shardings. Prints
+one JSON object (the last line of stdout): memory per device, XLA's FLOP count, the model's
+FLOPs, and the bytes moved by each kind of collective.
+"""
+import copy
+import json
+import math
+import os
+import re
+import time
+
+# Before jax is imported: plain CPU jax for everything but the topology (with libtpu installed and
+# JAX_PLATFORMS unset, jax would try to open a TPU backend), and no libtpu lockfile, so that a
+# second process that loaded libtpu (/tmp/libtpu_lockfile) does not make the topology call fail.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from skymoe_jax import config_defaults  # noqa: E402
+from skymoe_jax import summary  # noqa: E402
+from skymoe_jax.model import decoder as decoder_lib  # noqa: E402
+from skymoe_jax.model import factory  # noqa: E402
+from skymoe_jax.model.vit import num_feature_layers  # noqa: E402
+from skymoe_jax.parallel import mesh as mesh_lib  # noqa: E402
+from skymoe_jax.parallel import sharded_state  # noqa: E402
+
+GiB = 1024 ** 3
+
+# HBM per chip by TPU generation (the topology name's prefix), from Google Cloud's TPU
+# documentation: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e (Trillium) 32 GiB.
+HBM_PER_CHIP_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32}
+
+COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
+
+# Adam's learning rate does not change what compiles; the optimizer state (mu, nu) does.
+LEARNING_RATE = 2e-5
+
+
+def topology_devices(topology: str):
+  """The compile-only TPU devices of a topology such as 'v5p:4x4x4' (needs libtpu)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    desc = topologies.get_topology_desc(platform='tpu', topology_name=topology)
+  except RuntimeError as e:
+    raise RuntimeError(f'--topology={topology!r}: no TPU topology ({e}); AOT compilation needs '
+                       'libtpu: pip install "jax[tpu]==0.10.2"') from e
+  return list(desc.devices)
+
+
+def hbm_bytes_per_device(topology: str, devices) -> tuple:
+  """(HBM bytes one device may use, devices per chip).
+
+  A chip's HBM is shared by its devices: v5p, v5e and v6e show one device per chip; a v4
+  topology description shows its two TensorCores as two devices.
+  """
+  generation = topology.split(':')[0]
+  if generation not in HBM_PER_CHIP_GIB:
+    raise ValueError(f'--topology={topology!r}: HBM size unknown for {generation!r}; known: '
+                     f'{sorted(HBM_PER_CHIP_GIB)}')
+  chips = len({tuple(d.coords) for d in devices})
+  per_chip = len(devices) // chips
+  return HBM_PER_CHIP_GIB[generation] * GiB // per_chip, per_chip
+
+
+def check_batch(config, mesh, batch_size: int) -> int:
+  """The batch must split evenly over the mesh axes of `activation_batch`; returns their size."""
+  axes = mesh_lib.batch_axes(config)
+  ways = math.prod(mesh.shape[a] for a in axes)
+  if batch_size % ways:
+    raise ValueError(
+        f'--batch_size={batch_size} does not divide over the batch mesh axes {axes} = '
+        f'{[mesh.shape[a] for a in axes]} ({ways} ways): choose a batch that is a multiple of '
+        f'{ways}, or a config.mesh whose {"*".join(axes)} divides {batch_size} (put the other '
+        'devices on tensor)')
+  return ways
+
+
+def abstract_batch(config, mesh, batch_size: int, seq_len: int) -> dict:
+  """ShapeDtypeStructs of one training batch, with the shardings the train step expects."""
+  m = config.model
+  nv = config_defaults.vision_tokens(m)
+  text_len = seq_len - nv
+  if text_len < 2:
+    raise ValueError(f'--seq_len={seq_len} must hold the {nv} image tokens and at least 2 text '
+                     'tokens')
+  if seq_len > m.llm.max_seq_len:
+    raise ValueError(f'--seq_len={seq_len} exceeds config.model.llm.max_seq_len='
+                     f'{m.llm.max_seq_len}')
+  size = m.vision.image_size
+  shapes = {
+      'images': ((batch_size, size, size, 3), jnp.float32),
+      'tokens': ((batch_size, text_len), jnp.int32),
+      'token_mask': ((batch_size, text_len), jnp.bool_),
+      'loss_mask': ((batch_size, text_len), jnp.bool_),
+      'task_id': ((batch_size,), jnp.int32),
+      'granularity_id': ((batch_size,), jnp.int32),
+  }
+  sh = sharded_state.batch_shardings(mesh, config)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh[k])
+          for k, (shape, dtype) in shapes.items()}
+
+
+def scan_trip_counts(config) -> dict:
+  """How many times XLA's loops over repeated layers run (0 = layers not scanned)."""
+  m = config.model
+  if not m.scan_layers:
+    return {'decoder_scanned_blocks': 0, 'decoder_layers_per_block': 0,
+            'vision_scanned_layers': 0}
+  moe = sorted(m.moe.layers) if m.moe.num_experts > 0 else []
+  period = decoder_lib.block_period(m.llm.num_layers, moe)
+  return {'decoder_scanned_blocks': m.llm.num_layers // period,
+          'decoder_layers_per_block': period,
+          'vision_scanned_layers': num_feature_layers(m.vision.depth, m.vision.feature_layer)}
+
+
+def model_flops(config, batch_size: int, seq_len: int) -> dict:
+  """FLOPs of one training step (forward + backward) that the model itself needs.
+
+  MaxText-style convention (maxtext_utils.calculate_tflops_training_per_device): a weight
+  applied to a token costs 2 FLOPs forward and 4 backward, so 6 x params x tokens, plus the
+  attention scores and weighted sums, which have no parameters:
+    weights   = 6 B [S N_llm + Nv (N_proj + N_patch) + (Nv + 1) N_vit]
+    attention = 12 B [L S^2 H d_head + L_vit (Nv + 1)^2 W_vit]
+  B batch, S sequence (image + text tokens), Nv image tokens (+1: the ViT's CLS token).
+  N_llm: the decoder's parameters a token uses (summarize's active count: top_k of the experts),
+  without the input embedding table (a gather, no matmul). N_proj: projector; N_patch: patch
+  embedding; N_vit: the rest of the vision tower without the position table (an add) and the CLS
+  token. Norm scales and the router's per-sample task embeddings are counted as if they were
+  matmul weights (well under 0.01% of the total for the 7B model).
+  Attention is per layer 2 matmuls (QK^T, PV) of 2 S^2 H d_head FLOPs forward, x3 with the
+  backward; it is counted IN FULL, not halved for the causal mask, because this model computes
+  the whole masked S x S score matrix (MaxText's current convention halves the causal term; the
+  halved figure is attention / 2). Rematerialisation's recomputed forward is not model FLOPs.
+  """
+  m = config.model
+  s = summary.summarize(config)
+  params = nn.unbox(factory.abstract_params(config))
+  count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+  vision = params['vision']
+  n_patch = count(vision['patch_embed'])
+  n_vit = s['vision_params'] - n_patch - count(vision['pos_embed']) - count(vision['cls_token'])
+  n_proj = s['projector_params']
+  n_embed_table = 0 if m.llm.tie_embeddings else count(params['decoder']['embed'])
+  n_llm = s['active_params_per_token'] - s['vision_params'] - n_proj - n_embed_table
+  nv = s['vision_tokens']
+  llm, vit = m.llm, m.vision
+  vit_layers = num_feature_layers(vit.depth, vit.feature_layer)
+  weights = 6 * batch_size * (seq_len * n_llm + nv * (n_proj + n_patch) + (nv + 1) * n_vit)
+  attention = 12 * batch_size * (llm.num_layers * seq_len ** 2 * llm.num_heads * llm.head_dim
+                                 + vit_layers * (nv + 1) ** 2 * vit.width)
+  return {'model_flops': weights + attention, 'weight_flops': weights,
+          'attention_flops': attention, 'llm_active_params_no_embed': n_llm,
+          'vision_params_per_token': n_vit, 'patch_embed_params': n_patch,
+          'projector_params': n_proj, 'active_params_per_token': s['active_params_per_token'],
+          'total_params': s['total_params']}
+
+
+# --- Collectives in the compiled HLO -------------------------------------------------------------
+
+_ITEMSIZE = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 's32': 4,
+             'u32': 4, 's64': 8, 'u64': 8, 'f16': 2, 'bf16': 2, 'f32': 4, 'f64': 8,
+             'f8e4m3fn': 1, 'f8e5m2': 1, 'f8e4m3b11fnuz': 1, 'f8e4m3fnuz': 1, 'f8e5m2fnuz': 1,
+             'c64': 8, 'c128': 16}
+_ARRAY = re.compile(r'\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]')
+# `%name = SHAPE opcode(`, SHAPE being an array type or a (possibly nested) tuple of them.
+_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\(')
+
+
+def _shape_bytes(shape_text: str) -> int:
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape_text):
+    if dtype in _ITEMSIZE:
+      total += int(_ITEMSIZE[dtype] * math.prod(int(d) for d in dims.split(',') if d))
+  return total
+
+
+_COMPUTATION = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*->.*\{\s*$')
+_CALLED = re.compile(r'\b(calls|body|condition|to_apply|branch_computations|called_computations)='
+                     r'\{?(%[\w.\-]+(?:,\s*%[\w.\-]+)*)\}?')
+_SCALAR_CONSTANT = re.compile(r'=\s*s32\[\]\S*\s+constant\((\d+)\)')
+
+
+def _computations(hlo_text: str):
+  """{name: [instruction lines]} and the ENTRY computation's name."""
+  comps, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = header.group(2)
+      comps[current] = []
+      if header.group(1):
+        entry = current
+    elif line.startswith('}'):
+      current = None
+    elif current is not None:
+      comps[current].append(line)
+  return comps, entry
+
+
+def _trip_count(condition_lines):
+  """N for a loop condition `i < N` with one s32 constant (how scan loops from 0 compile)."""
+  constants = [int(c) for line in condition_lines for c in _SCALAR_CONSTANT.findall(line)]
+  compares_lt = any(' compare(' in line and 'direction=LT' in line for line in condition_lines)
+  return constants[0] if len(constants) == 1 and compares_lt else None
+
+
+def _executions(comps, entry):
+  """How often each computation runs per call of ENTRY (while bodies x their trip counts).
+
+  None where a loop's trip count cannot be read from its condition; absent: never called.
+  """
+  callers = {}  # computation -> [(caller, times per run of the caller)]
+  for name, lines in comps.items():
+    for line in lines:
+      for kind, targets in _CALLED.findall(line):
+        if kind == 'condition':  # conditions hold no collectives; not counted
+          continue
+        times = 1
+        if kind == 'body':
+          condition = re.search(r'condition=%?([\w.\-]+)', line).group(1)
+          times = _trip_count(comps.get(condition, ()))
+        for target in targets.split(','):
+          callers.setdefault(target.strip().lstrip('%'), []).append((name, times))
+
+  runs = {}
+
+  def count(name, stack=()):
+    if name == entry:
+      return 1
+    if name not in runs:
+      if name in stack:
+        raise ValueError(f'HLO computation {name} calls itself')
+      total = 0
+      for caller, times in callers.get(name, ()):
+        parent = count(caller, stack + (name,))
+        if parent is None or times is None:
+          total = None
+          break
+        total += parent * times
+      runs[name] = total
+    return runs[name]
+
+  return {name: count(name) for name in comps}
+
+
+def collective_bytes(hlo_text: str) -> dict:
+  """Per collective kind: the ops in the compiled HLO, and the bytes of their results.
+
+  An async pair (`all-gather-start` / `all-gather-done`) counts once, at its `-done` (whose
+  result is the collective's output); a synchronous op counts at itself. Bytes are one device's
+  result buffers. `count` and `bytes`: each op once, as written (an op in a loop body once);
+  `bytes_per_step`: each op times the runs of its computation, loop bodies x the trip count
+  read from the loop's `i < N` condition (None if some loop's count could not be read).
+  """
+  comps, entry = _computations(hlo_text)
+  runs = _executions(comps, entry) if entry else {}
+  out = {k: {'count': 0, 'bytes': 0, 'bytes_per_step': 0} for k in COLLECTIVES}
+  for name, lines in comps.items():
+    for line in lines:
+      match = _INSTR.match(line)
+      if not match:
+        continue
+      shape, opcode = match.groups()
+      kind = opcode[:-len('-done')] if opcode.endswith('-done') else opcode
+      if kind not in out:
+        continue
+      size = _shape_bytes(shape)
+      out[kind]['count'] += 1
+      out[kind]['bytes'] += size
+      times = runs.get(name, 0)  # 0: never called from ENTRY
+      if times is None or out[kind]['bytes_per_step'] is None:
+        out[kind]['bytes_per_step'] = None
+      else:
+        out[kind]['bytes_per_step'] += size * times
+  return out
+
+
+# --- The compile ---------------------------------------------------------------------------------
+
+def _memory(compiled, hbm_bytes: int) -> dict:
+  stats = compiled.memory_analysis()
+  names = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+           'alias_size_in_bytes', 'generated_code_size_in_bytes', 'host_argument_size_in_bytes',
+           'host_output_size_in_bytes', 'host_temp_size_in_bytes', 'peak_memory_in_bytes')
+  mem = {n.replace('_size_in_bytes', '_bytes').replace('_in_bytes', '_bytes'):
+         int(getattr(stats, n)) for n in names if hasattr(stats, n)}
+  # The donated state's buffers are reused for the new state: aliased bytes are counted once.
+  total = (mem['argument_bytes'] + mem['output_bytes'] + mem['temp_bytes']
+           - mem.get('alias_bytes', 0))
+  mem['total_bytes'] = total
+  mem['total_gib'] = round(total / GiB, 3)
+  mem['hbm_bytes'] = hbm_bytes
+  mem['hbm_gib'] = round(hbm_bytes / GiB, 3)
+  mem['fits_hbm'] = total + mem.get('generated_code_bytes', 0) <= hbm_bytes
+  return mem
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, devices=None,
+                name: str = '') -> dict:
+  """Compiles make_train_step(...).jitted (AdamW) for `topology`; returns the report dict.
+
+  seq_len 0 means config.model.llm.max_seq_len. devices: the topology's devices when the
+  caller already has them. name: the config's name for the report.
+  """
+  config = copy.deepcopy(config)
+  m = config.model
+  # 'auto' asks jax.default_backend(), which is this host's CPU, not the TPU we compile for:
+  # pick what 'auto' picks on a TPU.
+  if m.moe.ragged_impl == 'auto':
+    m.moe.ragged_impl = 'ragged_dot'
+  seq_len = seq_len or m.llm.max_seq_len
+  devices = topology_devices(topology) if devices is None else devices
+  hbm, devices_per_chip = hbm_bytes_per_device(topology, devices)
+
+  model = factory.create_model(config)
+  mesh = mesh_lib.create_mesh(config, devices=devices)
+  check_batch(config, mesh, batch_size)
+  tx = optax.adamw(LEARNING_RATE)
+  abstract_state, state_sh = sharded_state.state_shardings(config, model, tx, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract_state, state_sh)
+  batch = abstract_batch(config, mesh, batch_size, seq_len)
+  step = sharded_state.make_train_step(config, model, tx, mesh)
+
+  start = time.perf_counter()
+  with mesh_lib.activate(mesh, config):
+    lowered = step.jitted.lower(state, batch)
+  lower_seconds = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_seconds = time.perf_counter() - start
+
+  cost = _cost(compiled)
+  flops = model_flops(config, batch_size, seq_len)
+  xla_flops = float(cost.get('flops', 0.0))
+  trips = scan_trip_counts(config)
+  return {
+      'config': name,
+      'topology': topology,
+      'device_kind': devices[0].device_kind,
+      'num_devices': len(mesh.devices.flat),
+      'num_chips': len(mesh.devices.flat) // devices_per_chip,
+      'mesh': dict(mesh.shape),
+      'batch_axes': list(mesh_lib.batch_axes(config)),
+      'batch_size': batch_size,
+      'seq_len': seq_len,
+      'text_len': seq_len - config_defaults.vision_tokens(m),
+      'remat_policy': m.remat_policy,
+      'dtype': m.dtype,
+      'moe': {'backend': m.moe.backend, 'ep_strategy': m.moe.ep_strategy,
+              'ragged_impl': m.moe.ragged_impl, 'num_experts': m.moe.num_experts,
+              'top_k': m.moe.top_k},
+      'optimizer': f'optax.adamw({LEARNING_RATE})',
+      'lower_seconds': round(lower_seconds, 2),
+      'compile_seconds': round(compile_seconds, 2),
+      'memory_per_device': _memory(compiled, hbm),
+      'xla_flops_per_device': xla_flops,
+      'xla_bytes_accessed_per_device': float(cost.get('bytes accessed', 0.0)),
+      **flops,
+      'xla_flops_x_devices_over_model_flops': (xla_flops * len(mesh.devices.flat)
+                                               / flops['model_flops']),
+      'scan': trips,
+      'flops_note': (
+          "XLA's cost_analysis counts a while-loop body once, not once per iteration: the "
+          f"{trips['decoder_scanned_blocks']} scanned decoder blocks and "
+          f"{trips['vision_scanned_layers']} scanned vision layers each appear once in "
+          'xla_flops_per_device: with scan_layers the XLA figure undercounts the step and the '
+          'ratio is no measure of overhead (remat recomputation, padding, dispatch); '
+          'model_flops excludes remat recomputation'),
+      'collectives_per_device': collective_bytes(compiled.as_text()),
+      'collectives_note': ('one device; count / bytes: each collective op in the compiled HLO '
+                           'once, as written (an op in a scanned loop body once); '
+                           'bytes_per_step: times the runs of its loop (trip counts read from '
+                           'the loop conditions)'),
+  }
+
+
+def define_flags():
+  """The command line; defined only when run as a script, so importing this module is free."""
+  # skymoe_jax.summary (imported above) defines the same --config flag when it is imported; a
+  # second definition would be an error, so define it only where nothing did.
+  if 'config' not in flags.FLAGS:
+    config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+  flags.DEFINE_string('topology', None, 'TPU topology, e.g. v5p:4x4x4.')
+  flags.DEFINE_integer('batch_size', 144, 'Global batch size.')
+  flags.DEFINE_integer('seq_len', 0, 'Sequence length (image + text tokens); 0 = '
+                       'config.model.llm.max_seq_len.')
+  flags.mark_flags_as_required(['config', 'topology'])
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  name = config_flags.get_config_filename(f['config'])
+  print(json.dumps(aot_compile(f.config, f.topology, f.batch_size, f.seq_len, name=name)))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
