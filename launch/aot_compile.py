@@ -17,8 +17,9 @@ import re
 import time
 
 # Before jax is imported: plain CPU jax for everything but the topology (with libtpu installed and
-# JAX_PLATFORMS unset, jax would try to open a TPU backend), and no libtpu lockfile, so that a
-# second process that loaded libtpu (/tmp/libtpu_lockfile) does not make the topology call fail.
+# JAX_PLATFORMS unset, jax would try to open a TPU backend), and no libtpu lockfile: while another
+# process holds /tmp/libtpu_lockfile (any jax process started with JAX_PLATFORMS unset), the
+# topology call fails with "ABORTED: Internal error when accessing libtpu multi-process lockfile".
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
@@ -41,8 +42,9 @@ from skymoe_jax.parallel import sharded_state  # noqa: E402
 
 GiB = 1024 ** 3
 
-# HBM per chip by TPU generation (the topology name's prefix), from Google Cloud's TPU
-# documentation: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e (Trillium) 32 GiB.
+# HBM per chip in GiB by TPU generation (the topology name's prefix): the Cloud TPU system
+# architecture figures (v4 32, v5e 16, v5p 95, v6e/Trillium 32), read as GiB. Where a figure is
+# meant as 10^9 bytes the chip has ~7% less (v5p: 88.5 GiB); a total near the limit is no proof.
 HBM_PER_CHIP_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32}
 
 COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
@@ -307,6 +309,11 @@ def _memory(compiled, hbm_bytes: int) -> dict:
   mem['hbm_bytes'] = hbm_bytes
   mem['hbm_gib'] = round(hbm_bytes / GiB, 3)
   mem['fits_hbm'] = total + mem.get('generated_code_bytes', 0) <= hbm_bytes
+  if 'peak_memory_bytes' in mem:
+    # XLA's own peak figure; it came out below the sum above in every compile we ran (the sum
+    # counts the whole temp allocation as live next to all arguments). fits_hbm uses the sum.
+    mem['peak_gib'] = round(mem['peak_memory_bytes'] / GiB, 3)
+    mem['fits_hbm_by_peak'] = mem['peak_memory_bytes'] <= hbm_bytes
   return mem
 
 
@@ -398,10 +405,7 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
 
 def define_flags():
   """The command line; defined only when run as a script, so importing this module is free."""
-  # skymoe_jax.summary (imported above) defines the same --config flag when it is imported; a
-  # second definition would be an error, so define it only where nothing did.
-  if 'config' not in flags.FLAGS:
-    config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
   flags.DEFINE_string('topology', None, 'TPU topology, e.g. v5p:4x4x4.')
   flags.DEFINE_integer('batch_size', 144, 'Global batch size.')
   flags.DEFINE_integer('seq_len', 0, 'Sequence length (image + text tokens); 0 = '

@@ -7,6 +7,7 @@ Nothing is allocated: the tree comes from jax.eval_shape, so even the 22B model 
 import json
 
 from absl import app
+from absl import flags
 import flax.linen as nn
 import jax
 import numpy as np
@@ -14,8 +15,6 @@ from ml_collections import config_flags
 
 from skymoe_jax import config_defaults
 from skymoe_jax.model import factory
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 
 EXPERT_WEIGHTS = ('w_gate', 'w_up', 'w_down')
 
@@ -56,8 +55,10 @@ def summarize(config) -> dict:
 
 def main(argv):
   del argv
-  print(json.dumps(summarize(_CONFIG.value)))
+  print(json.dumps(summarize(flags.FLAGS.config)))
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: other entry points import summarize and define --config too.
+  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
   app.run(main)
