@@ -47,7 +47,8 @@ GiB = 1024 ** 3
 # meant as 10^9 bytes the chip has ~7% less (v5p: 88.5 GiB); a total near the limit is no proof.
 HBM_PER_CHIP_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32}
 
-COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
+COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'ragged-all-to-all',
+               'collective-permute')
 
 # Adam's learning rate does not change what compiles; the optimizer state (mu, nu) does.
 LEARNING_RATE = 2e-5
@@ -333,8 +334,7 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
   """
   config = copy.deepcopy(config)
   m = config.model
-  # 'auto' asks jax.default_backend(), which is this host's CPU, not the TPU we compile for:
-  # pick what 'auto' picks on a TPU.
+  # 'auto' follows the mesh's platform (TPU here), which is ragged_dot; say so in the report.
   if m.moe.ragged_impl == 'auto':
     m.moe.ragged_impl = 'ragged_dot'
   seq_len = seq_len or m.llm.max_seq_len

@@ -67,6 +67,16 @@ def test_tiny_compiles_for_v5p(report):
   assert coll['all-gather']['bytes_per_step'] >= coll['all-gather']['bytes']
 
 
+def test_ragged_all_to_all_expert_parallelism_compiles_for_tpu(devices):
+  """The dropless ragged_all_to_all exchange does not run on CPU; on TPU it lowers to the op."""
+  config = _tiny()
+  config.model.moe.ep_strategy = 'ragged_all_to_all'
+  report = aot.aot_compile(config, TOPOLOGY, BATCH, SEQ, devices=devices, name='tiny')
+  assert report['moe']['ragged_impl'] == 'ragged_dot'
+  assert report['collectives_per_device']['ragged-all-to-all']['count'] >= 2  # there and back
+  assert report['memory_per_device']['fits_hbm']
+
+
 def test_batch_must_divide_batch_axes(devices):
   with pytest.raises(ValueError, match=r'--batch_size=6 does not divide .*4 ways'):
     aot.aot_compile(_tiny(), TOPOLOGY, 6, SEQ, devices=devices)

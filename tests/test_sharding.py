@@ -234,3 +234,14 @@ def test_mesh_errors_name_the_problem():
                                   mesh_lib.create_mesh(config))
   config = _configured(dict(data=-1, expert=2))
   assert mesh_lib.create_mesh(config).shape == {'data': 4, 'fsdp': 1, 'expert': 2, 'tensor': 1}
+
+
+def test_ragged_all_to_all_is_refused_on_cpu(reference):
+  params, batch, *_ = reference
+  config = _configured(dict(data=2, expert=4), 'ragged_all_to_all')
+  model = factory.create_model(config)
+  mesh = mesh_lib.create_mesh(config)
+  with mesh_lib.activate(mesh, config), pytest.raises(NotImplementedError,
+                                                      match='ragged_all_to_all does not run on CPU'):
+    model.apply({'params': params}, batch['images'], batch['tokens'], batch['token_mask'],
+                batch['task_id'], batch['granularity_id'])

@@ -93,6 +93,57 @@ def _all_to_all(x, ids, weights, valid, experts, *, expert_axes, mlp_axes, capac
   return y, (jnp.sum(valid) * k - jnp.sum(kept)).astype(jnp.int32)
 
 
+def _exclusive_cumsum(a, axis=0):
+  return jnp.cumsum(a, axis=axis) - a
+
+
+def _ragged_all_to_all(x, ids, weights, valid, experts, *, expert_axes, mlp_axes,
+                       num_total_experts, ragged_impl='auto', block_size=128):
+  """Dropless: each (token, slot) row goes to the device of its expert and back, sizes ragged.
+
+  Rows are sorted by expert, so the rows for device j are one contiguous slice. Every device
+  learns the whole [source, destination, local expert] count table (one small all_gather), from
+  which all offsets follow. The receive buffer holds the worst case: every row of the group.
+  """
+  if not expert_axes:  # one expert group: nothing to exchange
+    return backends.ragged_backend(x, ids, weights, valid, experts, impl=ragged_impl,
+                                   block_size=block_size)
+  n, k = ids.shape
+  d = x.shape[1]
+  num_local = experts['w_gate'].shape[0]
+  groups = num_total_experts // num_local
+  flat = jnp.where(jnp.repeat(valid, k), ids.reshape(-1), num_total_experts)  # padding: last
+  order = jnp.argsort(flat, stable=True)
+  rows = x[order // k]
+  counts = jnp.bincount(flat, length=num_total_experts).reshape(groups, num_local)
+  table = jax.lax.all_gather(counts, expert_axes, axis=0, tiled=False)  # [src, dst, local]
+  me = _index(expert_axes)
+  sent = table.sum(-1)  # [src, dst] rows
+  send_sizes, recv_sizes = sent[me], sent[:, me]
+  input_offsets = _exclusive_cumsum(send_sizes)
+  output_offsets = _exclusive_cumsum(sent, axis=0)[me]  # where my rows start on each receiver
+  capacity = n * k * groups
+  received = jax.lax.ragged_all_to_all(
+      rows, jnp.zeros((capacity, d), x.dtype), input_offsets, send_sizes, output_offsets,
+      recv_sizes, axis_name=expert_axes)
+  # Received rows are source-major, each source's rows sorted by local expert.
+  local_ids = jnp.repeat(jnp.tile(jnp.arange(num_local), groups), table[:, me].reshape(-1),
+                         total_repeat_length=capacity)
+  filled = jnp.arange(capacity) < jnp.sum(recv_sizes)
+  local_ids = jnp.where(filled, local_ids, num_local)
+  out, _ = backends.ragged_backend(received, local_ids[:, None], jnp.ones((capacity, 1), x.dtype),
+                                   filled, experts, impl=ragged_impl, block_size=block_size)
+  # Send each source's rows back to where they came from.
+  returned = jax.lax.ragged_all_to_all(
+      out, jnp.zeros((n * k, d), x.dtype), _exclusive_cumsum(recv_sizes), recv_sizes,
+      _exclusive_cumsum(sent, axis=1)[:, me], send_sizes, axis_name=expert_axes)
+  unsorted = jnp.zeros_like(returned).at[order].set(returned).reshape(n, k, d)
+  y = jnp.einsum('nkd,nk->nd', unsorted, weights.astype(x.dtype))
+  if mlp_axes:
+    y = jax.lax.psum(y, mlp_axes)
+  return y, jnp.int32(0)
+
+
 def sharded_backend(strategy: str, backend: str, *, capacity_factor: float, **backend_options):
   """A function with the backend signature that runs `strategy` over the active mesh.
 
@@ -103,12 +154,12 @@ def sharded_backend(strategy: str, backend: str, *, capacity_factor: float, **ba
   """
   if strategy not in EP_STRATEGIES[1:]:
     raise ValueError(f'config.model.moe.ep_strategy={strategy!r} not in {EP_STRATEGIES}')
-  if strategy == 'ragged_all_to_all':
-    raise NotImplementedError(
-        'config.model.moe.ep_strategy=ragged_all_to_all: jax.lax.ragged_all_to_all does not '
-        f'run on {jax.default_backend()!r} in this build; use ring or all_to_all')
 
   def run(x, ids, weights, valid, experts):
+    if strategy == 'ragged_all_to_all' and backends.target_platform() == 'cpu':
+      raise NotImplementedError(
+          'config.model.moe.ep_strategy=ragged_all_to_all: jax.lax.ragged_all_to_all does not '
+          'run on CPU; use ring or all_to_all here (ragged_all_to_all is for TPU / GPU)')
     batch = _axes(nn.logical_to_mesh_axes(('activation_batch',))[0])
     w_spec = nn.logical_to_mesh_axes(('exp', 'embed', 'mlp'))
     expert_axes, embed_axes, mlp_axes = (_axes(a) for a in w_spec)
@@ -125,7 +176,11 @@ def sharded_backend(strategy: str, backend: str, *, capacity_factor: float, **ba
         experts = {'w_gate': jax.lax.all_gather(experts['w_gate'], embed_axes, axis=1, tiled=True),
                    'w_up': jax.lax.all_gather(experts['w_up'], embed_axes, axis=1, tiled=True),
                    'w_down': jax.lax.all_gather(experts['w_down'], embed_axes, axis=2, tiled=True)}
-      if strategy == 'ring':
+      if strategy == 'ragged_all_to_all':
+        y, dropped = _ragged_all_to_all(x, ids, weights, valid, experts,
+                                        expert_axes=expert_axes, mlp_axes=mlp_axes,
+                                        num_total_experts=num_total, **backend_options)
+      elif strategy == 'ring':
         local_backend = backends.get_backend(backend, capacity_factor=capacity_factor,
                                              **backend_options)
         if backend == 'capacity':  # capacity: a share of the group's tokens over ALL experts
