@@ -1,7 +1,7 @@
 """Expert parallelism: a dispatch backend wrapped in jax.shard_map over the mesh.
 
 Experts are split over the mesh axis that the rule table gives the logical name `exp`; tokens
-are split over the batch axes (`activation_batch`). Two strategies:
+are split over the batch axes (`activation_batch`). Three strategies:
 
 - ring: every device all-gathers the tokens of its expert group, runs the local backend on its
   own experts only (assignments to other devices' experts get the "no expert here" id), and a
@@ -11,6 +11,8 @@ are split over the batch axes (`activation_batch`). Two strategies:
   own tokens, an all_to_all sends each buffer to the device holding that expert, the experts
   run, and a second all_to_all brings the results back to be combined. Drops overflow like the
   capacity backend.
+- ragged_all_to_all (TPU / GPU only): dropless; each (token, slot) row travels to its expert's
+  device and back in ragged slices, and the experts run as grouped matmuls (ragged backend).
 
 Expert weights sharded over `fsdp` (their `embed` dim) are all-gathered inside; weights split over
 `tensor` (their `mlp` dim) give partial sums, reduced with psum.
@@ -148,7 +150,7 @@ def sharded_backend(strategy: str, backend: str, *, capacity_factor: float, **ba
   """A function with the backend signature that runs `strategy` over the active mesh.
 
   backend (with backend_options) is the local dispatch backend of the ring strategy;
-  all_to_all always exchanges capacity buffers.
+  all_to_all always exchanges capacity buffers; ragged_all_to_all always runs grouped matmuls.
   Must be called while a mesh (jax.set_mesh) and the logical rules (nn.logical_axis_rules) are
   in force, as parallel.mesh.activate provides. num_dropped is summed over all devices.
   """
