@@ -4,7 +4,9 @@ Config files in configs/ start from `base_config()` and change what they need; t
 overrides any field (`--config.model.moe.num_experts=4`). Defaults are the paper's 7B model
 (SPEC.md): CLIP ViT-L/14 at 504 px, Vicuna-7B, 8 experts top-2 in layers 0, 2, ..., 30.
 """
+import importlib.util
 import math
+import pathlib
 
 import jax.numpy as jnp
 import ml_collections
@@ -76,6 +78,15 @@ def base_config() -> ml_collections.ConfigDict:
       process_id=placeholder(int), auto=False, cpu_collectives='gloo',
       initialization_timeout=placeholder(int)))
   return c
+
+
+def load_config_file(path, arg=None) -> ml_collections.ConfigDict:
+  """get_config(arg) of a config file (e.g. configs/tiny.py), loaded as --config= loads it."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f'skymoe_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def _check(ok: bool, field: str, value, why: str):

@@ -7,21 +7,18 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # rbg keys compile much faster than threefry on CPU; no test depends on particular random values.
 os.environ.setdefault('JAX_DEFAULT_PRNG_IMPL', 'rbg')
 
-import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+
+from skymoe_jax import config_defaults  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str, arg=None):
   """configs/<name>.py's get_config(arg), loaded the way the command line loads it."""
-  path = REPO / 'configs' / f'{name}.py'
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_defaults.load_config_file(REPO / 'configs' / f'{name}.py', arg)
 
 
 @pytest.fixture

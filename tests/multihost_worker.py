@@ -10,7 +10,6 @@ The functions above the __main__ block are shared with the test, which runs the 
 one process as the reference.
 """
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -28,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from skymoe_jax import config_defaults  # noqa: E402
 from skymoe_jax.model import factory  # noqa: E402
 from skymoe_jax.parallel import mesh as mesh_lib  # noqa: E402
 from skymoe_jax.parallel import multihost  # noqa: E402
@@ -41,17 +41,8 @@ SEED = 1
 MESH = dict(data=2, fsdp=1, expert=4, tensor=1)
 
 
-def load_config(name: str, arg=None):
-  """configs/<name>.py's get_config(arg) (as conftest.load_config, without pytest)."""
-  path = REPO / 'configs' / f'{name}.py'
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def tiny_config():
-  config = load_config('tiny')
+  config = config_defaults.load_config_file(REPO / 'configs' / 'tiny.py')
   config.mesh.update(MESH)
   config.model.moe.update(ep_strategy='ring', backend='ragged', capacity_factor=8.0)
   return config
