@@ -11,14 +11,12 @@ import pathlib
 import jax.numpy as jnp
 import ml_collections
 
+from skymoe_jax.data.tasks import GRANULARITIES, TASKS
 from skymoe_jax.model import layers as model_layers
 from skymoe_jax.model.vit import num_feature_layers
 from skymoe_jax.moe import backends
 from skymoe_jax.parallel import expert_parallel, mesh
 
-# Task and granularity vocabularies for the adaptive router (SPEC.md section 4).
-TASKS = ('scene_classification', 'vqa', 'grounding', 'captioning', 'counting')
-GRANULARITIES = ('global', 'local', 'mixed')
 
 
 class ConfigError(ValueError):
