@@ -5,7 +5,7 @@ MoE"); with scan_layers the block is scanned, so compile time does not grow with
 scanned -> decoder/blocks/layer_{j}/... with a leading 'layers' axis; unrolled ->
 decoder/layer_{i}/... . Each layer is attn_norm, attn, ffn_norm, then `mlp` or `moe`.
 """
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax

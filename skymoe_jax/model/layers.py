@@ -123,11 +123,10 @@ REMAT_POLICIES = {
 }
 
 
-def maybe_remat(block_cls, policy_name: str, static_argnums=()):
+def maybe_remat(block_cls, policy_name: str):
   """Wraps a layer class in nn.remat with a named policy ('none' leaves it as is)."""
   if policy_name not in REMAT_POLICIES:
     raise ValueError(f'remat policy {policy_name!r} not in {sorted(REMAT_POLICIES)}')
   if policy_name == 'none':
     return block_cls
-  return nn.remat(block_cls, policy=REMAT_POLICIES[policy_name], prevent_cse=False,
-                  static_argnums=static_argnums)
+  return nn.remat(block_cls, policy=REMAT_POLICIES[policy_name], prevent_cse=False)

@@ -151,17 +151,17 @@ def experts_on_buffers(xin, experts):
   return jnp.einsum('ecf,efd->ecd', h, experts['w_down'])
 
 
-def capacity_backend(x, ids, weights, valid, experts, *, capacity_factor=1.25, capacity=None,
+def capacity_backend(x, ids, weights, valid, experts, *, capacity_factor=1.25,
                      num_total_experts=None):
   """Fixed-size expert buffers; assignments over capacity are dropped and counted.
 
-  capacity defaults to expert_capacity(N, k, num_total_experts, capacity_factor), where
-  num_total_experts (default: the experts given) is the model's expert count.
+  Each buffer holds expert_capacity(N, k, num_total_experts, capacity_factor) slots, where
+  num_total_experts (default: the experts given) is the model's expert count: under expert
+  parallelism this device holds only some of them.
   """
   n, k = ids.shape
   num_experts = experts['w_gate'].shape[0]
-  if capacity is None:
-    capacity = expert_capacity(n, k, num_total_experts or num_experts, capacity_factor)
+  capacity = expert_capacity(n, k, num_total_experts or num_experts, capacity_factor)
   dispatch, kept = capacity_dispatch(ids, valid, num_experts, capacity)
   dispatch_nec = dispatch.sum(0).astype(x.dtype)  # a token picks an expert at most once
   combine_nec = jnp.einsum('knec,nk->nec', dispatch.astype(weights.dtype), weights).astype(x.dtype)
