@@ -15,6 +15,11 @@ INSTALL_REQUIRES = [
     'clu==0.0.12',
     'einops==0.8.2',
     'numpy==2.4.6',
+    'pillow==13.0.0',          # image decoding and resizing in the input pipeline
+    'matplotlib==3.11.2',      # routing heatmaps
+    # Caption metrics (BLEU, ROUGE-L, CIDEr-D; METEOR 1.5 when java is on PATH).
+    'pycocoevalcap==1.2',
+    'pycocotools==2.0.11',
     # clu's writers and tfds use these without declaring them.
     'tensorboard==2.21.0',
     'importlib_resources==7.1.0',

@@ -1,9 +1,14 @@
-"""Tiny SkyMoE for unit tests: every feature on (LoRA, adaptive router, MoE), runs in seconds."""
+"""Tiny SkyMoE for unit tests: every feature on (LoRA, adaptive router, MoE), runs in seconds.
+
+  configs/tiny.py          LoRA and MoE together (model tests)
+  configs/tiny.py:stage1   the dense stage I of the recipe
+  configs/tiny.py:stage2   stage II, upcycled from a sibling workdir 'stage1'
+Data: a small synthetic dataset, generated into data.synthetic.cache_dir when missing.
+"""
 from skymoe_jax import config_defaults
 
 
 def get_config(arg=None):
-  del arg
   c = config_defaults.base_config()
   m = c.model
   m.dtype = 'float32'
@@ -12,4 +17,11 @@ def get_config(arg=None):
                head_dim=16, mlp_dim=128, max_seq_len=128)
   m.lora.update(rank=4, alpha=8.0)
   m.moe.update(num_experts=4, top_k=2, layers=(0, 2), condition_dim=8, ragged_block_size=16)
+  c.data.update(batch_size=8, text_len=96)
+  c.data.sources.synthetic = dict(data_dir='', split='train', weight=1.0, generate='synthetic')
+  c.data.synthetic.update(num_images=40, image_size=64, val_fraction=0.2)
+  c.optimizer.update(learning_rate=1e-3, warmup_fraction=0.1)
+  c.train.update(total_steps=8, log_every=2, checkpoint_every=4)
+  if arg:
+    config_defaults.apply_stage(c, arg, lora_rank=4, stage2_learning_rate=1e-3)
   return c

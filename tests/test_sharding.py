@@ -47,7 +47,7 @@ def reference():
   params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), *factory.example_inputs(
       config)))['params'])()
   grad_fn = jax.jit(jax.value_and_grad(
-      lambda p, b: loss_lib.model_loss(p, model, b, config.model.moe), has_aux=True))
+      lambda p, b: loss_lib.model_loss(p, model, b, config), has_aux=True))
   (loss, metrics), grads = grad_fn(params, batch)
   return params, batch, loss, metrics, grads
 
@@ -74,7 +74,7 @@ def test_sharded_loss_and_grads_equal_unsharded(reference, mesh_sizes, strategy,
   sharded_params = jax.device_put(params, mesh_lib.logical_to_sharding(boxed, mesh, config))
   sharded_batch = jax.device_put(batch, sharded_state.batch_shardings(mesh, config))
   grad_fn = jax.jit(jax.value_and_grad(
-      lambda p, b: loss_lib.model_loss(p, model, b, config.model.moe), has_aux=True))
+      lambda p, b: loss_lib.model_loss(p, model, b, config), has_aux=True))
   with mesh_lib.activate(mesh, config):
     (loss, metrics), grads = grad_fn(sharded_params, sharded_batch)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)

@@ -19,7 +19,7 @@ import json
 import os
 import pathlib
 import struct
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -46,6 +46,9 @@ class Record:
   colors: List[str] = dataclasses.field(default_factory=list)   # colour per box, '' = unknown
   source: str = ''
   licence: str = ''
+  # Evaluation extras, JSON: 'question_type' (VQA buckets), 'references' (all accepted answers,
+  # e.g. the 5 captions of UCM-Captions; default: the last assistant turn).
+  meta: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
@@ -93,6 +96,7 @@ def encode(record: Record) -> bytes:
       'colors': _str(*record.colors),
       'source': _str(record.source),
       'licence': _str(record.licence),
+      'meta': _str(json.dumps(record.meta, ensure_ascii=False, sort_keys=True)),
   }
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
@@ -126,10 +130,14 @@ def decode(data: bytes, where: str = '') -> Record:
   if boxes.size % 4:
     raise RecordError(f'{where}: field boxes has {boxes.size} values, not a multiple of 4')
   try:
+    meta = json.loads(text('meta')) if 'meta' in f else {}
+  except json.JSONDecodeError as e:
+    raise RecordError(f'{where}: field meta is not JSON ({e})') from None
+  try:
     return Record(id=text('id'), image=image[0], conversations=conversations,
                   task=text('task'), granularity=text('granularity'), boxes=boxes,
                   labels=text('labels', many=True), colors=text('colors', many=True),
-                  source=text('source'), licence=text('licence'))
+                  source=text('source'), licence=text('licence'), meta=meta)
   except RecordError as e:
     raise RecordError(f'{where}: {e}') from None
 

@@ -46,11 +46,13 @@ class SkyMoE(nn.Module):
 
     images: [B, H, W, 3]; tokens, token_mask: [B, T]; task_id, granularity_id: [B].
     Returns (logits [B, T, V] fp32 for the text positions, aux) where logits[:, t] predicts
-    tokens[:, t + 1].
+    tokens[:, t + 1]; aux['image_features'] [B, D] are the mean-pooled image tokens.
     """
     image_embeds = self.encode_images(images)
     b, nv = image_embeds.shape[:2]
     x = jnp.concatenate([image_embeds, self.embed_tokens(tokens)], axis=1)
     mask = jnp.concatenate([jnp.ones((b, nv), bool), token_mask.astype(bool)], axis=1)
     logits, aux, _ = self.decode(x, positions_from_mask(mask), mask, task_id, granularity_id)
+    # Mean-pooled projected image features: the global side of the contrastive loss.
+    aux['image_features'] = jnp.mean(image_embeds.astype(jnp.float32), axis=1)
     return logits[:, nv:], aux

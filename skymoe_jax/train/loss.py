@@ -1,4 +1,8 @@
-"""Training loss: next-token cross-entropy on answer tokens plus the MoE auxiliary losses."""
+"""Training loss: next-token cross-entropy on answer tokens, the MoE auxiliary losses, and the
+optional local/global contrastive loss of context-disentangled augmentation (SPEC section 2).
+
+  loss = CE + load_balance_weight * LB + z_loss_weight * Z + contrastive_weight * InfoNCE
+"""
 import jax
 import jax.numpy as jnp
 
@@ -17,13 +21,39 @@ def next_token_loss(logits, tokens, loss_mask):
   return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count
 
 
-def model_loss(params, model, batch, moe_cfg):
-  """Total loss and its terms for one batch (see data for the batch fields)."""
+def related_rows(pair_index):
+  """[B, B] bool: rows i != j that show the same source image (an original and its edits)."""
+  b = pair_index.shape[0]
+  rows = jnp.arange(b)
+  group = jnp.where(pair_index >= 0, pair_index, rows)  # an edit belongs to its original's row
+  return (group[:, None] == group[None, :]) & (rows[:, None] != rows[None, :])
+
+
+def contrastive_loss(global_features, local_features, temperature, pair_index=None):
+  """Symmetric InfoNCE: the local crop of row i against the global view of row i, the other
+  rows' views as negatives. Rows of the same source image (pair_index) are no negatives of each
+  other: an edited copy is nearly the same picture. Features [B, D] are L2-normalised here."""
+  g = global_features / jnp.linalg.norm(global_features, axis=-1, keepdims=True).clip(1e-6)
+  l = local_features / jnp.linalg.norm(local_features, axis=-1, keepdims=True).clip(1e-6)
+  logits = (l @ g.T).astype(jnp.float32) / temperature
+  if pair_index is not None:
+    logits = jnp.where(related_rows(pair_index), -jnp.inf, logits)
+  labels = jnp.arange(logits.shape[0])
+
+  def ce(x):
+    return jnp.mean(-jax.nn.log_softmax(x, axis=-1)[labels, labels])
+
+  return 0.5 * (ce(logits) + ce(logits.T))
+
+
+def model_loss(params, model, batch, config):
+  """Total loss and its terms for one batch (fields: data/pipeline.py)."""
   logits, aux = model.apply({'params': params}, batch['images'], batch['tokens'],
                             batch['token_mask'], batch['task_id'], batch['granularity_id'])
   ce, num_targets = next_token_loss(logits, batch['tokens'], batch['loss_mask'])
   metrics = {'ce_loss': ce, 'num_targets': num_targets}
   loss = ce
+  moe_cfg = config.model.moe
   if aux['moe'] is not None:
     moe = aux['moe']
     metrics['load_balance_loss'] = jnp.mean(moe['load_balance_loss'])
@@ -33,5 +63,12 @@ def model_loss(params, model, batch, moe_cfg):
         jnp.sum(moe['num_routed']), 1)
     loss = (loss + moe_cfg.load_balance_weight * metrics['load_balance_loss']
             + moe_cfg.z_loss_weight * metrics['router_z_loss'])
+  weight = config.train.contrastive_weight
+  if weight > 0:
+    local = model.apply({'params': params}, batch['local_images'], method='encode_images')
+    metrics['contrastive_loss'] = contrastive_loss(
+        aux['image_features'], jnp.mean(local.astype(jnp.float32), axis=1),
+        config.train.contrastive_temperature, batch.get('pair_index'))
+    loss = loss + weight * metrics['contrastive_loss']
   metrics['loss'] = loss
   return loss, metrics

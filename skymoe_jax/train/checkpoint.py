@@ -1,0 +1,149 @@
+"""Checkpoints: the sharded train state plus the input pipeline's position, via Orbax.
+
+One step directory holds two items: 'state' ({'step', 'params', 'opt_state'}, saved with
+StandardSave, each host writing its own shards) and 'data' (a small JSON dict such as
+{"next_step": 12, "seed": 0}). Restoring takes an abstract target whose leaves are
+jax.ShapeDtypeStruct with a sharding, so a checkpoint written on one mesh restores onto any
+other: Orbax reads exactly the slices each device of the new layout needs.
+
+Before restoring, the stored tree is compared with the target leaf by leaf, and any missing,
+extra or reshaped entry raises CheckpointMismatchError listing the '/'-joined paths. (Orbax's
+own error for this is a ValueError that calls the target "Source" and the checkpoint "Target".)
+
+Saves are asynchronous by default: save() returns once the arrays are copied off the devices,
+so the train step may donate them right away; wait() blocks until the files are complete.
+Which steps are saved is an explicit policy: multiples of save_interval_steps (and a
+preemption signal); save(force=True) writes any step. Old steps beyond max_to_keep are deleted.
+"""
+import json
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from skymoe_jax.train.optimizer import param_path
+
+_STATE, _DATA = 'state', 'data'
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint's tree differs from the restore target; the message names the paths."""
+
+
+def abstract_like(state_shapes, shardings):
+  """Restore target: ShapeDtypeStructs with shardings, e.g. from sharded_state.state_shardings."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      state_shapes, shardings)
+
+
+def _leaf_shapes(tree) -> dict:
+  return {param_path(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _listing(paths, limit=20) -> str:
+  paths = sorted(paths)
+  more = f' ... and {len(paths) - limit} more' if len(paths) > limit else ''
+  return ', '.join(paths[:limit]) + more
+
+
+def _json_default(x):
+  if isinstance(x, (np.generic, jax.Array)) and np.ndim(x) == 0:
+    return np.asarray(x).item()
+  raise TypeError(f'data_state value {x!r} of type {type(x).__name__} is not JSON')
+
+
+class Checkpointer:
+  """Save / restore of (train state, data state) at integer steps under one directory."""
+
+  def __init__(self, directory, save_interval_steps: int = 1, max_to_keep: Optional[int] = None,
+               async_save: bool = True):
+    directory = os.fspath(directory)
+    if '://' not in directory:
+      directory = os.path.abspath(directory)  # Orbax wants absolute local paths
+    options = ocp.CheckpointManagerOptions(
+        # Only interval steps (and a preemption notice): the default policy would also save
+        # whatever step comes first, which makes the saved steps depend on where a run starts.
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(int(save_interval_steps)),
+            policies.PreemptionCheckpointingPolicy()]),
+        preservation_policy=policies.LatestN(n=max_to_keep),
+        enable_async_checkpointing=async_save)
+    # Handlers named up front, so a fresh process can read a step's metadata before restoring.
+    self._manager = ocp.CheckpointManager(
+        directory, options=options,
+        item_handlers={_STATE: ocp.StandardCheckpointHandler(),
+                       _DATA: ocp.JsonCheckpointHandler()})
+
+  @property
+  def directory(self):
+    return self._manager.directory
+
+  def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
+    """Starts saving state and data_state at step; False if the policy skipped it.
+
+    A step that is already saved is never overwritten (a forced final save after an
+    interval save of the same step is a no-op).
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      return False
+    data = json.loads(json.dumps(dict(data_state), default=_json_default))
+    return self._manager.save(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state), _DATA: ocp.args.JsonSave(data)}), force=force)
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list:
+    return sorted(self._manager.all_steps())
+
+  def check_matches(self, step: int, abstract_state) -> None:
+    """Raises CheckpointMismatchError unless the stored state has the target's paths and shapes."""
+    stored = self._manager.metadata(step).item_metadata[_STATE]
+    saved = _leaf_shapes(getattr(stored, 'tree', stored))
+    wanted = _leaf_shapes(abstract_state)
+    problems = []
+    if extra := saved.keys() - wanted.keys():
+      problems.append(f'in the checkpoint but not in the target: {_listing(extra)}')
+    if missing := wanted.keys() - saved.keys():
+      problems.append(f'in the target but missing from the checkpoint: {_listing(missing)}')
+    reshaped = [f'{p} {saved[p]} (saved) vs {wanted[p]} (target)'
+                for p in sorted(saved.keys() & wanted.keys()) if saved[p] != wanted[p]]
+    if reshaped:
+      problems.append(f'shapes differ: {_listing(reshaped)}')
+    if problems:
+      raise CheckpointMismatchError(
+          f'checkpoint step {step} in {self.directory} does not fit the restore target:\n  ' +
+          '\n  '.join(problems))
+
+  def restore(self, step: Optional[int], abstract_state) -> tuple:
+    """(state, data_state) of step (None: the latest), laid out as abstract_state's shardings."""
+    self.wait()  # a step still being written is not visible yet
+    step = self.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+      if getattr(leaf, 'sharding', None) is None:
+        raise ValueError(f'restore target {param_path(path)} has no sharding: build the target '
+                         'with abstract_like(shapes, shardings)')
+    self.check_matches(step, abstract_state)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(abstract_state), _DATA: ocp.args.JsonRestore()}))
+    return restored[_STATE], restored[_DATA]
+
+  def wait(self) -> None:
+    """Blocks until every started save is complete on disk (and old steps are deleted)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
