@@ -54,7 +54,9 @@ def _rows(inputs, rows):
 
 @pytest.fixture(scope='module')
 def setup():
+  """The tiny model on the `loop` backend (the reference dispatch), its greedy answers."""
   config = load_config('tiny')
+  config.model.moe.backend = 'loop'
   model, params = _init(config)
   inputs = _inputs(config)
   greedy = gen_lib.make_generate_fn(model, config, NEW, eos_id=NEVER, pad_id=PAD)
@@ -93,23 +95,24 @@ def test_greedy_equals_full_forward_reference(setup):
 
 def test_batch_composition_never_changes_an_answer(setup):
   config, _, params, inputs, greedy, tokens, _ = setup
-  # Each row alone, at the pipeline's prompt width.
+  images, prompt, mask, task, gran = inputs
+  # Each row alone (batch of 1), with 3 more padding columns than in the batch.
+  wider = lambda a: np.pad(a, ((0, 0), (0, 3)))
   for r in range(len(LENGTHS)):
-    alone, _ = greedy(params, *_rows(inputs, [r]))
+    alone, _ = greedy(params, images[r:r + 1], wider(prompt[r:r + 1]), wider(mask[r:r + 1]),
+                      task[r:r + 1], gran[r:r + 1])
     np.testing.assert_array_equal(alone[0], tokens[r], err_msg=f'row {r}')
-  # Alone with no padding at all, and with extra padding columns.
-  for r, width in ((1, LENGTHS[1]), (4, P + 3)):
-    images, prompt, mask, task, gran = _rows(inputs, [r])
-    prompt = np.pad(prompt, ((0, 0), (0, max(width - P, 0))))[:, :width]
-    mask = np.pad(mask, ((0, 0), (0, max(width - P, 0))))[:, :width]
-    alone, _ = greedy(params, images, prompt, mask, task, gran)
-    np.testing.assert_array_equal(alone[0], tokens[r], err_msg=f'row {r}, width {width}')
   # Shuffled batch.
   perm = np.random.default_rng(0).permutation(len(LENGTHS))
   shuffled, _ = greedy(params, *_rows(inputs, perm))
   np.testing.assert_array_equal(shuffled, tokens[perm])
+  # Prompts padded on the left instead (any mask pattern is right-aligned inside).
+  shift = P - LENGTHS
+  left = np.stack([np.roll(row, s) for row, s in zip(prompt, shift)])
+  left_mask = np.stack([np.roll(row, s) for row, s in zip(mask, shift)])
+  out, _ = greedy(params, images, left, left_mask, task, gran)
+  np.testing.assert_array_equal(out, tokens)
   # The task ids matter (the test would be weak if they did not).
-  images, prompt, mask, task, gran = inputs
   other_task, _ = greedy(params, images, prompt, mask, (task + 1) % config.model.moe.num_tasks,
                          gran)
   assert (np.asarray(other_task) != tokens).any()
@@ -160,29 +163,22 @@ def test_nucleus_filter_keeps_the_smallest_top_set():
   np.testing.assert_array_equal(kept, [[False, True, True, True]])
 
 
-def test_capacity_model_generates_dropless(setup):
-  config, model, params, inputs, _, tokens, _ = setup
-  config = load_config('tiny')
-  config.model.moe.update(backend='capacity', capacity_factor=0.1)
-  capacity_model = factory.create_model(config)
-  assert gen_lib.dropless_model(capacity_model).config.moe.backend == 'ragged'
-  gen = gen_lib.make_generate_fn(capacity_model, config, NEW, eos_id=NEVER, pad_id=PAD)
-  out, _ = gen(params, *inputs)
-  np.testing.assert_array_equal(out, tokens)
-
-
-def test_sharded_equals_unsharded(setup):
+def test_sharded_capacity_model_equals_unsharded_dropless(setup):
+  """A capacity / all_to_all model generates dropless (ragged, ring) on data x fsdp x expert
+  and gives the unsharded loop-backend answers; a tight capacity would have dropped tokens."""
   _, _, params, inputs, _, tokens, _ = setup
   config = load_config('tiny')
   config.mesh.update(dict(data=2, fsdp=2, expert=2, tensor=1))
-  config.model.moe.ep_strategy = 'ring'
+  config.model.moe.update(backend='capacity', ep_strategy='all_to_all', capacity_factor=0.1)
   model = factory.create_model(config)
+  dropless = gen_lib.dropless_model(model)
+  assert (dropless.config.moe.backend, dropless.config.moe.ep_strategy) == ('ragged', 'ring')
   mesh = mesh_lib.create_mesh(config)
   gen = gen_lib.make_generate_fn(model, config, NEW, eos_id=NEVER, pad_id=PAD, mesh=mesh)
   out, lengths = gen(jax.device_get(params), *inputs)
   assert out.sharding.spec[0] == ('data', 'fsdp', 'expert')
   np.testing.assert_array_equal(out, tokens)
   np.testing.assert_array_equal(lengths, NEW)
-  # 6 rows do not divide 8 devices: padded inside, same answers.
+  # 6 rows do not divide the 8 devices: padded inside, same answers.
   out6, _ = gen(params, *_rows(inputs, slice(0, 6)))
   np.testing.assert_array_equal(out6, tokens[:6])

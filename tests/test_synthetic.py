@@ -221,17 +221,45 @@ def test_interrupted_run_keeps_old_dataset(tmp_path, monkeypatch):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['data']
 
 
-def test_cli(tmp_path):
-  out = tmp_path / 'cli'
+CLI_PARAMS = dict(num_images=5, seed=3, image_size=64, val_fraction=0.2)
+
+
+@pytest.fixture(scope='module')
+def cli_run(tmp_path_factory):
+  """(output folder, stdout) of one run of data_prep/make_synthetic.py."""
+  out = tmp_path_factory.mktemp('cli') / 'data'
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
   proc = subprocess.run(
-      [sys.executable, str(REPO / 'data_prep' / 'make_synthetic.py'), f'--out={out}',
-       '--num_images=5', '--seed=3', '--image_size=64', '--val_fraction=0.2'],
+      [sys.executable, str(REPO / 'data_prep' / 'make_synthetic.py'), f'--out={out}']
+      + [f'--{k}={v}' for k, v in CLI_PARAMS.items()],
       capture_output=True, text=True, env=env, timeout=120, check=True)
-  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  return out, proc.stdout
+
+
+def test_cli(cli_run):
+  out, stdout = cli_run
+  summary = json.loads(stdout.strip().splitlines()[-1])
   info = records.read_info(out)
   assert summary['images'] == {'train': 4, 'validation': 1}
   assert summary['records'] == {s: info['splits'][s]['records'] for s in synthetic.SPLITS}
   assert sum(summary['tasks'].values()) == sum(summary['records'].values())
   assert sum(summary['granularities'].values()) == sum(summary['records'].values())
-  assert info['generator'] == dict(num_images=5, seed=3, image_size=64, val_fraction=0.2)
+  assert info['generator'] == CLI_PARAMS
+
+
+def test_same_records_across_processes(cli_run, tmp_path):
+  out, _ = cli_run
+  synthetic.generate(tmp_path / 'here', **CLI_PARAMS)
+  for split in synthetic.SPLITS:
+    theirs, ours = records.ShardReader(out, split), records.ShardReader(tmp_path / 'here', split)
+    assert len(theirs) == len(ours)
+    for i in range(len(ours)):
+      a, b = theirs.record(i), ours.record(i)
+      assert a.id == b.id and a.image == b.image and a.conversations == b.conversations
+      assert a.labels == b.labels and np.array_equal(a.boxes, b.boxes)
+
+
+def test_byte_identical_across_processes(cli_run, tmp_path):
+  out, _ = cli_run
+  synthetic.generate(tmp_path / 'here', **CLI_PARAMS)
+  assert _files(out) == _files(tmp_path / 'here')

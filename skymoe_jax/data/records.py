@@ -98,7 +98,8 @@ def encode(record: Record) -> bytes:
       'licence': _str(record.licence),
       'meta': _str(json.dumps(record.meta, ensure_ascii=False, sort_keys=True)),
   }
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  example = tf.train.Example(features=tf.train.Features(feature=feature))
+  return example.SerializeToString(deterministic=True)  # same bytes in every process
 
 
 def decode(data: bytes, where: str = '') -> Record:

@@ -4,8 +4,8 @@ A licence-free dataset that needs no download: the tiny/demo configs train on it
 boxes, labels and colours let the CDA edits (cutout, recolouring) be checked pixel by pixel.
 
 Rendering (pure numpy, one `np.random.default_rng([seed, split_id, index])` per image, so any
-image can be re-rendered alone and the same seed gives byte-identical shards):
-  * a scene background (SCENES) with its own layout, a smooth texture and fine grain, and a region
+image can be re-rendered alone and the same seed gives the same records, byte for byte):
+  * a scene background (SCENES) with its own layout and a smooth noise texture, and a region
     map (water, road, paved, lot, ground) that says where each object class may stand;
   * 0..MAX_OBJECTS objects of the scene's typical classes, non-overlapping (at least GAP pixels
     apart), each entirely inside the image, in a flat palette colour (COLORS) with a darker
@@ -267,7 +267,8 @@ def _forest(rng, s, img, region):
   if rng.random() < 0.5:    # a forest track
     w = _px(8, s / 128)
     at = int(rng.integers(0, s - w))
-    sl = (slice(None), slice(at, at + w)) if rng.random() < 0.5 else (slice(at, at + w), slice(None))
+    across = rng.random() < 0.5
+    sl = (slice(None), slice(at, at + w)) if across else (slice(at, at + w), slice(None))
     _fill(img, region, sl, (122, 98, 66), ROAD)
 
 

@@ -18,10 +18,13 @@ row keeps emitting pad_id; `lengths` counts the tokens before eos.
 Choice of token: greedy (temperature 0) or sampling at a temperature with nucleus (top-p)
 filtering. Each row has its own key, folded with the step: pass one key per row (e.g. folded
 with the sample id) and sampling is batch-invariant too; one key is split by row index.
+eos_id, pad_id, temperature and top_p enter the compiled function as traced scalars; only
+greedy-or-sampling, max_new_tokens and the shapes are compile-time.
 
 Routing is dropless: a model configured with the `capacity` backend (which drops tokens over
 capacity, and would make answers depend on the rest of the batch) generates with the `ragged`
-backend instead, same parameters (`dropless_model`).
+backend instead (and the ring instead of the all_to_all expert-parallel strategy), from a copy
+of the model config: the parameters are the same (`dropless_model`).
 """
 import functools
 import math
@@ -31,7 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from skymoe_jax import config_defaults
 from skymoe_jax.model import factory
 from skymoe_jax.model.skymoe import SkyMoE, positions_from_mask
 from skymoe_jax.parallel import mesh as mesh_lib
@@ -55,26 +60,26 @@ def dropless_model(model: SkyMoE) -> SkyMoE:
   return SkyMoE(ml_collections.FrozenConfigDict(cfg))
 
 
-def nucleus_filter(logits, top_p: float):
+def nucleus_filter(logits, top_p):
   """Logits [..., V] outside the smallest top set whose probability reaches top_p -> -inf.
 
-  The most likely token is always kept, so a tiny top_p is greedy decoding.
+  The most likely token is always kept, so a tiny top_p is greedy decoding; top_p >= 1 keeps
+  every token (float rounding of the cumulative sum must not cut the tail).
   """
   sorted_logits = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
   probs = jax.nn.softmax(sorted_logits, axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs
-  kept = mass_before < top_p
+  kept = (mass_before < top_p) | (top_p >= 1.0)
   threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def select_tokens(logits, keys, temperature: float, top_p: float):
-  """Next token per row from fp32 logits [B, V]; keys [B] are used only when sampling."""
-  if temperature == 0.0:
+def select_tokens(logits, keys, sample: bool, temperature, top_p):
+  """Next token per row from fp32 logits [B, V]: argmax, or (sample) a draw at `temperature`
+  from the top_p nucleus with keys [B]."""
+  if not sample:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_p < 1.0:
-    logits = nucleus_filter(logits, top_p)
+  logits = nucleus_filter(logits / temperature, top_p)
   if str(jax.random.key_impl(keys)) in VMAP_INVARIANT_KEYS:
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
   # Other key kinds (rbg) draw different bits under vmap, depending on the whole batch of keys:
@@ -91,9 +96,11 @@ def _constrain_cache(cache):
   return jax.tree.map(constrain, cache)
 
 
-def _generate(model, params, images, prompt_tokens, prompt_mask, task_id, granularity_id,
-              row_keys, *, max_new_tokens, eos_id, pad_id, temperature, top_p):
-  """The traced body of `generate`; row_keys [B] are typed PRNG keys."""
+def _generate(params, images, prompt_tokens, prompt_mask, task_id, granularity_id, row_keys,
+              options, *, model, max_new_tokens, sample):
+  """The traced body of `generate`. row_keys [B]: typed PRNG keys; options: traced scalars
+  eos_id, pad_id, temperature, top_p (changing them does not recompile)."""
+  eos_id, pad_id = options['eos_id'], options['pad_id']
   variables = {'params': params}
   apply = functools.partial(model.apply, variables)
   b, p = prompt_tokens.shape
@@ -134,7 +141,8 @@ def _generate(model, params, images, prompt_tokens, prompt_mask, task_id, granul
     step, cache, inputs, done, lengths, tokens = state
     logits, _, cache = decode(inputs, (last_position + step)[:, None], jnp.ones((b, 1), bool),
                               task_id, granularity_id, cache, t - 1 + step, slot_mask)
-    token = select_tokens(logits[:, 0], fold(row_keys, step), temperature, top_p)
+    token = select_tokens(logits[:, 0], fold(row_keys, step), sample, options['temperature'],
+                          options['top_p'])
     token = jnp.where(done, pad_id, token)
     done = done | (token == eos_id)
     lengths = lengths + (~done).astype(jnp.int32)
@@ -146,6 +154,11 @@ def _generate(model, params, images, prompt_tokens, prompt_mask, task_id, granul
            jnp.full((b, max_new_tokens), pad_id, jnp.int32))
   _, _, _, _, lengths, tokens = jax.lax.while_loop(cond, body, state)
   return tokens, lengths
+
+
+# Unsharded generation: one compilation per (model, max_new_tokens, greedy or not, shapes),
+# shared by every generate function made for them.
+_generate_jit = jax.jit(_generate, static_argnames=('model', 'max_new_tokens', 'sample'))
 
 
 def _row_keys(rng, batch: int):
@@ -162,9 +175,12 @@ def _row_keys(rng, batch: int):
 
 
 def _pad_rows(a, rows: int):
-  """Repeat the last row so the batch has `rows` rows."""
+  """Repeat the last row so the batch has `rows` rows (host arrays stay on the host)."""
   extra = rows - a.shape[0]
-  return a if extra == 0 else jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)])
+  if extra == 0:
+    return a
+  xp = np if isinstance(a, np.ndarray) else jnp
+  return xp.concatenate([a, xp.repeat(a[-1:], extra, axis=0)])
 
 
 def make_generate_fn(model: SkyMoE, config, max_new_tokens: int, eos_id: int, pad_id: int,
@@ -177,7 +193,9 @@ def make_generate_fn(model: SkyMoE, config, max_new_tokens: int, eos_id: int, pa
   None (greedy). Returns (tokens [B, max_new_tokens] int32: each row's tokens up to and
   including eos, then pad_id; lengths [B] int32: tokens before eos).
 
-  Compiled once per input shape. With a mesh, inputs are placed on it (batch split over the
+  Compiled once per input shape: eos_id, pad_id, temperature and top_p are traced, so without
+  a mesh every generate function for the same model, max_new_tokens and greedy-or-sampling
+  shares one compilation. With a mesh, inputs are placed on it (batch split over the
   rule table's batch axes, params by their logical axes) and a batch that does not divide the
   batch axes is padded with copies of its last row, which are dropped from the result.
   """
@@ -188,34 +206,36 @@ def make_generate_fn(model: SkyMoE, config, max_new_tokens: int, eos_id: int, pa
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f'top_p must be in (0, 1], got {top_p}')
   model = dropless_model(model)
-  core = functools.partial(_generate, model, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                           pad_id=pad_id, temperature=float(temperature), top_p=float(top_p))
+  static = dict(model=model, max_new_tokens=max_new_tokens, sample=temperature > 0.0)
+  options = {'eos_id': jnp.int32(eos_id), 'pad_id': jnp.int32(pad_id),
+             'temperature': jnp.float32(temperature), 'top_p': jnp.float32(top_p)}
 
   if mesh is None:
-    jitted = jax.jit(core)
-
     def generate(params, images, prompt_tokens, prompt_mask, task_id, granularity_id, rng=None):
       keys = _row_keys(rng, prompt_tokens.shape[0])
-      return jitted(params, images, prompt_tokens, prompt_mask, task_id, granularity_id, keys)
-
-    generate.jitted = jitted
+      return _generate_jit(params, images, prompt_tokens, prompt_mask, task_id, granularity_id,
+                           keys, options, **static)
     return generate
 
+  config_defaults.validate_for_mesh(config, dict(mesh.shape))
   boxed = jax.eval_shape(
       lambda: model.init(jax.random.key(0), *factory.example_inputs(config))['params'])
   param_sh = mesh_lib.logical_to_sharding(boxed, mesh, config)
   batch_sh = lambda ndim: mesh_lib.batch_sharding(mesh, config, ndim)
-  in_sh = (param_sh, batch_sh(4), batch_sh(2), batch_sh(2), batch_sh(1), batch_sh(1), batch_sh(1))
-  jitted = jax.jit(core, in_shardings=in_sh, out_shardings=(batch_sh(2), batch_sh(1)))
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  in_sh = (param_sh, batch_sh(4), batch_sh(2), batch_sh(2), batch_sh(1), batch_sh(1), batch_sh(1),
+           replicated)
+  jitted = jax.jit(functools.partial(_generate, **static), in_shardings=in_sh,
+                   out_shardings=(batch_sh(2), batch_sh(1)))
   ways = math.prod(mesh.shape[a] for a in mesh_lib.batch_axes(config))
 
   def generate(params, images, prompt_tokens, prompt_mask, task_id, granularity_id, rng=None):
     b = prompt_tokens.shape[0]
     rows = -(-b // ways) * ways
-    batch = [_pad_rows(jnp.asarray(a), rows) for a in (images, prompt_tokens, prompt_mask,
-                                                      task_id, granularity_id)]
+    batch = [_pad_rows(a, rows)
+             for a in (images, prompt_tokens, prompt_mask, task_id, granularity_id)]
     keys = _pad_rows(_row_keys(rng, b), rows)
-    args = jax.device_put((params, *batch, keys), in_sh)
+    args = jax.device_put((params, *batch, keys, options), in_sh)
     with mesh_lib.activate(mesh, config):
       tokens, lengths = jitted(*args)
     return tokens[:b], lengths[:b]

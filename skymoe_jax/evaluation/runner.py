@@ -135,6 +135,19 @@ def _load_answers(path: pathlib.Path) -> Dict[str, Dict]:
   return done
 
 
+def restore_params(config, model, mesh, workdir: pathlib.Path, step: Optional[int] = None):
+  """(step, params) of the workdir's checkpoint `step` (None: the latest), on the mesh."""
+  from skymoe_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  abstract, shardings = sharded_state.state_shardings(config, model,
+                                                      trainer.make_optimizer(config), mesh)
+  with checkpoint_lib.Checkpointer(workdir / 'checkpoints') as ckpt:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {workdir / "checkpoints"}')
+    state, _ = ckpt.restore(step, checkpoint_lib.abstract_like(abstract, shardings))
+  return step, state['params']
+
+
 def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
   """Evaluates `params` (default: the workdir's checkpoint `step`, or its latest)."""
   workdir = pathlib.Path(workdir).expanduser().resolve()
@@ -144,15 +157,7 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
   mesh = mesh_lib.create_mesh(config)
   model = factory.create_model(config)
   if params is None:
-    from skymoe_jax.train import trainer  # pylint: disable=import-outside-toplevel
-    tx = trainer.make_optimizer(config)
-    abstract, shardings = sharded_state.state_shardings(config, model, tx, mesh)
-    with checkpoint_lib.Checkpointer(workdir / 'checkpoints') as ckpt:
-      step = ckpt.latest_step() if step is None else step
-      if step is None:
-        raise FileNotFoundError(f'no checkpoint in {workdir / "checkpoints"}')
-      state, _ = ckpt.restore(step, checkpoint_lib.abstract_like(abstract, shardings))
-    params = state['params']
+    step, params = restore_params(config, model, mesh, workdir, step)
   out = workdir / 'eval' / str(step)
   out.mkdir(parents=True, exist_ok=True)
 

@@ -1,12 +1,36 @@
-"""Hugging Face PyTorch checkpoints -> our Flax parameter trees (pure numpy, nothing on device).
+"""Hugging Face PyTorch checkpoints <-> our Flax parameter trees (pure numpy, nothing on device).
 
-Input: a state dict as name -> numpy array (`{k: v.numpy() for k, v in m.state_dict().items()}`).
-Output: plain nested dicts of numpy arrays, laid out exactly as `nn.unbox(model.init(...))`:
+One name table serves both directions. `llava_table(model_cfg)` lists every tensor of the model
+as an `Entry`: its Hugging Face name, our parameter path in the *unrolled* layout
+(`layer_{i}` per vision block / decoder layer, one expert at a time), our shape, and how the two
+layouts differ (`kind`). `to_hf` / `from_hf_array` apply that difference; `locate` maps an
+unrolled path onto the scanned layout (a stacked leaf plus an index), and `vision_layout` /
+`decoder_layout` stack unrolled trees back. The export (to_torch.py) walks the same table.
+
+Names follow the LLaVA checkpoint convention that LlavaForConditionalGeneration loads
+(`vision_tower.vision_model.*` = CLIP, `multi_modal_projector.linear_{1,2}`,
+`language_model.model.*` + `language_model.lm_head.weight` = LLaMA); MoE layers use Mixtral's
+`block_sparse_moe.{gate, experts.{e}.w1/w2/w3}` plus our adaptive router's
+`block_sparse_moe.{task_embed, granularity_embed, condition_proj}.weight`.
+
+Input: a state dict as name -> numpy array, or `open_checkpoint(path)` for a folder or file
+(safetensors, sharded with an index, or torch .bin loaded with weights_only=True; GGUF lives in
+gguf.py). Output: plain nested dicts of numpy arrays, laid out exactly as `nn.unbox(model.init)`:
 - `clip_vision_params`: HF CLIPVisionModel -> params['vision'] (VisionTower);
-- `llama_params`: HF LlamaForCausalLM -> params['decoder'] of a dense decoder (stage I).
-A missing tensor or one of the wrong shape raises an error naming the tensor.
+- `llama_params`: HF LlamaForCausalLM -> params['decoder'] of a dense decoder (stage I);
+- `llava_params`: our own export (or any LLaVA checkpoint of the same shapes) -> all params.
+A missing tensor, one of the wrong shape, or a damaged file raises an error naming the tensor
+(and the file).
 """
+import json
+import math
+import os
+import pathlib
+import struct
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from skymoe_jax.model.decoder import block_period
@@ -17,8 +41,243 @@ class ConversionError(ValueError):
   """A tensor the converter needs is missing from the state dict or has the wrong shape."""
 
 
+class CheckpointFileError(ConversionError):
+  """A checkpoint file is truncated or malformed; the message names the file (and tensor)."""
+
+
+# ------------------------------------------------------------------------------- name table
+
+
+class Entry(NamedTuple):
+  """One tensor, as Hugging Face names it and as we store it.
+
+  kind: same (identical array), linear (our kernel [*in, *out] <-> torch weight [out, in], with
+  `n_in` leading input dims), flat (our [*out] bias <-> a flat vector), conv (patch kernel
+  [p, p, 3, W] <-> Conv2d [W, 3, p, p]), ones / zeros (an HF-only constant we do not keep;
+  path is None). expert: index into our leading expert axis (shape is then one expert's).
+  """
+  name: str
+  path: Optional[Tuple[str, ...]]
+  shape: Tuple[int, ...]
+  kind: str = 'same'
+  n_in: int = 1
+  expert: Optional[int] = None
+
+
+def hf_shape(e: Entry) -> Tuple[int, ...]:
+  """The shape of the Hugging Face tensor of an entry."""
+  if e.kind == 'linear':
+    return (math.prod(e.shape[e.n_in:]), math.prod(e.shape[:e.n_in]))
+  if e.kind == 'flat':
+    return (math.prod(e.shape),)
+  if e.kind == 'conv':
+    p, q, c, w = e.shape
+    return (w, c, p, q)
+  return tuple(e.shape)
+
+
+def to_hf(e: Entry, a: np.ndarray) -> np.ndarray:
+  """Our array (one expert's slice for expert entries) -> the HF tensor, C-contiguous."""
+  if e.kind == 'linear':
+    a = a.reshape(hf_shape(e)[::-1]).T
+  elif e.kind == 'flat':
+    a = a.reshape(-1)
+  elif e.kind == 'conv':
+    a = a.transpose(3, 2, 0, 1)
+  return np.ascontiguousarray(a)
+
+
+def from_hf_array(e: Entry, t: np.ndarray) -> np.ndarray:
+  """The HF tensor -> our array; inverse of to_hf (transposes and reshapes only: bit-exact)."""
+  if e.kind == 'linear':
+    return t.T.reshape(e.shape)
+  if e.kind == 'flat':
+    return t.reshape(e.shape)
+  if e.kind == 'conv':
+    return t.transpose(2, 3, 1, 0)
+  return t
+
+
+def _linear(name, path, in_shape, out_shape, bias=False, expert=None):
+  """Entries of a torch nn.Linear `name` whose kernel is our `path`/kernel [*in, *out]."""
+  shape = tuple(in_shape) + tuple(out_shape)
+  out = [Entry(name + '.weight', path + ('kernel',), shape, 'linear', len(in_shape), expert)]
+  if bias:
+    out.append(Entry(name + '.bias', path + ('bias',), tuple(out_shape), 'flat'))
+  return out
+
+
+def _norm(name, path, dim, bias=True):
+  out = [Entry(name + '.weight', path + ('scale',), (dim,))]
+  if bias:
+    out.append(Entry(name + '.bias', path + ('bias',), (dim,)))
+  return out
+
+
+def clip_vision_table(model_cfg, prefix: str = 'vision_model.', hf_only: bool = False
+                      ) -> List[Entry]:
+  """CLIPVisionModel names -> params['vision'] paths (blocks up to feature_layer only).
+
+  hf_only adds the post-layernorm that HF's CLIPVisionModel has and we never use (as identity).
+  """
+  v = model_cfg.vision
+  w, p, heads = v.width, v.patch_size, v.num_heads
+  dh = w // heads
+  grid = v.image_size // p
+  t = [Entry(prefix + 'embeddings.patch_embedding.weight', ('patch_embed', 'kernel'),
+             (p, p, 3, w), 'conv'),
+       Entry(prefix + 'embeddings.class_embedding', ('cls_token',), (w,)),
+       Entry(prefix + 'embeddings.position_embedding.weight', ('pos_embed',),
+             (1 + grid * grid, w))]
+  t += _norm(prefix + 'pre_layrnorm', ('pre_norm',), w)
+  for i in range(num_feature_layers(v.depth, v.feature_layer)):
+    pre, at = f'{prefix}encoder.layers.{i}.', (f'layer_{i}',)
+    t += _norm(pre + 'layer_norm1', at + ('norm1',), w)
+    for ours, theirs in (('query', 'q'), ('key', 'k'), ('value', 'v')):
+      t += _linear(pre + f'self_attn.{theirs}_proj', at + (ours,), (w,), (heads, dh), bias=True)
+    t += _linear(pre + 'self_attn.out_proj', at + ('out',), (heads, dh), (w,), bias=True)
+    t += _norm(pre + 'layer_norm2', at + ('norm2',), w)
+    t += _linear(pre + 'mlp.fc1', at + ('mlp', 'fc1'), (w,), (v.mlp_dim,), bias=True)
+    t += _linear(pre + 'mlp.fc2', at + ('mlp', 'fc2'), (v.mlp_dim,), (w,), bias=True)
+  if hf_only:
+    t += [Entry(prefix + 'post_layernorm.weight', None, (w,), 'ones'),
+          Entry(prefix + 'post_layernorm.bias', None, (w,), 'zeros')]
+  return t
+
+
+def projector_table(model_cfg, prefix: str = 'multi_modal_projector.') -> List[Entry]:
+  d, vw = model_cfg.llm.embed_dim, model_cfg.vision.width
+  return (_linear(prefix + 'linear_1', ('fc1',), (vw,), (d,), bias=True) +
+          _linear(prefix + 'linear_2', ('fc2',), (d,), (d,), bias=True))
+
+
+def moe_layers(model_cfg) -> Tuple[int, ...]:
+  return tuple(sorted(model_cfg.moe.layers)) if model_cfg.moe.num_experts > 0 else ()
+
+
+def llama_table(model_cfg, prefix: str = 'model.', lm_head_name: str = 'lm_head.weight'
+                ) -> List[Entry]:
+  """LlamaForCausalLM names (Mixtral names in MoE layers) -> params['decoder'] paths.
+
+  LoRA adapters are not listed: an exported model has them merged (lora.merge_lora).
+  """
+  llm, m = model_cfg.llm, model_cfg.moe
+  d, h, hkv, dh, f = llm.embed_dim, llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.mlp_dim
+  t = [Entry(prefix + 'embed_tokens.weight', ('embed',), (llm.vocab_size, d))]
+  moe = set(moe_layers(model_cfg))
+  for i in range(llm.num_layers):
+    pre, at = f'{prefix}layers.{i}.', (f'layer_{i}',)
+    t += _norm(pre + 'input_layernorm', at + ('attn_norm',), d, bias=False)
+    t += _linear(pre + 'self_attn.q_proj', at + ('attn', 'query'), (d,), (h, dh))
+    t += _linear(pre + 'self_attn.k_proj', at + ('attn', 'key'), (d,), (hkv, dh))
+    t += _linear(pre + 'self_attn.v_proj', at + ('attn', 'value'), (d,), (hkv, dh))
+    t += _linear(pre + 'self_attn.o_proj', at + ('attn', 'out'), (h, dh), (d,))
+    t += _norm(pre + 'post_attention_layernorm', at + ('ffn_norm',), d, bias=False)
+    if i in moe:
+      fe, e, moe_at, sparse = m.mlp_dim or f, m.num_experts, at + ('moe',), pre + 'block_sparse_moe.'
+      t.append(Entry(sparse + 'gate.weight', moe_at + ('router',), (d, e), 'linear'))
+      if m.adaptive:
+        c = m.condition_dim
+        t += [Entry(sparse + 'task_embed.weight', moe_at + ('task_embed',), (m.num_tasks, c)),
+              Entry(sparse + 'granularity_embed.weight', moe_at + ('granularity_embed',),
+                    (m.num_granularities, c)),
+              Entry(sparse + 'condition_proj.weight', moe_at + ('condition_proj',), (c, e),
+                    'linear')]
+      for x in range(e):
+        ex = f'{sparse}experts.{x}.'
+        t += [Entry(ex + 'w1.weight', moe_at + ('w_gate',), (d, fe), 'linear', 1, x),
+              Entry(ex + 'w3.weight', moe_at + ('w_up',), (d, fe), 'linear', 1, x),
+              Entry(ex + 'w2.weight', moe_at + ('w_down',), (fe, d), 'linear', 1, x)]
+    else:
+      t += _linear(pre + 'mlp.gate_proj', at + ('mlp', 'gate'), (d,), (f,))
+      t += _linear(pre + 'mlp.up_proj', at + ('mlp', 'up'), (d,), (f,))
+      t += _linear(pre + 'mlp.down_proj', at + ('mlp', 'down'), (f,), (d,))
+  t += _norm(prefix + 'norm', ('final_norm',), d, bias=False)
+  if not llm.tie_embeddings:
+    t.append(Entry(lm_head_name, ('lm_head',), (d, llm.vocab_size), 'linear'))
+  return t
+
+
+def _under(part: str, table: List[Entry]) -> List[Entry]:
+  return [e._replace(path=None if e.path is None else (part,) + e.path) for e in table]
+
+
+def llava_table(model_cfg, hf_only: bool = True) -> List[Entry]:
+  """Every tensor of the whole model, with paths from the params root ('vision', ...)."""
+  return (_under('vision', clip_vision_table(model_cfg, 'vision_tower.vision_model.', hf_only)) +
+          _under('projector', projector_table(model_cfg)) +
+          _under('decoder', llama_table(model_cfg, 'language_model.model.',
+                                        'language_model.lm_head.weight')))
+
+
+# ---------------------------------------------------------------------- scanned <-> unrolled
+
+
+def locate(model_cfg, path: Tuple[str, ...]) -> Tuple[Tuple[str, ...], Tuple[int, ...]]:
+  """An unrolled path from the params root -> (path of the stored leaf, index into it).
+
+  Scanned vision blocks live in vision/layers/... with a leading block axis; scanned decoder
+  layer i in decoder/blocks/layer_{i % p}/... at index i // p (p = block_period).
+  """
+  if model_cfg.scan_layers and len(path) > 1 and path[1].startswith('layer_'):
+    i = int(path[1][len('layer_'):])
+    if path[0] == 'vision':
+      return ('vision', 'layers') + path[2:], (i,)
+    if path[0] == 'decoder':
+      p = block_period(model_cfg.llm.num_layers, moe_layers(model_cfg))
+      return ('decoder', 'blocks', f'layer_{i % p}') + path[2:], (i // p,)
+  return path, ()
+
+
+def get_path(tree, path):
+  for key in path:
+    if key not in tree:
+      raise ConversionError(f'parameter {"/".join(path)} is missing from the parameter tree')
+    tree = tree[key]
+  return tree
+
+
+def _set_path(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _stack(trees):
+  """List of identically shaped trees -> one tree with a leading stacked axis on every leaf."""
+  if isinstance(trees[0], dict):
+    return {k: _stack([t[k] for t in trees]) for k in trees[0]}
+  return np.stack(trees)
+
+
+def vision_layout(tree: Dict, model_cfg) -> Dict:
+  """Unrolled vision tree (layer_{i}) -> the layout model_cfg's tower uses."""
+  if not model_cfg.scan_layers:
+    return tree
+  n = num_feature_layers(model_cfg.vision.depth, model_cfg.vision.feature_layer)
+  out = {k: v for k, v in tree.items() if not k.startswith('layer_')}
+  out['layers'] = _stack([tree[f'layer_{i}'] for i in range(n)])
+  return out
+
+
+def decoder_layout(tree: Dict, model_cfg) -> Dict:
+  """Unrolled decoder tree -> the layout model_cfg's decoder uses (as stages.stack_decoder_layers,
+  in numpy: nothing is placed on a device)."""
+  if not model_cfg.scan_layers:
+    return tree
+  n = model_cfg.llm.num_layers
+  p = block_period(n, moe_layers(model_cfg))
+  out = {k: v for k, v in tree.items() if not k.startswith('layer_')}
+  out['blocks'] = {f'layer_{j}': _stack([tree[f'layer_{i}'] for i in range(j, n, p)])
+                   for j in range(p)}
+  return out
+
+
+# ------------------------------------------------------------------------------ reading
+
+
 class _Reader:
-  """Fetches tensors by name (under a prefix), checks their shapes and casts to the param dtype."""
+  """Fetches tensors by name, checks their shapes and casts to the param dtype."""
 
   def __init__(self, state_dict, prefix: str, dtype):
     self.sd, self.prefix, self.dtype = state_dict, prefix, np.dtype(jnp.dtype(dtype))
@@ -34,27 +293,35 @@ class _Reader:
       raise ConversionError(f'tensor {key!r} has shape {value.shape}, expected {tuple(shape)}')
     return value.astype(self.dtype)
 
-  def linear(self, name: str, in_shape, out_shape, bias: bool = False):
-    """torch Linear `name` (weight [out, in]) -> {'kernel': [*in_shape, *out_shape](, 'bias')}."""
-    n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
-    w = self(name + '.weight', (n_out, n_in))
-    out = {'kernel': w.T.reshape(tuple(in_shape) + tuple(out_shape))}
-    if bias:
-      out['bias'] = self(name + '.bias', (n_out,)).reshape(tuple(out_shape))
-    return out
-
-  def layer_norm(self, name: str, dim: int, bias: bool = True):
-    out = {'scale': self(name + '.weight', (dim,))}
-    if bias:
-      out['bias'] = self(name + '.bias', (dim,))
-    return out
+  def entry(self, e: Entry, any_rows: bool = False) -> np.ndarray:
+    """Our array of an entry; any_rows accepts any leading size (position grids)."""
+    want = hf_shape(e)
+    if any_rows:
+      want = (None,) + want[1:]
+    return from_hf_array(e, self(e.name, want))
 
 
-def _stack(trees):
-  """List of identically shaped trees -> one tree with a leading stacked axis on every leaf."""
-  if isinstance(trees[0], dict):
-    return {k: _stack([t[k] for t in trees]) for k in trees[0]}
-  return np.stack(trees)
+def read_table(state_dict, table: List[Entry], dtype, prefix: str = '',
+               positions_to: Optional[int] = None) -> Dict:
+  """The unrolled tree of a table's entries (experts stacked along their leading axis).
+
+  positions_to: the grid to resize a CLIP position embedding to (any stored grid accepted).
+  """
+  get = _Reader(state_dict, prefix, dtype)
+  tree, experts = {}, {}
+  for e in table:
+    if e.path is None:
+      continue
+    if e.path[-1] == 'pos_embed' and positions_to is not None:
+      value = np.asarray(resize_position_embedding(get.entry(e, any_rows=True), positions_to))
+      _set_path(tree, e.path, value.astype(get.dtype))
+    elif e.expert is not None:
+      experts.setdefault(e.path, []).append(get.entry(e))
+    else:
+      _set_path(tree, e.path, get.entry(e))
+  for path, slices in experts.items():
+    _set_path(tree, path, np.stack(slices))
+  return tree
 
 
 def clip_vision_params(state_dict, model_cfg, prefix: str = 'vision_model.'):
@@ -66,37 +333,9 @@ def clip_vision_params(state_dict, model_cfg, prefix: str = 'vision_model.'):
   state dict of a transformers-5 CLIPVisionModel instance, whose keys carry no prefix.
   """
   v = model_cfg.vision
-  w, p, heads = v.width, v.patch_size, v.num_heads
-  dh = w // heads
-  get = _Reader(state_dict, prefix, model_cfg.param_dtype)
-
-  conv = get('embeddings.patch_embedding.weight', (w, 3, p, p))
-  pos = get('embeddings.position_embedding.weight', (None, w))  # [1 + grid^2, W], any grid
-  tree = {
-      'patch_embed': {'kernel': conv.transpose(2, 3, 1, 0)},  # [W, 3, p, p] -> [p, p, 3, W]
-      'cls_token': get('embeddings.class_embedding', (w,)),
-      'pos_embed': np.asarray(resize_position_embedding(pos, v.image_size // p)).astype(get.dtype),
-      'pre_norm': get.layer_norm('pre_layrnorm', w),
-  }
-
-  def layer(i):
-    pre = f'encoder.layers.{i}.'
-    attn = lambda n: get.linear(pre + f'self_attn.{n}_proj', (w,), (heads, dh), bias=True)
-    return {
-        'norm1': get.layer_norm(pre + 'layer_norm1', w),
-        'query': attn('q'), 'key': attn('k'), 'value': attn('v'),
-        'out': get.linear(pre + 'self_attn.out_proj', (heads, dh), (w,), bias=True),
-        'norm2': get.layer_norm(pre + 'layer_norm2', w),
-        'mlp': {'fc1': get.linear(pre + 'mlp.fc1', (w,), (v.mlp_dim,), bias=True),
-                'fc2': get.linear(pre + 'mlp.fc2', (v.mlp_dim,), (w,), bias=True)},
-    }
-
-  blocks = [layer(i) for i in range(num_feature_layers(v.depth, v.feature_layer))]
-  if model_cfg.scan_layers:
-    tree['layers'] = _stack(blocks)
-  else:
-    tree.update({f'layer_{i}': b for i, b in enumerate(blocks)})
-  return tree
+  tree = read_table(state_dict, clip_vision_table(model_cfg, prefix), model_cfg.param_dtype,
+                    positions_to=v.image_size // v.patch_size)
+  return vision_layout(tree, model_cfg)
 
 
 def llama_params(state_dict, model_cfg, prefix: str = 'model.',
@@ -109,34 +348,217 @@ def llama_params(state_dict, model_cfg, prefix: str = 'model.',
   if model_cfg.moe.num_experts > 0 or model_cfg.lora.rank > 0:
     raise ValueError('llama_params converts a dense decoder: set config.model.moe.num_experts=0 '
                      'and config.model.lora.rank=0 (upcycle / add LoRA after converting)')
-  llm = model_cfg.llm
-  d, h, hkv, dh, f = llm.embed_dim, llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.mlp_dim
-  get = _Reader(state_dict, prefix, model_cfg.param_dtype)
+  tree = read_table(state_dict, llama_table(model_cfg, prefix, lm_head_key),
+                    model_cfg.param_dtype)
+  return decoder_layout(tree, model_cfg)
 
-  tree = {'embed': get('embed_tokens.weight', (llm.vocab_size, d)),
-          'final_norm': get.layer_norm('norm', d, bias=False)}
-  if not llm.tie_embeddings:
-    tree['lm_head'] = get(lm_head_key, (llm.vocab_size, d), prefixed=False).T
 
-  def layer(i):
-    pre = f'layers.{i}.'
-    return {
-        'attn_norm': get.layer_norm(pre + 'input_layernorm', d, bias=False),
-        'attn': {'query': get.linear(pre + 'self_attn.q_proj', (d,), (h, dh)),
-                 'key': get.linear(pre + 'self_attn.k_proj', (d,), (hkv, dh)),
-                 'value': get.linear(pre + 'self_attn.v_proj', (d,), (hkv, dh)),
-                 'out': get.linear(pre + 'self_attn.o_proj', (h, dh), (d,))},
-        'ffn_norm': get.layer_norm(pre + 'post_attention_layernorm', d, bias=False),
-        'mlp': {'gate': get.linear(pre + 'mlp.gate_proj', (d,), (f,)),
-                'up': get.linear(pre + 'mlp.up_proj', (d,), (f,)),
-                'down': get.linear(pre + 'mlp.down_proj', (f,), (d,))},
-    }
+def llava_params(state_dict, model_cfg, dtype=None) -> Dict:
+  """A LLaVA-named checkpoint (our export: any MoE layers and routers included) -> the whole
+  params tree of model_cfg without LoRA adapters (an export has them merged).
 
-  n = llm.num_layers
-  if model_cfg.scan_layers:
-    period = block_period(n, ())  # 1: with no MoE layers every block is a single layer
-    tree['blocks'] = {f'layer_{j}': _stack([layer(i) for i in range(j, n, period)])
-                      for j in range(period)}
-  else:
-    tree.update({f'layer_{i}': layer(i) for i in range(n)})
-  return tree
+  dtype: of the returned arrays (default model_cfg.param_dtype); the stored grid of the
+  position embedding must be the configured one (the export writes it so).
+  """
+  tree = read_table(state_dict, llava_table(model_cfg), dtype or model_cfg.param_dtype)
+  return {'vision': vision_layout(tree['vision'], model_cfg), 'projector': tree['projector'],
+          'decoder': decoder_layout(tree['decoder'], model_cfg)}
+
+
+# ------------------------------------------------------------------------ checkpoint files
+
+SAFETENSORS_DTYPES = {
+    'F64': np.dtype(np.float64), 'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
+    'BF16': np.dtype(ml_dtypes.bfloat16), 'I64': np.dtype(np.int64), 'I32': np.dtype(np.int32),
+    'I16': np.dtype(np.int16), 'I8': np.dtype(np.int8), 'U8': np.dtype(np.uint8),
+    'BOOL': np.dtype(np.bool_)}
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+
+
+class SafetensorsFile(Mapping):
+  """A .safetensors file read without any library: the JSON header is validated against the
+  file size up front (a truncated file fails here, naming the first tensor whose bytes are not
+  all there), and each tensor is read from disk only when asked for."""
+
+  def __init__(self, path):
+    self.path = pathlib.Path(path)
+    size = self.path.stat().st_size
+    with open(self.path, 'rb') as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise CheckpointFileError(f'{self.path}: {size} bytes, too short for a safetensors file')
+      (n,) = struct.unpack('<Q', head)
+      if n > min(MAX_HEADER_BYTES, size - 8):
+        raise CheckpointFileError(f'{self.path}: header length {n} does not fit the file of '
+                                  f'{size} bytes (truncated, or not a safetensors file)')
+      try:
+        header = json.loads(f.read(n))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFileError(f'{self.path}: the safetensors header is not JSON ({e})') \
+            from None
+    if not isinstance(header, dict):
+      raise CheckpointFileError(f'{self.path}: the safetensors header is not a JSON object')
+    self.metadata = header.pop('__metadata__', None) or {}
+    self._start, self._data_bytes = 8 + n, size - 8 - n
+    self._info = {}
+    for name, info in sorted(header.items(), key=lambda kv: _offsets(kv[1])):
+      self._info[name] = self._check(name, info)
+
+  def _check(self, name, info):
+    where = f'{self.path}: tensor {name!r}'
+    try:
+      dtype = SAFETENSORS_DTYPES[info['dtype']]
+      shape = tuple(int(s) for s in info['shape'])
+      begin, end = (int(o) for o in info['data_offsets'])
+    except (KeyError, TypeError, ValueError):
+      raise CheckpointFileError(f'{where}: malformed header entry {info!r}') from None
+    if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+      raise CheckpointFileError(f'{where}: data_offsets {[begin, end]} do not hold a '
+                                f'{info["dtype"]} tensor of shape {list(shape)}')
+    if end > self._data_bytes:
+      raise CheckpointFileError(f'{where}: needs bytes {begin}..{end} of the data section, the '
+                                f'file holds only {self._data_bytes} (truncated?)')
+    return dtype, shape, begin
+
+  def __getitem__(self, name) -> np.ndarray:
+    dtype, shape, begin = self._info[name]
+    with open(self.path, 'rb') as f:
+      f.seek(self._start + begin)
+      out = np.fromfile(f, dtype=dtype, count=math.prod(shape))
+    if out.size != math.prod(shape):
+      raise CheckpointFileError(f'{self.path}: tensor {name!r} is cut short (file changed?)')
+    return out.reshape(shape)
+
+  def shape(self, name):
+    return self._info[name][1]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._info)
+
+  def __len__(self):
+    return len(self._info)
+
+
+def _offsets(info):
+  try:
+    return tuple(int(o) for o in info['data_offsets'])
+  except (KeyError, TypeError, ValueError):
+    return (-1, -1)  # reported by _check
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+  import torch  # pylint: disable=import-outside-toplevel
+  t = t.detach().cpu().contiguous()
+  if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return t.numpy()
+
+
+def load_torch_bin(path) -> Dict[str, np.ndarray]:
+  """A torch .bin state dict via torch.load(weights_only=True): the restricted unpickler that
+  only rebuilds tensors and plain containers, never arbitrary objects."""
+  import torch  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(path)
+  try:
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointFileError(f'{path}: cannot be read as a torch state dict '
+                              f'({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
+  if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict):
+    sd = sd['state_dict']
+  if not isinstance(sd, dict):
+    raise CheckpointFileError(f'{path}: holds a {type(sd).__name__}, not a state dict')
+  out = {}
+  for name, t in sd.items():
+    if not isinstance(t, torch.Tensor):
+      raise CheckpointFileError(f'{path}: entry {name!r} is a {type(t).__name__}, not a tensor')
+    out[name] = _torch_to_numpy(t)
+  return out
+
+
+class Checkpoint(Mapping):
+  """Name -> numpy array over the files of one checkpoint, each opened when first needed."""
+
+  def __init__(self, files: Dict[str, pathlib.Path], opener):
+    self._where, self._open, self._cache = files, opener, {}
+
+  def file_of(self, name) -> pathlib.Path:
+    return self._where[name]
+
+  def _file(self, path):
+    if path not in self._cache:
+      self._cache[path] = self._open(path)
+    return self._cache[path]
+
+  def __getitem__(self, name):
+    path = self._where[name]
+    f = self._file(path)
+    if name not in f:
+      raise CheckpointFileError(f'{path}: tensor {name!r} is listed in the index but missing '
+                                'from the file')
+    return f[name]
+
+  def __iter__(self):
+    return iter(self._where)
+
+  def __len__(self):
+    return len(self._where)
+
+  def check_all(self):
+    """Opens (and so validates) every file now."""
+    for path in sorted(set(self._where.values())):
+      self._file(path)
+
+
+def _from_index(index_path: pathlib.Path, opener) -> Checkpoint:
+  try:
+    weight_map = json.loads(index_path.read_text())['weight_map']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointFileError(f'{index_path}: not a checkpoint index ({e})') from None
+  files = {name: index_path.parent / fname for name, fname in weight_map.items()}
+  for path in set(files.values()):
+    if not path.exists():
+      raise CheckpointFileError(f'{index_path}: shard {path.name} does not exist')
+  return Checkpoint(files, opener)
+
+
+def _single(path: pathlib.Path, opener) -> Checkpoint:
+  f = opener(path)
+  ckpt = Checkpoint({name: path for name in f}, opener)
+  ckpt._cache[path] = f  # pylint: disable=protected-access
+  return ckpt
+
+
+def open_checkpoint(path) -> Checkpoint:
+  """The tensors of a checkpoint file or folder, by name.
+
+  A folder holds model.safetensors, model.safetensors.index.json (+ shards),
+  pytorch_model.bin or pytorch_model.bin.index.json (checked in that order), or a single
+  *.safetensors / *.bin file. .bin files are read with torch.load(weights_only=True).
+  """
+  path = pathlib.Path(os.path.expanduser(str(path)))
+  if path.is_dir():
+    for name in ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
+                 'pytorch_model.bin.index.json'):
+      if (path / name).exists():
+        return open_checkpoint(path / name)
+    found = sorted(path.glob('*.safetensors')) or sorted(path.glob('*.bin'))
+    if len(found) == 1:
+      return open_checkpoint(found[0])
+    raise CheckpointFileError(f'{path}: no model.safetensors, pytorch_model.bin or index '
+                              f'(found {[p.name for p in found]})')
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: no such checkpoint')
+  is_bin = path.name.endswith('.bin') or path.name.endswith('.bin.index.json')
+  opener = load_torch_bin if is_bin else SafetensorsFile
+  if path.name.endswith('.index.json'):
+    return _from_index(path, opener)
+  return _single(path, opener)
+
+
+def find_prefix(names, suffix: str, what: str) -> str:
+  """The prefix before `suffix` in the one name that ends with it (e.g. 'vision_model.')."""
+  hits = sorted(n[:-len(suffix)] for n in names if n.endswith(suffix))
+  if not hits:
+    raise ConversionError(f'no tensor named *{suffix}: not a {what} checkpoint')
+  return min(hits, key=len)

@@ -57,8 +57,9 @@ def quiet_library_logs():
   """INFO logs of this project only: orbax and the data libraries log every file they touch."""
   logging.set_verbosity(logging.INFO)
   noisy = ('/orbax/', '/clu/', '/jax/_src/', '/tensorflow/')
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.WARNING or not any(n in r.pathname for n in noisy))
+  keep = lambda r: r.levelno >= logging.WARNING or not any(n in r.pathname for n in noisy)
+  # ABSLHandler hands records to its python_handler without filtering them itself.
+  logging.get_absl_handler().python_handler.addFilter(keep)
 
 
 # -- data ---------------------------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""python -m skymoe_jax.import_weights --config=configs/<name>.py[:stage1] --out=DIR
+                                     [--clip=CLIP_DIR] [--llm=LLAMA_DIR_or_FILE.gguf]
+
+Makes a stage-I training workdir from pretrained Hugging Face weights, which
+`python -m skymoe_jax.train --config=<same config> --workdir=DIR` then continues from:
+  DIR/config.json          the resolved config
+  DIR/checkpoints/0/       params (CLIP vision tower + LLaMA decoder converted, everything else
+                           - projector, LoRA adapters - freshly initialised as the trainer does)
+                           and a fresh optimizer state, with data state {next_step: 0, seed}
+  DIR/tokenizer.model      copied from the LLM folder when it has one (else the trainer trains
+                           one, whose ids would not match the LLM's vocabulary: a warning says so)
+
+--clip: a CLIPVisionModel / CLIPModel folder (safetensors or .bin; the position grid is resized
+bicubically to the configured resolution). --llm: a LlamaForCausalLM folder, or a LLaMA GGUF
+file (dequantised to float32). Either may be left out to keep that part randomly initialised.
+Files are never unpickled beyond torch.load(weights_only=True).
+"""
+import logging
+import pathlib
+import shutil
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+from ml_collections import config_flags
+
+from skymoe_jax import config_defaults
+from skymoe_jax.interop import from_hf
+from skymoe_jax.model import factory
+from skymoe_jax.parallel import mesh as mesh_lib
+from skymoe_jax.parallel import sharded_state
+from skymoe_jax.train import checkpoint as checkpoint_lib
+from skymoe_jax.train import trainer
+
+
+def read_llm(path):
+  """(state dict, prefix, lm_head name) of a LLaMA folder, checkpoint file or GGUF file."""
+  path = pathlib.Path(path).expanduser()
+  if path.suffix == '.gguf':
+    from skymoe_jax.interop import gguf  # pylint: disable=import-outside-toplevel
+    return gguf.read_gguf(path), 'model.', 'lm_head.weight'
+  sd = from_hf.open_checkpoint(path)
+  prefix = from_hf.find_prefix(sd, 'embed_tokens.weight', 'LLaMA')
+  head = prefix[:-len('model.')] if prefix.endswith('model.') else prefix
+  return sd, prefix, head + 'lm_head.weight'
+
+
+def convert_pretrained(model_cfg, clip=None, llm=None) -> dict:
+  """{'vision': ..., 'decoder': ...} (numpy, our layout) of the parts given; the decoder has no
+  LoRA adapters (they stay freshly initialised in the workdir)."""
+  out = {}
+  if clip:
+    sd = from_hf.open_checkpoint(clip)
+    prefix = from_hf.find_prefix(sd, 'embeddings.patch_embedding.weight', 'CLIP vision')
+    out['vision'] = from_hf.clip_vision_params(sd, model_cfg, prefix)
+  if llm:
+    if model_cfg.moe.num_experts > 0:
+      raise config_defaults.ConfigError(
+          f'config.model.moe.num_experts={model_cfg.moe.num_experts}: pretrained weights go '
+          'into a dense stage-I workdir (use the config\'s :stage1); stage II upcycles it')
+    sd, prefix, head = read_llm(llm)
+    dense = ml_collections.ConfigDict(model_cfg.to_dict())
+    dense.lora.rank = 0
+    out['decoder'] = from_hf.llama_params(sd, dense, prefix, head)
+  return out
+
+
+def _replace(params, converted, path=()):
+  """params with every leaf of `converted` put in its place (on the old leaf's sharding)."""
+  if not isinstance(converted, dict):
+    if tuple(params.shape) != tuple(converted.shape):
+      raise from_hf.ConversionError(f'parameter {"/".join(path)}: converted shape '
+                                    f'{converted.shape}, the model has {params.shape}')
+    return jax.device_put(np.asarray(converted, params.dtype), params.sharding)
+  out = dict(params)
+  for k, v in converted.items():
+    if k not in params:
+      raise from_hf.ConversionError(f'parameter {"/".join(path + (k,))} is not in the model')
+    out[k] = _replace(params[k], v, path + (k,))
+  return out
+
+
+def import_workdir(config, out, clip=None, llm=None) -> dict:
+  """Writes the stage-I workdir `out` (see the module docstring); returns a summary."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config_defaults.validate(config)
+  out = pathlib.Path(out).expanduser().resolve()
+  ckpt_dir = out / 'checkpoints'
+  if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    raise FileExistsError(f'{ckpt_dir} already holds checkpoints: import into a fresh workdir')
+  converted = convert_pretrained(config.model, clip, llm)  # fails early, before any device work
+  out.mkdir(parents=True, exist_ok=True)
+
+  mesh = mesh_lib.create_mesh(config)
+  model = factory.create_model(config)
+  tx = trainer.make_optimizer(config)
+  state = sharded_state.create_train_state(config, model, tx, mesh, jax.random.key(config.seed))
+  _, shardings = sharded_state.state_shardings(config, model, tx, mesh)
+  params = _replace(state['params'], converted)
+  with mesh_lib.activate(mesh, config):
+    opt_state = jax.jit(tx.init, out_shardings=shardings['opt_state'])(params)
+  state = {'step': state['step'], 'params': params, 'opt_state': opt_state}
+  with checkpoint_lib.Checkpointer(ckpt_dir) as ckpt:
+    ckpt.save(0, state, {'next_step': 0, 'seed': config.seed}, force=True)
+    ckpt.wait()
+  (out / trainer.CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + '\n')
+
+  tokenizer = None
+  if llm:
+    llm_path = pathlib.Path(llm).expanduser()
+    candidate = (llm_path if llm_path.is_dir() else llm_path.parent) / 'tokenizer.model'
+    if candidate.exists():
+      tokenizer = out / f'{trainer.TOKENIZER}.model'
+      shutil.copyfile(candidate, tokenizer)
+    else:
+      logging.warning('%s has no tokenizer.model: training will make its own tokenizer, whose '
+                      'ids do not match the imported LLM vocabulary; pass '
+                      '--config.data.tokenizer=PATH to the LLM\'s sentencepiece model', llm)
+  return {'workdir': str(out), 'converted': sorted(converted), 'tokenizer': str(tokenizer or '')}
+
+
+config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).', lock_config=False)
+flags.DEFINE_string('out', None, 'The new workdir.')
+flags.DEFINE_string('clip', None, 'HF CLIPVisionModel / CLIPModel folder or checkpoint file.')
+flags.DEFINE_string('llm', None, 'HF LlamaForCausalLM folder or checkpoint file, or a .gguf.')
+
+
+def main(argv):
+  del argv
+  trainer.quiet_library_logs()
+  f = flags.FLAGS
+  if not (f.clip or f.llm):
+    raise app.UsageError('give --clip, --llm or both')
+  print(import_workdir(f.config, f.out, f.clip, f.llm))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'out'])
+  app.run(main)

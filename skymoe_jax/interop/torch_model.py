@@ -1,0 +1,497 @@
+"""SkyMoE in plain PyTorch: loads an exported folder (to_torch.py) and runs it.
+
+Self-contained on purpose: this file needs torch only (no jax, no transformers, no safetensors
+package), so it can be copied next to an export and used anywhere. Module names mirror the
+export's tensor names, so loading is one strict load_state_dict:
+
+  vision_tower.vision_model.*        CLIP ViT (quick-GELU, pre-LN); features = the output of the
+                                     last block, CLS dropped; other input sizes resize the
+                                     position grid bicubically, as the JAX tower does
+  multi_modal_projector.linear_1/2   LLaVA-1.5's 2-layer MLP with exact GELU
+  language_model.model.*             LLaMA decoder: RMSNorm, RoPE (rotate halves), GQA, SwiGLU
+  ...layers.{i}.block_sparse_moe.*   in MoE layers: fp32 router, softmax over all experts, top-k,
+                                     raw or renormalised weights, plus the adaptive bias
+                                     condition_proj(task_embed[task] + granularity_embed[gran])
+  language_model.lm_head             absent when the embeddings are tied
+
+The maths follows the JAX model step by step (image tokens first, then text; RoPE positions
+count real tokens only; statistics and softmaxes in fp32), so in float32 the logits agree to
+rounding. Inputs: images [B, 3, H, W] normalised pixels (torch's channel-first layout), tokens
+and token_mask [B, T], task_id and granularity_id [B]. `generate` decodes greedily with a KV
+cache, right-aligning each row's real tokens like the JAX generator so one cache index serves
+the batch.
+"""
+import json
+import math
+import pathlib
+import struct
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
+           'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16,
+           'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+class LoadError(ValueError):
+  """An export folder or file is missing, truncated or malformed (the message names it)."""
+
+
+def read_safetensors(path) -> Dict[str, torch.Tensor]:
+  """All tensors of a .safetensors file; the header is checked against the file size first, so
+  a truncated file fails naming the first tensor whose bytes are missing."""
+  path = pathlib.Path(path)
+  size = path.stat().st_size
+  with open(path, 'rb') as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise LoadError(f'{path}: {size} bytes, too short for a safetensors file')
+    (n,) = struct.unpack('<Q', head)
+    if n > size - 8:
+      raise LoadError(f'{path}: header length {n} does not fit the file of {size} bytes')
+    try:
+      header = json.loads(f.read(n))
+      header.pop('__metadata__', None)
+      entries = sorted(((int(i['data_offsets'][0]), int(i['data_offsets'][1]), name,
+                         _DTYPES[i['dtype']], [int(s) for s in i['shape']])
+                        for name, i in header.items()), key=lambda e: e[0])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise LoadError(f'{path}: malformed safetensors header ({type(e).__name__}: {e})') \
+          from None
+    data_bytes = size - 8 - n
+    out = {}
+    for begin, end, name, dtype, shape in entries:
+      if end - begin != math.prod(shape) * dtype.itemsize or end > data_bytes:
+        raise LoadError(f'{path}: tensor {name!r} needs bytes {begin}..{end} of the data '
+                        f'section ({data_bytes} present): truncated or malformed')
+      f.seek(8 + n + begin)
+      buf = bytearray(f.read(end - begin))
+      out[name] = (torch.frombuffer(buf, dtype=dtype) if buf else
+                   torch.empty(0, dtype=dtype)).reshape(shape)
+  return out
+
+
+def load_folder(folder) -> Tuple[dict, Dict[str, torch.Tensor]]:
+  """(config.json, state dict) of an export folder, single file or sharded with an index."""
+  folder = pathlib.Path(folder)
+  if not (folder / 'config.json').exists():
+    raise LoadError(f'{folder}: no config.json')
+  config = json.loads((folder / 'config.json').read_text())
+  index = folder / 'model.safetensors.index.json'
+  if (folder / 'model.safetensors').exists():
+    files = [folder / 'model.safetensors']
+  elif index.exists():
+    try:
+      weight_map = json.loads(index.read_text())['weight_map']
+    except (ValueError, KeyError) as e:
+      raise LoadError(f'{index}: not a checkpoint index ({e})') from None
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+  else:
+    raise LoadError(f'{folder}: neither model.safetensors nor {index.name}')
+  state = {}
+  for path in files:
+    if not path.exists():
+      raise LoadError(f'{path}: listed in the index but missing')
+    state.update(read_safetensors(path))
+  return config, state
+
+
+def _namespace(d):
+  if isinstance(d, dict):
+    return SimpleNamespace(**{k: _namespace(v) for k, v in d.items()})
+  return d
+
+
+# ------------------------------------------------------------------------------ vision
+
+
+def _attend(q, k, v, mask):
+  """q [B, T, H, Dh], k/v [B, S, Hkv, Dh], mask bool [B, T, S] -> [B, T, H, Dh]; fp32 softmax."""
+  b, t, h, dh = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, t, hkv, h // hkv, dh)
+  logits = torch.einsum('btkgd,bskd->bkgts', q.float(), k.float()) / math.sqrt(dh)
+  logits = logits.masked_fill(~mask[:, None, None], torch.finfo(torch.float32).min)
+  probs = torch.softmax(logits, dim=-1).to(v.dtype)
+  return torch.einsum('bkgts,bskd->btkgd', probs, v).reshape(b, t, h, dh)
+
+
+def _layer_norm(norm: nn.LayerNorm, x):
+  """LayerNorm with fp32 statistics, as the JAX model."""
+  return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(),
+                      norm.eps).to(x.dtype)
+
+
+class ClipAttention(nn.Module):
+  def __init__(self, width, heads):
+    super().__init__()
+    self.heads = heads
+    self.q_proj, self.k_proj = nn.Linear(width, width), nn.Linear(width, width)
+    self.v_proj, self.out_proj = nn.Linear(width, width), nn.Linear(width, width)
+
+  def forward(self, x):
+    b, t, w = x.shape
+    split = lambda y: y.reshape(b, t, self.heads, w // self.heads)
+    q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+    mask = torch.ones(1, t, t, dtype=torch.bool, device=x.device)
+    return self.out_proj(_attend(q, k, v, mask).reshape(b, t, w))
+
+
+class ClipMLP(nn.Module):
+  def __init__(self, width, mlp_dim):
+    super().__init__()
+    self.fc1, self.fc2 = nn.Linear(width, mlp_dim), nn.Linear(mlp_dim, width)
+
+  def forward(self, x):
+    h = self.fc1(x)
+    return self.fc2(h * torch.sigmoid(1.702 * h))  # quick GELU
+
+
+class ClipLayer(nn.Module):
+  def __init__(self, v):
+    super().__init__()
+    self.self_attn = ClipAttention(v.hidden_size, v.num_attention_heads)
+    self.layer_norm1 = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
+    self.mlp = ClipMLP(v.hidden_size, v.intermediate_size)
+    self.layer_norm2 = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
+
+  def forward(self, x):
+    x = x + self.self_attn(_layer_norm(self.layer_norm1, x))
+    return x + self.mlp(_layer_norm(self.layer_norm2, x))
+
+
+class ClipEmbeddings(nn.Module):
+  def __init__(self, v):
+    super().__init__()
+    self.patch_size, self.grid = v.patch_size, v.image_size // v.patch_size
+    self.class_embedding = nn.Parameter(torch.zeros(v.hidden_size))
+    self.patch_embedding = nn.Conv2d(3, v.hidden_size, v.patch_size, v.patch_size, bias=False)
+    self.position_embedding = nn.Embedding(1 + self.grid ** 2, v.hidden_size)
+
+  def positions(self, grid: int):
+    """The stored positions resized to `grid` (bicubic, align_corners=False, CLS kept)."""
+    pos = self.position_embedding.weight
+    if grid == self.grid:
+      return pos
+    g = pos[1:].float().reshape(self.grid, self.grid, -1).permute(2, 0, 1)[None]
+    g = F.interpolate(g, size=(grid, grid), mode='bicubic', align_corners=False)
+    return torch.cat([pos[:1], g[0].permute(1, 2, 0).reshape(grid * grid, -1).to(pos.dtype)])
+
+  def forward(self, images):
+    b, _, h, w = images.shape
+    if h != w or h % self.patch_size:
+      raise ValueError(f'images must be square multiples of {self.patch_size}, got {h}x{w}')
+    x = self.patch_embedding(images.to(self.patch_embedding.weight.dtype))
+    x = x.flatten(2).transpose(1, 2)  # [B, grid*grid, W], row-major patches
+    cls = self.class_embedding.to(x.dtype).expand(b, 1, -1)
+    return torch.cat([cls, x], dim=1) + self.positions(h // self.patch_size).to(x.dtype)
+
+
+class ClipEncoder(nn.Module):
+  def __init__(self, v):
+    super().__init__()
+    self.layers = nn.ModuleList(ClipLayer(v) for _ in range(v.num_hidden_layers))
+
+
+class ClipVisionModel(nn.Module):
+  def __init__(self, v):
+    super().__init__()
+    self.embeddings = ClipEmbeddings(v)
+    self.pre_layrnorm = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
+    self.encoder = ClipEncoder(v)
+    self.post_layernorm = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)  # unused (LLaVA)
+
+  def forward(self, images):
+    """Patch features of the last block, CLS dropped: [B, grid^2, W]."""
+    x = _layer_norm(self.pre_layrnorm, self.embeddings(images))
+    for layer in self.encoder.layers:
+      x = layer(x)
+    return x[:, 1:]
+
+
+class VisionTower(nn.Module):
+  def __init__(self, v):
+    super().__init__()
+    self.vision_model = ClipVisionModel(v)
+
+  def forward(self, images):
+    return self.vision_model(images)
+
+
+class Projector(nn.Module):
+  def __init__(self, vision_width, dim):
+    super().__init__()
+    self.linear_1, self.linear_2 = nn.Linear(vision_width, dim), nn.Linear(dim, dim)
+
+  def forward(self, x):
+    return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+# ----------------------------------------------------------------------------- decoder
+
+
+class RMSNorm(nn.Module):
+  def __init__(self, dim, eps):
+    super().__init__()
+    self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+  def forward(self, x):
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+    return (y * self.weight.float()).to(x.dtype)
+
+
+def apply_rope(x, positions, theta):
+  """x [B, T, H, Dh], positions [B, T]: the LLaMA half-rotation, angles in fp32."""
+  dh = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (torch.arange(0, dh, 2, dtype=torch.float32, device=x.device) / dh))
+  angles = positions.float()[:, :, None] * inv_freq
+  cos, sin = torch.cos(angles)[:, :, None], torch.sin(angles)[:, :, None]
+  x1, x2 = x.float()[..., :dh // 2], x.float()[..., dh // 2:]
+  return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+  def __init__(self, llm):
+    super().__init__()
+    d, self.h, self.hkv, self.dh = llm.embed_dim, llm.num_heads, llm.num_kv_heads, llm.head_dim
+    self.theta = llm.rope_theta
+    self.q_proj = nn.Linear(d, self.h * self.dh, bias=False)
+    self.k_proj = nn.Linear(d, self.hkv * self.dh, bias=False)
+    self.v_proj = nn.Linear(d, self.hkv * self.dh, bias=False)
+    self.o_proj = nn.Linear(self.h * self.dh, d, bias=False)
+
+  def forward(self, x, positions, mask, cache=None):
+    """mask [B, T, S] over the cache's slots then the new ones; returns (y, (k, v) of all S)."""
+    b, t, _ = x.shape
+    q = apply_rope(self.q_proj(x).reshape(b, t, self.h, self.dh), positions, self.theta)
+    k = apply_rope(self.k_proj(x).reshape(b, t, self.hkv, self.dh), positions, self.theta)
+    v = self.v_proj(x).reshape(b, t, self.hkv, self.dh)
+    if cache is not None:
+      k, v = torch.cat([cache[0], k], dim=1), torch.cat([cache[1], v], dim=1)
+    out = _attend(q, k, v, mask).reshape(b, t, self.h * self.dh)
+    return self.o_proj(out), (k, v)
+
+
+class MLP(nn.Module):
+  """SwiGLU with LLaMA's names (dense layers)."""
+
+  def __init__(self, d, f):
+    super().__init__()
+    self.gate_proj, self.up_proj = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
+    self.down_proj = nn.Linear(f, d, bias=False)
+
+  def forward(self, x):
+    return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):
+  """SwiGLU with Mixtral's names: w1 gate, w3 up, w2 down."""
+
+  def __init__(self, d, f):
+    super().__init__()
+    self.w1, self.w3 = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
+    self.w2 = nn.Linear(f, d, bias=False)
+
+  def forward(self, x):
+    return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SparseMoe(nn.Module):
+  """Routed experts. Router in fp32: logits = gate(x) (+ condition_proj(e_task + e_gran)),
+  softmax over all experts, top-k; weights raw (SkyMoE) or renormalised over the k."""
+
+  def __init__(self, llm, m):
+    super().__init__()
+    d, e = llm.embed_dim, m.num_experts
+    self.top_k, self.renormalize, self.adaptive = m.top_k, m.renormalize, m.adaptive
+    self.gate = nn.Linear(d, e, bias=False)
+    if m.adaptive:
+      self.task_embed = nn.Embedding(m.num_tasks, m.condition_dim)
+      self.granularity_embed = nn.Embedding(m.num_granularities, m.condition_dim)
+      self.condition_proj = nn.Linear(m.condition_dim, e, bias=False)
+    self.experts = nn.ModuleList(Expert(d, m.mlp_dim or llm.mlp_dim) for _ in range(e))
+
+  def route(self, x, token_mask, task_id, granularity_id):
+    """(ids [B, T, k], weights [B, T, k] fp32, probs [B, T, E]) for x [B, T, D]."""
+    logits = F.linear(x.float(), self.gate.weight.float())
+    if self.adaptive:
+      cond = self.task_embed(task_id).float() + self.granularity_embed(granularity_id).float()
+      logits = logits + F.linear(cond, self.condition_proj.weight.float())[:, None, :]
+    probs = torch.softmax(logits, dim=-1)
+    weights, ids = torch.topk(probs, self.top_k, dim=-1)
+    if self.renormalize:
+      weights = weights / weights.sum(-1, keepdim=True)
+    return ids, weights * token_mask[..., None].float(), probs
+
+  def forward(self, x, token_mask, task_id, granularity_id):
+    b, t, d = x.shape
+    ids, weights, _ = self.route(x, token_mask, task_id, granularity_id)
+    xs, ids, weights = x.reshape(-1, d), ids.reshape(b * t, -1), weights.reshape(b * t, -1)
+    out = torch.zeros_like(xs)
+    for e, expert in enumerate(self.experts):
+      hit = ids == e
+      rows = hit.any(-1).nonzero(as_tuple=True)[0]
+      if rows.numel():
+        w = (weights * hit).sum(-1)[rows].to(x.dtype)
+        out.index_add_(0, rows, expert(xs[rows]) * w[:, None])
+    return out.reshape(b, t, d)
+
+
+class DecoderLayer(nn.Module):
+  def __init__(self, cfg, is_moe):
+    super().__init__()
+    llm = cfg.llm
+    self.is_moe = is_moe
+    self.input_layernorm = RMSNorm(llm.embed_dim, llm.norm_eps)
+    self.self_attn = Attention(llm)
+    self.post_attention_layernorm = RMSNorm(llm.embed_dim, llm.norm_eps)
+    if is_moe:
+      self.block_sparse_moe = SparseMoe(llm, cfg.moe)
+    else:
+      self.mlp = MLP(llm.embed_dim, llm.mlp_dim)
+
+  def forward(self, x, positions, mask, token_mask, task_id, granularity_id, cache=None):
+    h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache)
+    x = x + h
+    h = self.post_attention_layernorm(x)
+    if self.is_moe:
+      return x + self.block_sparse_moe(h, token_mask, task_id, granularity_id), cache
+    return x + self.mlp(h), cache
+
+
+class LlamaModel(nn.Module):
+  def __init__(self, cfg):
+    super().__init__()
+    llm = cfg.llm
+    moe = set(cfg.moe.layers) if cfg.moe.num_experts > 0 else set()
+    self.embed_tokens = nn.Embedding(llm.vocab_size, llm.embed_dim)
+    self.layers = nn.ModuleList(DecoderLayer(cfg, i in moe) for i in range(llm.num_layers))
+    self.norm = RMSNorm(llm.embed_dim, llm.norm_eps)
+
+
+class LanguageModel(nn.Module):
+  def __init__(self, cfg):
+    super().__init__()
+    self.tied = bool(cfg.llm.tie_embeddings)
+    self.model = LlamaModel(cfg)
+    if not self.tied:
+      self.lm_head = nn.Linear(cfg.llm.embed_dim, cfg.llm.vocab_size, bias=False)
+
+  def head(self):
+    return self.model.embed_tokens.weight if self.tied else self.lm_head.weight
+
+
+def positions_from_mask(mask):
+  """Each real token's position among the real tokens of its row (padding repeats its left)."""
+  return torch.clamp(torch.cumsum(mask.long(), dim=1) - 1, min=0)
+
+
+class SkyMoEForConditionalGeneration(nn.Module):
+  """The whole model. Build it with `from_pretrained(folder)` or from a `skymoe` model config."""
+
+  def __init__(self, model_config: dict, vision_config: Optional[dict] = None):
+    super().__init__()
+    cfg = self.config = _namespace(model_config)
+    v = cfg.vision
+    if vision_config is None:  # the HF-style view of the exported tower
+      feature = v.feature_layer
+      blocks = v.depth + 1 + feature if feature < 0 else feature
+      vision_config = dict(hidden_size=v.width, intermediate_size=v.mlp_dim,
+                           num_hidden_layers=blocks, num_attention_heads=v.num_heads,
+                           image_size=v.image_size, patch_size=v.patch_size,
+                           layer_norm_eps=v.norm_eps)
+    self.vision_tower = VisionTower(_namespace(vision_config))
+    self.multi_modal_projector = Projector(v.width, cfg.llm.embed_dim)
+    self.language_model = LanguageModel(cfg)
+
+  @classmethod
+  def from_pretrained(cls, folder, dtype=torch.float32, device='cpu'):
+    config, state = load_folder(folder)
+    if 'skymoe' not in config:
+      raise LoadError(f'{folder}/config.json has no skymoe section: not a SkyMoE export')
+    model = cls(config['skymoe']['model'], config['vision_config'])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+      raise LoadError(f'{folder}: tensors missing {sorted(missing)[:5]}, unexpected '
+                      f'{sorted(unexpected)[:5]}')
+    return model.to(device=device, dtype=dtype).eval()
+
+  # The pieces, usable on their own.
+
+  def encode_images(self, images):
+    """[B, 3, H, W] -> [B, Nv, D] image tokens in the LLM's embedding space."""
+    return self.multi_modal_projector(self.vision_tower(images))
+
+  def decode(self, x, positions, slot_mask, task_id, granularity_id, caches=None, index=0):
+    """The decoder on embeddings x [B, T, D] written at slots index..index+T-1.
+
+    slot_mask [B, S]: which of the S = index + T slots hold real tokens. Returns (fp32 logits
+    [B, T, V], the new per-layer caches).
+    """
+    t, s = x.shape[1], slot_mask.shape[1]
+    causal = torch.arange(s, device=x.device)[None, :] <= (index + torch.arange(
+        t, device=x.device))[:, None]
+    mask = causal[None] & slot_mask[:, None, :]
+    token_mask = slot_mask[:, index:index + t]
+    new_caches = []
+    for i, layer in enumerate(self.language_model.model.layers):
+      x, c = layer(x, positions, mask, token_mask, task_id, granularity_id,
+                   None if caches is None else caches[i])
+      new_caches.append(c)
+    x = self.language_model.model.norm(x)
+    logits = F.linear(x.float(), self.language_model.head().float())
+    return logits, new_caches
+
+  def _prefix(self, images, tokens, token_mask):
+    image_embeds = self.encode_images(images)
+    b, nv = image_embeds.shape[:2]
+    text = self.language_model.model.embed_tokens(tokens).to(image_embeds.dtype)
+    x = torch.cat([image_embeds, text], dim=1)
+    mask = torch.cat([torch.ones(b, nv, dtype=torch.bool, device=x.device),
+                      token_mask.bool()], dim=1)
+    return x, mask, nv
+
+  @torch.no_grad()
+  def forward(self, images, tokens, token_mask, task_id, granularity_id):
+    """Logits [B, T, V] (fp32) at the text positions: logits[:, t] predicts tokens[:, t + 1]."""
+    x, mask, nv = self._prefix(images, tokens, token_mask)
+    logits, _ = self.decode(x, positions_from_mask(mask), mask, task_id, granularity_id)
+    return logits[:, nv:]
+
+  @torch.no_grad()
+  def generate(self, images, tokens, token_mask, task_id, granularity_id,
+               max_new_tokens: int = 32, eos_id: int = 2, pad_id: int = 0):
+    """Greedy decoding. Returns (tokens [B, max_new_tokens]: each row's tokens up to and
+    including eos, then pad_id; lengths [B]: tokens before eos), as the JAX generator."""
+    x, mask, _ = self._prefix(images, tokens, token_mask)
+    # Right-align every row's real tokens (stable: order kept) so new tokens share one slot.
+    order = torch.sort(mask.int(), dim=1, stable=True).indices
+    x = torch.gather(x, 1, order[:, :, None].expand_as(x))
+    mask = torch.gather(mask, 1, order)
+    positions = positions_from_mask(mask)
+    b, t = mask.shape
+    logits, caches = self.decode(x, positions, mask, task_id, granularity_id)
+    token = logits[:, -1].argmax(-1)
+    last = positions[:, -1]
+    done = torch.zeros(b, dtype=torch.bool, device=x.device)
+    lengths = torch.zeros(b, dtype=torch.long, device=x.device)
+    out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=x.device)
+    for step in range(max_new_tokens):
+      if step:
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=x.device)], dim=1)
+        emb = self.language_model.model.embed_tokens(out[:, step - 1:step]).to(x.dtype)
+        logits, caches = self.decode(emb, (last + step)[:, None], mask, task_id,
+                                     granularity_id, caches, t + step - 1)
+        token = logits[:, 0].argmax(-1)
+      token = torch.where(done, torch.full_like(token, pad_id), token)
+      done = done | (token == eos_id)
+      lengths += (~done).long()
+      out[:, step] = token
+      if bool(done.all()):
+        break
+    return out, lengths
