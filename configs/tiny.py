@@ -25,3 +25,15 @@ def get_config(arg=None):
   if arg:
     config_defaults.apply_stage(c, arg, lora_rank=4, stage2_learning_rate=1e-3)
   return c
+
+
+def get_sweep(arg=None):
+  """Three seeds (python launch/sweep.py --config=configs/tiny.py ...; the launcher tests).
+
+  Seeds reach the compiled step only as inputs (the initial key, the data order), so the three
+  runs share one set of compiled programs through the sweep's compilation cache; a swept
+  learning rate would be a constant in the program and cost a compile per run.
+  """
+  del arg
+  from launch.sweep import product  # pylint: disable=g-import-not-at-top
+  return product(seed=[0, 1, 2])

@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=10,
       checkpoint_every=200,
       keep_checkpoints=3,
-      eval_every=0,                # 0 = evaluate only after the last step
+      eval_every=0,                # evaluate every N steps (evaluation/runner.py); 0 = never
       contrastive_weight=0.0,      # local/global InfoNCE (needs data.local_views)
       contrastive_temperature=0.07))
 

@@ -15,12 +15,12 @@ bicubically to the configured resolution). --llm: a LlamaForCausalLM folder, or 
 file (dequantised to float32). Either may be left out to keep that part randomly initialised.
 Files are never unpickled beyond torch.load(weights_only=True).
 """
-import logging
 import pathlib
 import shutil
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -121,10 +121,14 @@ def import_workdir(config, out, clip=None, llm=None) -> dict:
   return {'workdir': str(out), 'converted': sorted(converted), 'tokenizer': str(tokenizer or '')}
 
 
-config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).', lock_config=False)
-flags.DEFINE_string('out', None, 'The new workdir.')
-flags.DEFINE_string('clip', None, 'HF CLIPVisionModel / CLIPModel folder or checkpoint file.')
-flags.DEFINE_string('llm', None, 'HF LlamaForCausalLM folder or checkpoint file, or a .gguf.')
+def define_flags():
+  """Flags exist only when run as a program, so tests can import this module next to others."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
+                                  lock_config=False)
+  flags.DEFINE_string('out', None, 'The new workdir.')
+  flags.DEFINE_string('clip', None, 'HF CLIPVisionModel / CLIPModel folder or checkpoint file.')
+  flags.DEFINE_string('llm', None, 'HF LlamaForCausalLM folder or checkpoint file, or a .gguf.')
+  flags.mark_flags_as_required(['config', 'out'])
 
 
 def main(argv):
@@ -137,5 +141,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'out'])
+  define_flags()
   app.run(main)

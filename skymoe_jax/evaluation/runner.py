@@ -120,7 +120,7 @@ def plot_routing(routing: Dict, path: pathlib.Path) -> None:
     ax.set_yticks(range(len(cells)))
     ax.set_yticklabels(cells if ax is axes[0][0] else [''] * len(cells), fontsize=7)
   fig.colorbar(im, ax=axes[0].tolist(), label='share of routed tokens')
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=100, bbox_inches='tight')
   plt.close(fig)
 
 

@@ -174,7 +174,8 @@ def llama_table(model_cfg, prefix: str = 'model.', lm_head_name: str = 'lm_head.
     t += _linear(pre + 'self_attn.o_proj', at + ('attn', 'out'), (h, dh), (d,))
     t += _norm(pre + 'post_attention_layernorm', at + ('ffn_norm',), d, bias=False)
     if i in moe:
-      fe, e, moe_at, sparse = m.mlp_dim or f, m.num_experts, at + ('moe',), pre + 'block_sparse_moe.'
+      fe, e = m.mlp_dim or f, m.num_experts
+      moe_at, sparse = at + ('moe',), pre + 'block_sparse_moe.'
       t.append(Entry(sparse + 'gate.weight', moe_at + ('router',), (d, e), 'linear'))
       if m.adaptive:
         c = m.condition_dim
@@ -460,7 +461,12 @@ def load_torch_bin(path) -> Dict[str, np.ndarray]:
   import torch  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(path)
   try:
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+    try:  # memory-mapped: tensors are read from disk as they are converted
+      sd = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except RuntimeError as e:
+      if 'mmap' not in str(e):  # only the legacy (non-zip) format cannot be mapped
+        raise
+      sd = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointFileError(f'{path}: cannot be read as a torch state dict '
                               f'({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
@@ -479,8 +485,8 @@ def load_torch_bin(path) -> Dict[str, np.ndarray]:
 class Checkpoint(Mapping):
   """Name -> numpy array over the files of one checkpoint, each opened when first needed."""
 
-  def __init__(self, files: Dict[str, pathlib.Path], opener):
-    self._where, self._open, self._cache = files, opener, {}
+  def __init__(self, files: Dict[str, pathlib.Path], opener, opened: Optional[Dict] = None):
+    self._where, self._open, self._cache = files, opener, dict(opened or {})
 
   def file_of(self, name) -> pathlib.Path:
     return self._where[name]
@@ -504,11 +510,6 @@ class Checkpoint(Mapping):
   def __len__(self):
     return len(self._where)
 
-  def check_all(self):
-    """Opens (and so validates) every file now."""
-    for path in sorted(set(self._where.values())):
-      self._file(path)
-
 
 def _from_index(index_path: pathlib.Path, opener) -> Checkpoint:
   try:
@@ -523,10 +524,8 @@ def _from_index(index_path: pathlib.Path, opener) -> Checkpoint:
 
 
 def _single(path: pathlib.Path, opener) -> Checkpoint:
-  f = opener(path)
-  ckpt = Checkpoint({name: path for name in f}, opener)
-  ckpt._cache[path] = f  # pylint: disable=protected-access
-  return ckpt
+  f = opener(path)  # validated now: a damaged file fails before any conversion starts
+  return Checkpoint({name: path for name in f}, opener, {path: f})
 
 
 def open_checkpoint(path) -> Checkpoint:

@@ -80,16 +80,20 @@ def write_safetensors(path, tensors: List[Tensor], metadata: Optional[Dict[str, 
   raw = json.dumps(header, separators=(',', ':')).encode()
   raw += b' ' * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the library does
   partial = path.with_name(path.name + '.partial')
-  with open(partial, 'wb') as f:
-    f.write(struct.pack('<Q', len(raw)))
-    f.write(raw)
-    for t in tensors:
-      a = t.fetch()
-      if a.shape != tuple(t.shape) or a.dtype != t.dtype:
-        raise ExportError(f'tensor {t.name}: produced {a.dtype}{list(a.shape)}, the header says '
-                          f'{t.dtype}{list(t.shape)}')
-      f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-      del a
+  try:
+    with open(partial, 'wb') as f:
+      f.write(struct.pack('<Q', len(raw)))
+      f.write(raw)
+      for t in tensors:
+        a = t.fetch()
+        if a.shape != tuple(t.shape) or a.dtype != t.dtype:
+          raise ExportError(f'tensor {t.name}: produced {a.dtype}{list(a.shape)}, the header '
+                            f'says {t.dtype}{list(t.shape)}')
+        f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+        del a
+  except BaseException:
+    partial.unlink(missing_ok=True)
+    raise
   os.replace(partial, path)
 
 
@@ -113,10 +117,25 @@ def _leaf_paths(tree, prefix=()):
     yield prefix
 
 
-def _check_coverage(params, model_cfg, table):
-  """Every parameter is exported and every entry has its parameter: no silent drift between the
-  model and the table. Names the first parameter that is left out."""
-  covered = {from_hf.locate(model_cfg, e.path)[0] for e in table if e.path is not None}
+def _check_params(params, model_cfg, table):
+  """Every parameter is exported, every entry has its parameter and the shapes agree: no silent
+  drift between the model and the table, found before any file is written. Names the first
+  parameter at fault."""
+  covered = set()
+  for e in table:
+    if e.path is None:
+      continue
+    stored, index = from_hf.locate(model_cfg, e.path)
+    covered.add(stored)
+    try:
+      leaf = from_hf.get_path(params, stored)
+    except from_hf.ConversionError:
+      continue  # reported below with the other missing ones
+    index += (e.expert,) if e.expert is not None else ()
+    if tuple(leaf.shape[len(index):]) != tuple(e.shape):
+      raise ExportError(f'parameter {"/".join(stored)} has shape {tuple(leaf.shape)}: the '
+                        f'config makes {e.name} {tuple(e.shape)} (leading {len(index)} axes '
+                        'stacked layers / experts)')
   leaves = set(_leaf_paths(params))
   if leaves - covered:
     raise ExportError(f'parameter {"/".join(sorted(leaves - covered)[0])} has no name in the '
@@ -181,7 +200,7 @@ def export_tensors(params, model_cfg, dtype: str = 'float32') -> List[Tensor]:
   """The export's tensors, in table order, each fetched lazily from `params` (merged)."""
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
   table = from_hf.llava_table(exported_model_config(model_cfg))
-  _check_coverage(params, model_cfg, table)
+  _check_params(params, model_cfg, table)
   tensors = []
   for e in table:
     def fetch(e=e):
@@ -258,12 +277,16 @@ def restore_params_only(config, workdir, step: Optional[int] = None, mesh=None):
   Only the parameters are read (an orbax partial restore): the optimizer state, twice the
   parameters' size with Adam, never comes off disk.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  from skymoe_jax.model import factory  # pylint: disable=import-outside-toplevel
-  from skymoe_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from skymoe_jax.train import trainer  # pylint: disable=import-outside-toplevel
-  from skymoe_jax.parallel import sharded_state  # pylint: disable=import-outside-toplevel
-  from skymoe_jax.train import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  # Imported here: the trainer brings in the input pipeline (tensorflow), which exporting an
+  # in-memory tree does not need.
+  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp
+  from skymoe_jax.model import factory
+  from skymoe_jax.parallel import mesh as mesh_lib
+  from skymoe_jax.parallel import sharded_state
+  from skymoe_jax.train import checkpoint as checkpoint_lib
+  from skymoe_jax.train import trainer
+  # pylint: enable=import-outside-toplevel
   mesh = mesh or mesh_lib.create_mesh(config)
   model = factory.create_model(config)
   abstract, shardings = sharded_state.state_shardings(config, model, trainer.make_optimizer(config),
@@ -322,3 +345,36 @@ def load_export(folder, dtype=None):
                                   'our exports')
   model_cfg = ml_collections.ConfigDict(config['skymoe']['model'])
   return from_hf.llava_params(from_hf.open_checkpoint(folder), model_cfg, dtype), model_cfg
+
+
+def verify_export(out, params, config, batch: int = 2, text_len: int = 16, seed: int = 0
+                  ) -> float:
+  """Max |logit difference| between torch_model on the export `out` and our model on `params`
+  (the original tree, LoRA unmerged), on the same random inputs; real positions only.
+
+  The JAX side runs dropless (the capacity backend would drop tokens the torch model keeps).
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  from skymoe_jax.interop import torch_model  # pylint: disable=import-outside-toplevel
+  from skymoe_jax.model import factory  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.model.moe.backend == 'capacity':
+    config.model.moe.backend = 'dense'
+  config.model.moe.ep_strategy = 'none'
+  model = factory.create_model(config)
+  v, llm, m = config.model.vision, config.model.llm, config.model.moe
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(batch, v.image_size, v.image_size, 3)).astype(np.float32)
+  tokens = rng.integers(0, llm.vocab_size, size=(batch, text_len)).astype(np.int32)
+  mask = np.ones((batch, text_len), bool)
+  mask[1:, text_len // 2:] = False  # right padding, as the input pipeline makes it
+  task = rng.integers(0, m.num_tasks, size=(batch,)).astype(np.int32)
+  gran = rng.integers(0, m.num_granularities, size=(batch,)).astype(np.int32)
+  ours = np.asarray(jax.jit(lambda p, *a: model.apply({'params': p}, *a)[0])(
+      params, images, tokens, mask, task, gran))
+  tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+  with torch.no_grad():
+    theirs = tm(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(tokens).long(),
+                torch.from_numpy(mask), torch.from_numpy(task).long(),
+                torch.from_numpy(gran).long()).numpy()
+  return float(np.abs(ours - theirs)[mask].max())

@@ -26,7 +26,7 @@ import math
 import pathlib
 import struct
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -456,7 +456,6 @@ class SkyMoEForConditionalGeneration(nn.Module):
                       token_mask.bool()], dim=1)
     return x, mask, nv
 
-  @torch.no_grad()
   def forward(self, images, tokens, token_mask, task_id, granularity_id):
     """Logits [B, T, V] (fp32) at the text positions: logits[:, t] predicts tokens[:, t + 1]."""
     x, mask, nv = self._prefix(images, tokens, token_mask)

@@ -31,6 +31,7 @@ import numpy as np
 
 from skymoe_jax import config_defaults
 from skymoe_jax.data import pipeline, records, synthetic, tokenizer as tokenizer_lib
+from skymoe_jax.evaluation import runner
 from skymoe_jax.model import factory
 from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.parallel import multihost, sharded_state
@@ -272,6 +273,8 @@ def train(config, workdir) -> Dict:
         log.write(step, scalars, jax.device_get(metrics.get('expert_load')))
         last_log, last_time, last_tokens = step, now, tokens
       ckpt.save(step, state, data.state())
+      if t.eval_every and step % t.eval_every == 0:
+        runner.evaluate(config, workdir, step, params=state['params'])
     ckpt.save(step, state, data.state(), force=True)  # the last step, or a preemption
     ckpt.wait()
   finally:

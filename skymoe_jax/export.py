@@ -1,0 +1,64 @@
+"""python -m skymoe_jax.export --workdir=DIR --out=OUT [--step=N] [--dtype=bf16|fp32]
+                              [--max_shard_size=5GB] [--image_token_index=ID] [--verify]
+
+Exports a training workdir's checkpoint (default the latest) as a Hugging Face-style folder:
+OUT/model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json),
+OUT/config.json (LlavaConfig for dense models + our `skymoe` section) and OUT/tokenizer.model.
+LoRA is merged; tensors are streamed one at a time (interop/to_torch.py). Load OUT with
+skymoe_jax.interop.torch_model.SkyMoEForConditionalGeneration.from_pretrained(OUT), or, dense,
+with transformers.LlavaForConditionalGeneration.from_pretrained(OUT). --verify runs that
+PyTorch model and ours on the same random inputs and prints the max abs logit difference.
+"""
+import re
+import resource
+
+from absl import app
+from absl import flags
+
+from skymoe_jax.interop import to_torch
+from skymoe_jax.train import trainer
+
+_UNITS = {'': 1, 'B': 1, 'KB': 10 ** 3, 'MB': 10 ** 6, 'GB': 10 ** 9, 'KIB': 2 ** 10,
+          'MIB': 2 ** 20, 'GIB': 2 ** 30}
+
+
+def parse_size(text: str) -> int:
+  """'5GB', '200MiB', '1000000' -> bytes."""
+  m = re.fullmatch(r'\s*([0-9.]+)\s*([A-Za-z]*)\s*', text)
+  if not m or m.group(2).upper() not in _UNITS:
+    raise ValueError(f'--max_shard_size={text!r}: expected a number with an optional unit '
+                     f'({", ".join(u for u in _UNITS if u)})')
+  return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def define_flags():
+  flags.DEFINE_string('workdir', None, 'The training workdir (config.json, checkpoints/).')
+  flags.DEFINE_string('out', None, 'Output folder.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+  flags.DEFINE_enum('dtype', 'fp32', sorted(to_torch.DTYPES), 'Dtype of the written tensors.')
+  flags.DEFINE_string('max_shard_size', '5GB', 'Largest safetensors file before sharding.')
+  flags.DEFINE_integer('image_token_index', None, 'config.json image_token_index (HF LLaVA); '
+                       'default the tokenizer\'s <image> piece, else its unk id.')
+  flags.DEFINE_bool('verify', False, 'Compare PyTorch and JAX logits on random inputs.')
+  flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def main(argv):
+  del argv
+  trainer.quiet_library_logs()
+  f = flags.FLAGS
+  info = to_torch.export_workdir(f.workdir, f.out, f.step, f.dtype, parse_size(f.max_shard_size),
+                                 f.image_token_index)
+  print(f'exported step {info["step"]}: {info["num_tensors"]} tensors, '
+        f'{info["total_bytes"] / 1e6:.1f} MB in {len(info["files"])} file(s), '
+        f'{info["seconds"]:.1f} s -> {f.out}')
+  if f.verify:
+    diff = to_torch.verify_export(f.out, info['params'], info['config'])
+    print(f'verify: max abs logit difference PyTorch vs JAX = {diff:.3g}')
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
+  print(f'peak host memory (max RSS) {peak:.0f} MiB')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

