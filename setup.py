@@ -28,7 +28,9 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0'],
     # PyTorch export and the parity tests against HF transformers.
-    'export': ['torch==2.13.0', 'safetensors==0.8.0', 'transformers==5.24.0'],
+    # gguf + accelerate: the GGUF reader and transformers' GGUF loading in the parity test.
+    'export': ['torch==2.13.0', 'safetensors==0.8.0', 'transformers==5.24.0', 'gguf==0.19.0',
+               'accelerate==1.15.0'],
     'tpu': ['jax[tpu]==0.10.2'],
     'gpu': ['jax[cuda12]==0.10.2'],
 }

@@ -1,7 +1,7 @@
 """A SLURM GPU cluster: one sbatch script; srun starts the trainer once per task.
 
   python launch/slurm.py --nodes=2 --gpus_per_node=8 [--partition=P --time=24:00:00] \
-      --config=configs/skymoe_7b.py:stage1 --workdir=/shared/runs/7b-stage1 [--dry_run] \
+      --config=configs/my_cluster.py:stage1 --workdir=/shared/runs/stage1 [--dry_run] \
       [--config.F=V ...]
 
 Writes WORKDIR/slurm/train.sbatch and submits it with sbatch (--dry_run prints both as a shell

@@ -2,7 +2,7 @@
 
   python launch/sweep.py --config=configs/tiny.py --workdir_root=/tmp/sweep --local \
       [--config.train.total_steps=4 ...]
-  python launch/sweep.py --config=configs/skymoe_7b.py:stage1 --workdir_root=/mnt/shared/lr \
+  python launch/sweep.py --config=configs/my_pod.py:stage1 --workdir_root=/mnt/shared/lr \
       --target=tpu --dry_run --tpu=my-pod --zone=us-east5-a --accelerator_type=v5p-128
   python launch/sweep.py --config=... --workdir_root=/shared/lr --target=slurm --nodes=2
   python launch/sweep.py --summarize --workdir_root=/tmp/sweep
@@ -42,6 +42,11 @@ from typing import Dict, List
 
 if __name__ == '__main__':
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  # This process prepares runs (data, tokenizer) and needs no accelerator; were it to open the
+  # TPU, the runs it starts could not. Set in jax, not JAX_PLATFORMS: the runs inherit the
+  # environment and pick their own platform.
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_platforms', 'cpu')
 
 from launch import common  # noqa: E402
 
@@ -194,8 +199,10 @@ def run_remote(runs: List[Run], target: str, argv: List[str], dry_run: bool) -> 
   parser = argparse.ArgumentParser(prog=f'sweep.py --target={target}')
   launcher.add_args(parser)
   args = parser.parse_args(argv)
-  if target == 'tpu' and getattr(args, 'detach', False) and not args.xpk_cluster:
+  if target == 'tpu' and args.detach and not args.xpk_cluster:
     raise SystemExit('--detach would start every run of the sweep on the same slice at once')
+  if target == 'tpu' and args.workload:
+    raise SystemExit('leave --workload out of a sweep: each run gets its own (from its workdir)')
   for i, run in enumerate(runs):
     head = f'[{i + 1}/{len(runs)}] {run.name}'
     if _finished(run):  # only where the workdir is visible here (a shared filesystem)
@@ -270,7 +277,8 @@ def write_csv(rows: List[Dict], path) -> None:
 # -- command line -------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  # No abbreviations: the target launcher's flags pass through (--tpu must not become --target).
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False)
   parser.add_argument('--workdir_root', required=True, help='One workdir per run, under this.')
   parser.add_argument('--config', help='Config file with get_sweep(), path[:arg].')
   parser.add_argument('--summarize', action='store_true', help='Print the table of the runs.')

@@ -2,8 +2,8 @@
 
   python launch/tpu_pod.py --tpu=my-pod --zone=us-east5-a --accelerator_type=v5p-128 \
       --setup --repo_url=https://github.com/ORG/skymoe_jax.git \
-      --config=configs/skymoe_7b.py:stage1 --workdir=/mnt/shared/runs/7b-stage1 \
-      --config.data.sources.geochat.data_dir=/mnt/shared/data/geochat [--dry_run]
+      --config=configs/my_pod.py:stage1 --workdir=/mnt/shared/runs/stage1 \
+      [--config.mesh.fsdp=8 ...] [--dry_run]
   python launch/tpu_pod.py --xpk_cluster=my-cluster --zone=us-east5 --accelerator_type=v5p-128 \
       --num_slices=2 --docker_image=gcr.io/PROJECT/skymoe:latest --config=... --workdir=...
 
@@ -149,7 +149,8 @@ def plan(args, job: common.Job):
                        'remote or commit to default to)')
     comment = f'every worker: clone, checkout {git_ref}, venv, pip install ".[tpu]"'
     if not args.git_ref and common.git_info()['dirty']:
-      comment += '\n(this checkout has uncommitted changes: the workers get the commit without them)'
+      comment += ('\n(this checkout has uncommitted changes: the workers get the commit '
+                  'without them)')
     steps.append(common.Command(_gcloud_ssh(args, 'all', setup_command(args, repo_url, git_ref)),
                                 comment=comment))
   cd = f'cd {shlex.quote(args.remote_dir)} && '

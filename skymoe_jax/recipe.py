@@ -15,7 +15,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from skymoe_jax import config_defaults
 from skymoe_jax.evaluation import runner

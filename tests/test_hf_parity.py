@@ -62,6 +62,7 @@ def _vision_config(image_size=32, scan_layers=True, feature_layer=-2):
   config.model.scan_layers = scan_layers
   config.model.vision.update(image_size=image_size, patch_size=8, width=32, depth=3, num_heads=2,
                              mlp_dim=64, feature_layer=feature_layer, norm_eps=1e-5)
+  config.data.text_len = 32  # room for the image tokens of larger test images
   return config
 
 

@@ -8,8 +8,9 @@ A workdir holds one stage of one run:
   checkpoints/<step>/  orbax: the train state and the input pipeline's position
   metrics.jsonl        one JSON object per logged step; TensorBoard events next to it
 
-Re-running on the same workdir resumes from the latest checkpoint (a larger total_steps
-continues training); a fresh stage-II workdir starts from its stage-I workdir's last checkpoint,
+Re-running on the same workdir resumes from the latest checkpoint; a larger total_steps
+continues training (the cosine schedule then stretches to the new total, so the learning rate
+jumps up at the resume point); a fresh stage-II workdir starts from its stage-I workdir's last checkpoint,
 upcycled (stages.py). SIGTERM saves a checkpoint and returns; a non-finite loss or gradient
 leaves the parameters untouched (the update is skipped inside the step), saves the last good
 state and raises NonFiniteError naming the step.
@@ -228,23 +229,32 @@ def train(config, workdir) -> Dict:
   ckpt = checkpoint_lib.Checkpointer(workdir / 'checkpoints', t.checkpoint_every,
                                      t.keep_checkpoints)
   start = ckpt.latest_step()
+  # Skip counts cover the whole run: they travel in the checkpoint with the data position.
+  counters = np.zeros(len(pipeline.COUNTERS), np.int64)
   if start is not None:
-    state, data_state = ckpt.restore(start, checkpoint_lib.abstract_like(abstract, shardings))
-    data = pipeline.DataIterator.restore(builder, data_state)
+    state, saved = ckpt.restore(start, checkpoint_lib.abstract_like(abstract, shardings))
+    data = pipeline.DataIterator.restore(builder, saved)
+    counters += np.asarray(saved.get('counters', counters), np.int64)
     logging.info('resumed from %s step %d', ckpt.directory, start)
   else:
     state = initial_state(config, model, tx, mesh, workdir)
     data = pipeline.DataIterator(builder, 0)
     start = 0
 
+  def data_state(next_step=None):
+    s = data.state()
+    if next_step is not None:
+      s['next_step'] = next_step
+    return dict(s, counters=counters.tolist())
+
+  step, last_log, last_time, last_tokens, tokens = start, start, time.perf_counter(), 0, 0
   preempted = []
   previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-  log = MetricsLog(workdir, t.total_steps)
-  flops = flops_per_step(config)
-  peak = peak_flops_per_device() * jax.device_count()
-  counters = np.zeros(len(pipeline.COUNTERS), np.int64)
-  step, last_log, last_time, last_tokens, tokens = start, start, time.perf_counter(), 0, 0
+  log = None
   try:
+    log = MetricsLog(workdir, t.total_steps)
+    flops = flops_per_step(config)
+    peak = peak_flops_per_device() * jax.device_count()
     while step < t.total_steps and not preempted:
       batch = next(data)
       counters += batch.pop('counters')
@@ -255,7 +265,7 @@ def train(config, workdir) -> Dict:
       state, metrics = step_fn(state, batch)
       step += 1
       if not bool(metrics['finite']):
-        ckpt.save(step - 1, state, {'next_step': step - 1, 'seed': builder.seed}, force=True)
+        ckpt.save(step - 1, state, data_state(next_step=step - 1), force=True)
         ckpt.wait()
         raise NonFiniteError(
             f'step {step}: loss {float(metrics["loss"])} / gradient norm '
@@ -272,14 +282,15 @@ def train(config, workdir) -> Dict:
                                                                          counters)})
         log.write(step, scalars, jax.device_get(metrics.get('expert_load')))
         last_log, last_time, last_tokens = step, now, tokens
-      ckpt.save(step, state, data.state())
+      ckpt.save(step, state, data_state())
       if t.eval_every and step % t.eval_every == 0:
         runner.evaluate(config, workdir, step, params=state['params'])
-    ckpt.save(step, state, data.state(), force=True)  # the last step, or a preemption
+    ckpt.save(step, state, data_state(), force=True)  # the last step, or a preemption
     ckpt.wait()
   finally:
     signal.signal(signal.SIGTERM, previous)
-    log.close()
+    if log is not None:
+      log.close()
     ckpt.close()
   if preempted:
     logging.warning('SIGTERM: saved step %d in %s and stopped', step, workdir / 'checkpoints')
