@@ -3,7 +3,7 @@
   configs/demo.py[:stage1]  stage I: the dense model; it starts from random weights (no
                             pretrained LLM or CLIP at this size), so it trains every parameter
   configs/demo.py:stage2    stage II as in the paper: upcycled from the sibling workdir
-                            'stage1', experts + routers trained
+                            'stage1', experts + routers trained, CDA edit rows in every batch
 Data: the synthetic aerial scenes (data_prep/make_synthetic.py), generated when missing.
 """
 from skymoe_jax import config_defaults
@@ -30,4 +30,5 @@ def get_config(arg=None):
     c.optimizer.trainable = ()  # from scratch: everything learns
   else:
     c.train.total_steps = 150
+    c.data.cda.enabled = True  # stage II trains on CDA pairs (SPEC section 2)
   return c

@@ -292,6 +292,8 @@ def main(argv=None) -> int:
   root = pathlib.Path(args.workdir_root).expanduser()
 
   if args.summarize:
+    if not root.is_dir():
+      raise SystemExit(f'--workdir_root={root}: no such folder')
     rows = summarize(root)
     print(table(rows))
     write_csv(rows, root / SUMMARY_CSV)

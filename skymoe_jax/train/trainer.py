@@ -27,6 +27,7 @@ from absl import logging
 from clu import metric_writers
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -72,6 +73,12 @@ def synthetic_dir(config) -> pathlib.Path:
           f'synthetic-n{s.num_images}-s{s.seed}-i{s.image_size}-v{s.val_fraction}')
 
 
+def _sync(name: str) -> None:
+  """All processes wait here (no-op in one process): files process 0 wrote are then ready."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def resolve_sources(config) -> None:
   """Fills in data_dir of generated sources (making the data if missing); checks the rest."""
   for name, source in config.data.sources.items():
@@ -80,6 +87,7 @@ def resolve_sources(config) -> None:
       path = synthetic_dir(config)
       if jax.process_index() == 0:
         synthetic.ensure(path, s.num_images, s.seed, s.image_size, s.val_fraction)
+      _sync('synthetic data')
       source.data_dir = str(path)
     records.read_info(source.data_dir)  # fails early, naming the folder, if there is no data
     logging.info('data source %s: %s split %s weight %s', name, source.data_dir, source.split,
@@ -89,7 +97,8 @@ def resolve_sources(config) -> None:
 def load_tokenizer(config, workdir: pathlib.Path) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, copied into the workdir so later stages and evaluation use the same."""
   local = workdir / f'{TOKENIZER}.model'
-  if local.exists():
+  if local.exists() or jax.process_index() != 0:
+    _sync('tokenizer')  # process 0 makes it; the others wait, then read the same file
     return tokenizer_lib.Tokenizer(local)
   d = config.data
   if d.tokenizer:
@@ -100,6 +109,7 @@ def load_tokenizer(config, workdir: pathlib.Path) -> tokenizer_lib.Tokenizer:
     vocab = d.tokenizer_vocab_size or config.model.llm.vocab_size
     dirs = [s.data_dir for s in d.sources.values()]
     tokenizer_lib.ensure(workdir / TOKENIZER, dirs, vocab)
+  _sync('tokenizer')
   return tokenizer_lib.Tokenizer(local)
 
 
