@@ -23,12 +23,12 @@ def get_config(arg=None):
   c.data.sources.synthetic = dict(data_dir='', split='train', weight=1.0, generate='synthetic')
   c.data.synthetic.update(num_images=2000, image_size=128, val_fraction=0.1)
   c.optimizer.update(learning_rate=1e-3, warmup_fraction=0.05, grad_clip_norm=1.0)
-  c.train.update(total_steps=250, log_every=25, checkpoint_every=125)
+  c.train.update(total_steps=400, log_every=25, checkpoint_every=200)
   c.eval.update(max_samples=200, max_new_tokens=32, batch_size=16)
   config_defaults.apply_stage(c, arg or 'stage1', lora_rank=8, stage2_learning_rate=3e-4)
   if c.train.stage == 'I':
     c.optimizer.trainable = ()  # from scratch: everything learns
   else:
-    c.train.total_steps = 150
+    c.train.total_steps = 250
     c.data.cda.enabled = True  # stage II trains on CDA pairs (SPEC section 2)
   return c

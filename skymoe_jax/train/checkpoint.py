@@ -56,6 +56,19 @@ def _json_default(x):
   raise TypeError(f'data_state value {x!r} of type {type(x).__name__} is not JSON')
 
 
+_plain_array_saves = []
+
+
+def _use_plain_array_saves():
+  """In one process, no replica-parallel saving: it slices every replicated array per device
+  and compiles each slice, hundreds of small compiles on a first save (20 s for the tiny model
+  on 8 CPU devices) that buy nothing here. The registry is process-wide: register once."""
+  if jax.process_count() == 1 and not _plain_array_saves:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    _plain_array_saves.append(True)
+
+
 class Checkpointer:
   """Save / restore of (train state, data state) at integer steps under one directory."""
 
@@ -72,12 +85,7 @@ class Checkpointer:
             policies.PreemptionCheckpointingPolicy()]),
         preservation_policy=policies.LatestN(n=max_to_keep),
         enable_async_checkpointing=async_save)
-    if jax.process_count() == 1:
-      # Replica-parallel saving slices every replicated array per device and compiles each
-      # slice: hundreds of small compiles on a first save (20 s for the tiny model on 8 CPU
-      # devices) that buy nothing in one process. The registry is process-wide.
-      ocp.type_handlers.register_type_handler(
-          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    _use_plain_array_saves()
     # Handlers named up front, so a fresh process can read a step's metadata before restoring.
     self._manager = ocp.CheckpointManager(
         directory, options=options,
