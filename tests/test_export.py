@@ -21,6 +21,7 @@ torch.set_num_threads(1)  # tiny models: threads only contend on a shared 2-core
 transformers = pytest.importorskip('transformers')
 
 from conftest import REPO, load_config  # noqa: E402
+from test_hf_parity import _perturb_vectors  # noqa: E402
 from skymoe_jax.interop import from_hf, to_torch, torch_model  # noqa: E402
 from skymoe_jax.model import factory, lora  # noqa: E402
 from skymoe_jax.train import checkpoint as checkpoint_lib  # noqa: E402
@@ -355,16 +356,6 @@ class _Evil:
 
 
 # ----------------------------------------------------------------------------- HF -> workdir -> HF
-
-
-def _perturb_vectors(model, seed):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1:
-        base = 1.0 if name.endswith('weight') and 'norm' in name else 0.0
-        p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
-  return model
 
 
 def test_import_hf_folders_into_a_workdir_then_export(tmp_path):
