@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 
 from skymoe_jax.data import boxes as boxes_lib
+from skymoe_jax.data import cda
 from skymoe_jax.data import records
 from skymoe_jax.data import tasks
 
@@ -61,11 +62,9 @@ GAP = 2                     # free pixels between object boxes, so masks never t
 
 SCENES = ('farmland', 'harbour', 'airport', 'residential', 'forest', 'industrial')
 OBJECT_CLASSES = ('ship', 'airplane', 'car', 'storage tank', 'building', 'tree')
-_PLURALS = {c: c + 's' for c in OBJECT_CLASSES}
 
 
-def plural(name: str) -> str:
-  return _PLURALS.get(name, name + 's')
+plural = cda.plural  # one pluraliser for the samples and the CDA questions
 
 
 def _even_red(rgb):
