@@ -21,12 +21,16 @@ from skymoe_jax.model import factory
 from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.train import trainer
 
-flags.DEFINE_string('workdir', None, 'A training workdir.')
-flags.DEFINE_string('image', None, 'Image file (PNG, JPEG, TIFF).')
-flags.DEFINE_string('prompt', None, 'The question; default: read questions from stdin.')
-flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
-flags.DEFINE_integer('max_new_tokens', 128, 'Longest answer.')
-flags.mark_flags_as_required(['workdir', 'image'])
+
+
+def define_flags():
+  """Only when run as a program, so that tests can import Chat next to other entry points."""
+  flags.DEFINE_string('workdir', None, 'A training workdir.')
+  flags.DEFINE_string('image', None, 'Image file (PNG, JPEG, TIFF).')
+  flags.DEFINE_string('prompt', None, 'The question; default: read questions from stdin.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+  flags.DEFINE_integer('max_new_tokens', 128, 'Longest answer.')
+  flags.mark_flags_as_required(['workdir', 'image'])
 
 
 class Chat:
@@ -75,4 +79,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -11,10 +11,14 @@ from ml_collections import config_flags
 from skymoe_jax.evaluation import runner
 from skymoe_jax.train import trainer
 
-config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).', lock_config=False)
-flags.DEFINE_string('workdir', None, 'The training workdir (checkpoints/, tokenizer.model).')
-flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+def define_flags():
+  """Only when run as a program: other entry points define --config too."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
+                                  lock_config=False)
+  flags.DEFINE_string('workdir', None, 'The training workdir (checkpoints/, tokenizer.model).')
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
@@ -28,4 +32,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

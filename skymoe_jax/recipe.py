@@ -23,10 +23,14 @@ from skymoe_jax.train import trainer
 # Tasks scored by exact answer match, where a constant answer is a meaningful chance level.
 EXACT_MATCH_TASKS = ('scene_classification', 'vqa', 'counting')
 
-flags.DEFINE_string('config', None, 'Config file with stage1 and stage2 variants.')
-flags.DEFINE_string('workdir', None, 'Parent folder of the stage1 and stage2 workdirs.')
-flags.DEFINE_multi_string('set', [], 'field=value overrides applied to both stages.')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_flags():
+  """Only when run as a program: other entry points define --config too."""
+  flags.DEFINE_string('config', None, 'Config file with stage1 and stage2 variants.')
+  flags.DEFINE_string('workdir', None, 'Parent folder of the stage1 and stage2 workdirs.')
+  flags.DEFINE_multi_string('set', [], 'field=value overrides applied to both stages.')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def stage_config(path: str, stage: str, overrides=()):
@@ -84,4 +88,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
