@@ -1,0 +1,156 @@
+"""benchmarks/ablation_report.py on hand-made run folders: seeds' mean +- std, mutual
+information of expert choice and task worked out by hand, claims and verdicts, output files."""
+import importlib.util
+import json
+import math
+import pathlib
+import re
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(path, name):
+  spec = importlib.util.spec_from_file_location(name, REPO / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+report_lib = _load('benchmarks/ablation_report.py', 'ablation_report')
+ABLATIONS = REPO / 'configs/ablations.py'
+
+# Layer 0: vqa/local all on expert 0, vqa/mixed split evenly, counting/local all on expert 1.
+ROUTING = {'num_experts': 2, 'token_drop_rate': 0.0, 'layers': {'layer_0': {
+    'load': [0.5, 0.5], 'by_condition': {
+        'vqa/local': {'load': [1.0, 0.0], 'routed': 60, 'entropy': 0.1},
+        'vqa/mixed': {'load': [0.5, 0.5], 'routed': 40, 'entropy': 0.6},
+        'counting/local': {'load': [0.0, 1.0], 'routed': 100, 'entropy': 0.1}}}}}
+
+
+def _xlogy(p, q):
+  return p * math.log2(p / q)
+
+
+# p(task, expert) = [[80, 20], [0, 100]] / 200: p(task) = (.5, .5), p(expert) = (.4, .6).
+MI_TASK = _xlogy(0.4, 0.5 * 0.4) + _xlogy(0.1, 0.5 * 0.6) + _xlogy(0.5, 0.5 * 0.6)
+# p(granularity, expert) = [[60, 100], [20, 20]] / 200: p(gran) = (.8, .2), p(expert) = (.4, .6).
+MI_GRAN = (_xlogy(0.3, 0.8 * 0.4) + _xlogy(0.5, 0.8 * 0.6) + _xlogy(0.1, 0.2 * 0.4) +
+           _xlogy(0.1, 0.2 * 0.6))
+
+
+def _metrics(counting, vqa, n=50):
+  acc = lambda v: {'n': n, 'accuracy': v}
+  return {'step': 10, 'tasks': {
+      'counting': {'overall': acc(counting), 'by_granularity': {'local': acc(counting)}},
+      'vqa': {'overall': acc(vqa), 'by_granularity': {'local': acc(vqa), 'mixed': acc(vqa)}},
+      'captioning': {'overall': {'n': n, 'cider': 1.5},
+                     'by_granularity': {'global': {'n': n, 'cider': 1.5}}}}}
+
+
+def _run(root, overrides, metrics, routing=ROUTING, answers=None):
+  name = re.sub(r'[^A-Za-z0-9.,=_-]', '_', ','.join(f'{k}={v}' for k, v in sorted(
+      overrides.items())))
+  workdir = root / name
+  (workdir / 'eval' / '10').mkdir(parents=True)
+  (workdir / 'provenance.json').write_text(json.dumps(
+      {'overrides': overrides, 'written': '2026-01-01T00:00:00+00:00'}))
+  (workdir / 'config.json').write_text(json.dumps(
+      {'train': {'init_from': '/tmp/stage1', 'total_steps': 10}, 'eval': {'max_samples': 100}}))
+  (workdir / 'eval' / '10' / 'metrics.json').write_text(json.dumps(metrics))
+  if routing is not None:
+    (workdir / 'eval' / '10' / 'routing.json').write_text(json.dumps(routing))
+  if answers:
+    (workdir / 'eval' / '10' / 'answers.jsonl').write_text(''.join(
+        json.dumps({'question_id': q, 'answer': a}) + '\n' for q, a in answers.items()))
+  return workdir
+
+
+def test_mutual_information_by_hand():
+  mi = report_lib.routing_mi(ROUTING)
+  assert mi['task']['layer_0'] == pytest.approx(MI_TASK)
+  assert mi['granularity']['layer_0'] == pytest.approx(MI_GRAN)
+  assert report_lib.mutual_information([[5, 0], [0, 5]]) == pytest.approx(1.0)
+  assert report_lib.mutual_information([[1, 3], [2, 6]]) == pytest.approx(0.0)
+
+
+def test_mean_std_and_claims(tmp_path):
+  root = tmp_path / 'runs'
+  _run(root, {'seed': '0'}, _metrics(0.4, 0.5), answers={'q1': 'two', 'q2': 'red'})
+  _run(root, {'seed': '1'}, _metrics(0.6, 0.7))
+  _run(root, {'data.cda.enabled': 'False', 'seed': '0'}, _metrics(0.2, 0.5),
+       answers={'q1': 'two ', 'q2': 'blue', 'q3': 'x'})
+  _run(root, {'data.cda.enabled': 'False', 'seed': '1'}, _metrics(0.3, 0.5))
+  # One seed of the plain router, spread evenly: no specialisation.
+  flat = json.loads(json.dumps(ROUTING))
+  for cell in flat['layers']['layer_0']['by_condition'].values():
+    cell['load'] = [0.5, 0.5]
+  _run(root, {'model.moe.adaptive': 'False', 'seed': '0'}, _metrics(0.5, 0.5), flat)
+  _run(root, {'model.moe.num_experts': '0', 'optimizer.trainable': "('decoder/.*/mlp/.*',)",
+              'seed': '0'},
+       _metrics(0.5, 0.5), routing=None)
+  out = tmp_path / 'out'
+  result = report_lib.report(root, out, str(ABLATIONS))
+
+  full = result['variants'][report_lib.FULL]
+  assert full['seeds'] == [0, 1]
+  counting = full['scores']['counting']
+  assert counting['mean'] == pytest.approx(0.5)
+  assert counting['std'] == pytest.approx(math.sqrt(((0.4 - 0.5) ** 2 + (0.6 - 0.5) ** 2) / 1))
+  assert full['scores']['vqa/mixed']['mean'] == pytest.approx(0.6)
+  assert full['scores']['avg_acc']['mean'] == pytest.approx(0.55)  # counting and vqa only
+  assert full['mi']['task']['mean']['mean'] == pytest.approx(MI_TASK)
+  assert full['mi']['task']['mean']['std'] == pytest.approx(0.0)
+
+  # One of the two shared questions answered differently (whitespace aside).
+  assert result['variants'][report_lib.CDA_OFF]['changed_vs_full']['mean'] == pytest.approx(0.5)
+  claims = {c['claim'][:3]: c for c in result['claims']}
+  c3b = claims['3b.']
+  assert c3b['effect'] == pytest.approx(0.5 - 0.25)
+  spread = math.sqrt(0.02 / 2 + 0.005 / 2)  # seed variances 0.02 and 0.005
+  assert c3b['spread'] == pytest.approx(spread)
+  assert c3b['verdict'] == 'holds'  # 0.25 > 2 x 0.112
+  assert claims['3c.']['effect'] == pytest.approx(0.1)
+  # Local questions: counting/local and vqa/local, (0.5 + 0.6) / 2 against (0.25 + 0.5) / 2.
+  assert claims['3a.']['effect'] == pytest.approx(0.55 - 0.375)
+  # One seed of the plain router: an MI effect, but no spread to judge it by.
+  c2a = claims['2a.']
+  assert c2a['effect'] == pytest.approx(MI_TASK)
+  assert c2a['verdict'] == 'inconclusive (no spread)'
+  # Two seeds against one: the evaluation sample's binomial SE.
+  c1 = claims['1. ']
+  assert c1['effect'] == pytest.approx(0.55 - 0.5)
+  assert c1['spread_kind'].startswith('binomial') and c1['verdict'] == 'inconclusive'
+  assert result['variants']['dense']['mi']['task']['mean']['n'] == 0
+  assert claims['3d.']['verdict'] == 'not measured'  # no MoE-1 run
+
+  text = (out / 'ablations.md').read_text()
+  assert '| full (MoE-8, adaptive, CDA both) | 2 | ' in text
+  assert '0.500 ± 0.141' in text
+  assert 'Not run: MoE-1, MoE-2' in text and '| dense | 1 |' in text
+  assert (out / 'routing_mi.png').stat().st_size > 0
+  saved = json.loads((out / 'ablations.json').read_text())
+  assert len(saved['runs']) == 6
+
+
+def test_one_seed_binomial_spread():
+  a = {'mean': 0.55, 'std': None, 'n': 1, 'binomial_se': math.sqrt(0.55 * 0.45 / 50)}
+  b = {'mean': 0.45, 'std': None, 'n': 1, 'binomial_se': math.sqrt(0.45 * 0.55 / 50)}
+  e = report_lib.effect(a, b)
+  assert e['effect'] == pytest.approx(0.1)
+  assert e['spread'] == pytest.approx(math.sqrt(2 * 0.2475 / 50))
+  assert report_lib.verdict(e['effect'], e['spread']) == 'inconclusive'  # 0.1 < 2 x 0.0995
+  assert report_lib.verdict(0.25, e['spread']) == 'holds'
+  assert report_lib.verdict(-0.3, 0.1) == 'does not hold'
+
+
+def test_sweep_lists_variants_seed_major():
+  ablations = _load('configs/ablations.py', 'ablations_config')
+  runs = ablations.get_sweep('seeds=3')
+  n = len(ablations.VARIANTS)
+  assert len(runs) == 3 * n and [r['seed'] for r in runs[::n]] == [0, 1, 2]
+  assert runs[0] == {'seed': 0}
+  assert ablations.variant_of({'model.moe.adaptive': 'False', 'seed': '2'}) == 'plain router'
+  assert ablations.variant_of(
+      {'optimizer.trainable': "('decoder/.*/mlp/.*',)", 'model.moe.num_experts': '0'}) == 'dense'
