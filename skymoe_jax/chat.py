@@ -55,7 +55,10 @@ class Chat:
     pixels = image_ops.normalize(image_ops.global_view(image, c.model.vision.image_size,
                                                        c.data.pad_to_square))
     conversation = [{'from': 'human', 'value': '<image>\n' + question.strip()}]
-    prompt = self.tokenizer.encode_prompt(self.template, conversation)[:c.data.text_len]
+    prompt = self.tokenizer.encode_prompt(self.template, conversation)
+    if len(prompt) > c.data.text_len:  # a cut prompt would be a different question
+      raise ValueError(f'the prompt has {len(prompt)} tokens, more than config.data.text_len='
+                       f'{c.data.text_len}')
     tokens = np.zeros((1, c.data.text_len), np.int32)
     mask = np.zeros((1, c.data.text_len), bool)
     tokens[0, :len(prompt)], mask[0, :len(prompt)] = prompt, True

@@ -56,8 +56,10 @@ def _prepare(question, config, tokenizer, template):
   r = question['record']
   image = image_ops.decode(r.image)
   prompt = tokenizer.encode_prompt(template, r.conversations[:-1])
-  if len(prompt) > config.data.text_len:
-    prompt = prompt[:config.data.text_len]  # never happens with our data; keeps shapes static
+  if len(prompt) > config.data.text_len:  # a cut prompt would be a different question
+    raise ValueError(f'question {question["question_id"]}: field conversations: the prompt has '
+                     f'{len(prompt)} tokens, more than config.data.text_len='
+                     f'{config.data.text_len}')
   return {
       'image': image_ops.normalize(image_ops.global_view(image, config.model.vision.image_size,
                                                          config.data.pad_to_square)),

@@ -107,13 +107,15 @@ def _layout_error(name: str, expected: pathlib.Path, layout: str) -> LayoutError
                      'place the files by hand, nothing is downloaded')
 
 
-def _root(manual_dir, folder: str, marker: str, name: str, layout: str) -> pathlib.Path:
-  """manual_dir itself or manual_dir/folder: whichever holds `marker`."""
+def _root(manual_dir, folders, marker: str, name: str, layout: str) -> pathlib.Path:
+  """The first of manual_dir/<each of folders>, then manual_dir itself, that holds `marker`
+  (folders: one name or the spellings a dataset ships under)."""
   manual_dir = pathlib.Path(manual_dir)
-  for root in (manual_dir / folder, manual_dir):
+  folders = (folders,) if isinstance(folders, str) else tuple(folders)
+  for root in [manual_dir / f for f in folders] + [manual_dir]:
     if (root / marker).exists():
       return root
-  raise _layout_error(name, manual_dir / folder / marker, layout)
+  raise _layout_error(name, manual_dir / folders[0] / marker, layout)
 
 
 class _Output:
@@ -386,15 +388,7 @@ def convert_dior_rsvg(manual_dir, out_dir, seed: int = 0, licence: Optional[str]
   del seed  # official splits
   name, licence = 'dior_rsvg', licence or LICENCES['dior_rsvg']
   layout = 'DIOR_RSVG/{Annotations/*.xml, JPEGImages/*.jpg, train.txt, val.txt, test.txt}'
-  root = None
-  for folder in ('DIOR_RSVG', 'DIOR-RSVG'):
-    try:
-      root = _root(manual_dir, folder, 'Annotations', name, layout)
-      break
-    except LayoutError:
-      continue
-  if root is None:
-    raise _layout_error(name, pathlib.Path(manual_dir) / 'DIOR_RSVG' / 'Annotations', layout)
+  root = _root(manual_dir, ('DIOR_RSVG', 'DIOR-RSVG'), 'Annotations', name, layout)
   if not (root / 'JPEGImages').is_dir():
     raise _layout_error(name, root / 'JPEGImages', layout)
   split_files = {s: root / f'{s}.txt' for s in SPLITS if (root / f'{s}.txt').exists()}
@@ -458,15 +452,8 @@ def convert_ucm_captions(manual_dir, out_dir, seed: int = 0, licence: Optional[s
   del seed  # official splits
   name, licence = 'ucm_captions', licence or LICENCES['ucm_captions']
   layout = 'dataset.json (Karpathy style) + imgs/<filename>'
-  root = None
-  for folder in ('UCM_captions', 'UCM-Captions', 'UCM_Captions'):
-    try:
-      root = _root(manual_dir, folder, 'dataset.json', name, layout)
-      break
-    except LayoutError:
-      continue
-  if root is None:
-    raise _layout_error(name, pathlib.Path(manual_dir) / 'dataset.json', layout)
+  root = _root(manual_dir, ('UCM_captions', 'UCM-Captions', 'UCM_Captions'), 'dataset.json',
+               name, layout)
   if not (root / 'imgs').is_dir():
     raise _layout_error(name, root / 'imgs', layout)
   entries = _json_list(root / 'dataset.json', 'images')
