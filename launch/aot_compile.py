@@ -25,15 +25,13 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from skymoe_jax import config_defaults  # noqa: E402
-from skymoe_jax import summary  # noqa: E402
+from skymoe_jax.summary import model_flops  # noqa: E402
 from skymoe_jax.model import decoder as decoder_lib  # noqa: E402
 from skymoe_jax.model import factory  # noqa: E402
 from skymoe_jax.model.vit import num_feature_layers  # noqa: E402
@@ -129,48 +127,6 @@ def scan_trip_counts(config) -> dict:
   return {'decoder_scanned_blocks': m.llm.num_layers // period,
           'decoder_layers_per_block': period,
           'vision_scanned_layers': num_feature_layers(m.vision.depth, m.vision.feature_layer)}
-
-
-def model_flops(config, batch_size: int, seq_len: int) -> dict:
-  """FLOPs of one training step (forward + backward) that the model itself needs.
-
-  MaxText-style convention (maxtext_utils.calculate_tflops_training_per_device): a weight
-  applied to a token costs 2 FLOPs forward and 4 backward, so 6 x params x tokens, plus the
-  attention scores and weighted sums, which have no parameters:
-    weights   = 6 B [S N_llm + Nv (N_proj + N_patch) + (Nv + 1) N_vit]
-    attention = 12 B [L S^2 H d_head + L_vit (Nv + 1)^2 W_vit]
-  B batch, S sequence (image + text tokens), Nv image tokens (+1: the ViT's CLS token).
-  N_llm: the decoder's parameters a token uses (summarize's active count: top_k of the experts),
-  without the input embedding table (a gather, no matmul). N_proj: projector; N_patch: patch
-  embedding; N_vit: the rest of the vision tower without the position table (an add) and the CLS
-  token. Norm scales and the router's per-sample task embeddings are counted as if they were
-  matmul weights (well under 0.01% of the total for the 7B model).
-  Attention is per layer 2 matmuls (QK^T, PV) of 2 S^2 H d_head FLOPs forward, x3 with the
-  backward; it is counted IN FULL, not halved for the causal mask, because this model computes
-  the whole masked S x S score matrix (MaxText's current convention halves the causal term; the
-  halved figure is attention / 2). Rematerialisation's recomputed forward is not model FLOPs.
-  """
-  m = config.model
-  s = summary.summarize(config)
-  params = nn.unbox(factory.abstract_params(config))
-  count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-  vision = params['vision']
-  n_patch = count(vision['patch_embed'])
-  n_vit = s['vision_params'] - n_patch - count(vision['pos_embed']) - count(vision['cls_token'])
-  n_proj = s['projector_params']
-  n_embed_table = 0 if m.llm.tie_embeddings else count(params['decoder']['embed'])
-  n_llm = s['active_params_per_token'] - s['vision_params'] - n_proj - n_embed_table
-  nv = s['vision_tokens']
-  llm, vit = m.llm, m.vision
-  vit_layers = num_feature_layers(vit.depth, vit.feature_layer)
-  weights = 6 * batch_size * (seq_len * n_llm + nv * (n_proj + n_patch) + (nv + 1) * n_vit)
-  attention = 12 * batch_size * (llm.num_layers * seq_len ** 2 * llm.num_heads * llm.head_dim
-                                 + vit_layers * (nv + 1) ** 2 * vit.width)
-  return {'model_flops': weights + attention, 'weight_flops': weights,
-          'attention_flops': attention, 'llm_active_params_no_embed': n_llm,
-          'vision_params_per_token': n_vit, 'patch_embed_params': n_patch,
-          'projector_params': n_proj, 'active_params_per_token': s['active_params_per_token'],
-          'total_params': s['total_params']}
 
 
 # --- Collectives in the compiled HLO -------------------------------------------------------------

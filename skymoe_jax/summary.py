@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from skymoe_jax import config_defaults
 from skymoe_jax.model import factory
+from skymoe_jax.model.vit import num_feature_layers
 
 EXPERT_WEIGHTS = ('w_gate', 'w_up', 'w_down')
 
@@ -51,6 +52,47 @@ def summarize(config) -> dict:
       'top_k': m.moe.top_k if num_experts else 0,
       'param_bytes': int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))),
   }
+
+
+def model_flops(config, batch_size: int, seq_len: int) -> dict:
+  """FLOPs of one training step (forward + backward) that the model itself needs.
+
+  MaxText-style convention (maxtext_utils.calculate_tflops_training_per_device): a weight
+  applied to a token costs 2 FLOPs forward and 4 backward, so 6 x params x tokens, plus the
+  attention scores and weighted sums, which have no parameters:
+    weights   = 6 B [S N_llm + Nv (N_proj + N_patch) + (Nv + 1) N_vit]
+    attention = 12 B [L S^2 H d_head + L_vit (Nv + 1)^2 W_vit]
+  B batch, S sequence (image + text tokens), Nv image tokens (+1: the ViT's CLS token).
+  N_llm: the decoder's parameters a token uses (summarize's active count: top_k of the experts),
+  without the input embedding table (a gather, no matmul). N_proj: projector; N_patch: patch
+  embedding; N_vit: the rest of the vision tower without the position table (an add) and the CLS
+  token. Norm scales and the router's per-sample task embeddings are counted as if they were
+  matmul weights (well under 0.01% of the total for the 7B model).
+  Attention is per layer 2 matmuls (QK^T, PV) of 2 S^2 H d_head FLOPs forward, x3 with the
+  backward; it is counted IN FULL, not halved for the causal mask, because this model computes
+  the whole masked S x S score matrix (MaxText's current convention halves the causal term; the
+  halved figure is attention / 2). Rematerialisation's recomputed forward is not model FLOPs.
+  """
+  m = config.model
+  s = summarize(config)
+  params = nn.unbox(factory.abstract_params(config))
+  vision = params['vision']
+  n_patch = _count(vision['patch_embed'])
+  n_vit = s['vision_params'] - n_patch - _count(vision['pos_embed']) - _count(vision['cls_token'])
+  n_proj = s['projector_params']
+  n_embed_table = 0 if m.llm.tie_embeddings else _count(params['decoder']['embed'])
+  n_llm = s['active_params_per_token'] - s['vision_params'] - n_proj - n_embed_table
+  nv = s['vision_tokens']
+  llm, vit = m.llm, m.vision
+  vit_layers = num_feature_layers(vit.depth, vit.feature_layer)
+  weights = 6 * batch_size * (seq_len * n_llm + nv * (n_proj + n_patch) + (nv + 1) * n_vit)
+  attention = 12 * batch_size * (llm.num_layers * seq_len ** 2 * llm.num_heads * llm.head_dim
+                                 + vit_layers * (nv + 1) ** 2 * vit.width)
+  return {'model_flops': weights + attention, 'weight_flops': weights,
+          'attention_flops': attention, 'llm_active_params_no_embed': n_llm,
+          'vision_params_per_token': n_vit, 'patch_embed_params': n_patch,
+          'projector_params': n_proj, 'active_params_per_token': s['active_params_per_token'],
+          'total_params': s['total_params']}
 
 
 def main(argv):

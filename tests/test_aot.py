@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO, load_config
+from skymoe_jax import summary
 
 
 def _load_aot():
@@ -99,7 +100,7 @@ def test_model_flops_by_hand():
   nv = 16
   weights = 6 * BATCH * (SEQ * n_llm + nv * (n_proj + n_patch) + (nv + 1) * n_vit)
   attention = 12 * BATCH * (4 * SEQ ** 2 * 4 * 16 + 2 * (nv + 1) ** 2 * 32)
-  got = aot.model_flops(load_config('tiny'), BATCH, SEQ)
+  got = summary.model_flops(load_config('tiny'), BATCH, SEQ)
   assert got['llm_active_params_no_embed'] == n_llm == 217856
   assert got['weight_flops'] == weights
   assert got['attention_flops'] == attention

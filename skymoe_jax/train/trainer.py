@@ -172,15 +172,10 @@ def peak_flops_per_device() -> float:
 
 
 def flops_per_step(config) -> float:
-  """MaxText's model-FLOPs count: 6 x active parameters x tokens, plus causal attention, for
-  the image tokens through the vision tower and the whole sequence through the LLM."""
-  s = summary_lib.summarize(config)
-  llm = config.model.llm
-  seq = s['vision_tokens'] + config.data.text_len
-  llm_active = s['active_params_per_token'] - s['vision_params']
-  per_sample = (6 * s['vision_params'] * s['vision_tokens'] + 6 * llm_active * seq +
-                6 * llm.num_layers * seq * seq * llm.num_heads * llm.head_dim)
-  return float(per_sample * config.data.batch_size)
+  """Model FLOPs of one training step at the config's batch and sequence (summary.model_flops:
+  6 x active parameters x tokens + attention, vision tower included)."""
+  seq = config_defaults.vision_tokens(config.model) + config.data.text_len
+  return float(summary_lib.model_flops(config, config.data.batch_size, seq)['model_flops'])
 
 
 class MetricsLog:
