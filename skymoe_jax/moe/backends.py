@@ -12,8 +12,13 @@ Every backend has one signature:
 An id equal to E (one past the last expert) means "no expert here": expert parallelism uses it
 for assignments to experts held by another device. Such a slot must have weight 0; it is
 neither computed nor counted as dropped.
+
+Some backends carry their own gradients (custom_vjp), which return per-device partial sums
+inside shard_map; expert parallelism runs them with check_vma=False, where shard_map's
+transpose adds those partials up.
 """
 import functools
+import importlib
 import math
 
 import jax
@@ -22,7 +27,7 @@ import jax.numpy as jnp
 from skymoe_jax.model.mlp import swiglu
 
 BACKENDS = ('loop', 'dense', 'ragged', 'capacity')
-RAGGED_IMPLS = ('auto', 'ragged_dot', 'blocks')
+RAGGED_IMPLS = ('auto', 'ragged_dot', 'blocks', 'batched')
 
 
 def target_platform() -> str:
@@ -63,64 +68,187 @@ def dense_backend(x, ids, weights, valid, experts):
   return jnp.einsum('end,ne->nd', out, combine), jnp.int32(0)
 
 
-def _grouped_matmul_ragged_dot(xs, w, group_sizes, block_size):
-  del block_size
-  return jax.lax.ragged_dot(xs, w, group_sizes)
+def _sorted_layout(ids, num_experts: int, block_size: int):
+  """Where each (token, slot) pair goes when the pairs are grouped by expert.
 
-
-def _grouped_matmul_blocks(xs, w, group_sizes, block_size):
-  """Grouped matmul without ragged_dot: pad each group to whole blocks, one expert a block.
-
-  xs: [M, K] rows sorted by group; w: [G, K, F]; group_sizes: [G]. Loops over blocks with
-  lax.map so no per-block copy of the weights is ever materialised.
+  ids: [N, k]. Returns (order, rank, group_sizes, padded_pos, num_rows):
+    order [N*k]: the pairs sorted by expert (stable), as flat pair indices;
+    rank [N*k]: each pair's row in that sorted order (the inverse permutation);
+    group_sizes [E]: pairs per expert (pairs with id == E, "no expert here", are in none);
+    padded_pos [N*k]: each pair's row when every group is padded to whole blocks of
+      block_size rows (num_rows in all; out of range for id == E).
   """
-  m, _ = xs.shape
-  g = w.shape[0]
-  padded_sizes = -(-group_sizes // block_size) * block_size
-  padded_ends = jnp.cumsum(padded_sizes)
-  padded_starts = padded_ends - padded_sizes
+  flat_ids = ids.reshape(-1)
+  m = flat_ids.shape[0]
+  order = jnp.argsort(flat_ids, stable=True)
+  rank = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32))
+  group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
   starts = jnp.cumsum(group_sizes) - group_sizes
-  num_blocks = -(-(m + g * (block_size - 1)) // block_size)
-  # Where each sorted row lands in the padded layout; rows past the last group (ids == G, "no
-  # expert here") land out of range and are dropped.
-  row_group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(m), side='right')
-  in_group = row_group < g
-  row_group = jnp.minimum(row_group, g - 1)
-  row_dest = jnp.where(in_group, padded_starts[row_group] + jnp.arange(m) - starts[row_group],
-                       num_blocks * block_size)
-  padded = jnp.zeros((num_blocks * block_size, xs.shape[1]), xs.dtype).at[row_dest].set(
-      xs, mode='drop')
-  block_group = jnp.minimum(
-      jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block_size, side='right'), g - 1)
-  blocks = padded.reshape(num_blocks, block_size, -1)
-  out = jax.lax.map(lambda args: args[0] @ w[args[1]], (blocks, block_group))
-  return jnp.take(out.reshape(num_blocks * block_size, -1), row_dest, axis=0, mode='fill',
-                  fill_value=0)
+  padded_sizes = -(-group_sizes // block_size) * block_size
+  padded_starts = jnp.cumsum(padded_sizes) - padded_sizes
+  # Worst case: every group leaves block_size - 1 rows of its last block empty.
+  num_rows = -(-(m + num_experts * (block_size - 1)) // block_size) * block_size
+  safe_ids = jnp.minimum(flat_ids, num_experts - 1)
+  padded_pos = jnp.where(flat_ids < num_experts,
+                         padded_starts[safe_ids] + rank - starts[safe_ids], num_rows)
+  return order, rank, group_sizes, padded_pos, num_rows
+
+
+@jax.custom_vjp
+def _block_matmul(blocks, w, block_expert, used):
+  """Grouped matmul over row blocks: out[b] = blocks[b] @ w[block_expert[b]] where used[b], else 0.
+
+  blocks: [B, S, K]; w: [G, K, F]. A loop over blocks (lax.map) with the unused ones skipped
+  (lax.cond), so the work follows the rows actually routed. The backward pass is written out
+  (_block_matmul_bwd): autodiff of the loop would add a full-size [G, K, F] zero-padded
+  gradient per block, which costs more than the matmuls themselves.
+  """
+  def one(args):
+    rows, e, u = args
+    return jax.lax.cond(u, jnp.matmul,
+                        lambda r, we: jnp.zeros((r.shape[0], we.shape[1]), r.dtype), rows, w[e])
+  return jax.lax.map(one, (blocks, block_expert, used))
+
+
+def _block_matmul_fwd(blocks, w, block_expert, used):
+  return _block_matmul(blocks, w, block_expert, used), (blocks, w, block_expert, used)
+
+
+def _block_matmul_bwd(res, d_out):
+  blocks, w, block_expert, used = res
+  d_blocks = _block_matmul(d_out, jnp.swapaxes(w, 1, 2), block_expert, used)
+
+  def accumulate(b, d_w):
+    rows, d_rows = blocks[b], d_out[b]
+    update = jax.lax.cond(used[b], lambda: rows.T @ d_rows,
+                          lambda: jnp.zeros(w.shape[1:], rows.dtype))
+    return d_w.at[block_expert[b]].add(update.astype(w.dtype))  # one expert's slice, in place
+  d_w = jax.lax.fori_loop(0, blocks.shape[0], accumulate, jnp.zeros_like(w))
+  return d_blocks, d_w, None, None
+
+
+_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+
+
+def _swiglu_stacked(x, gate_up, w_down, matmul):
+  """SwiGLU with gate and up stacked as one [.., D, 2F] weight: one pass over the rows for both."""
+  f = w_down.shape[-2]
+  h = matmul(x, gate_up)
+  return matmul(jax.nn.silu(h[..., :f]) * h[..., f:], w_down)
+
+
+def _stack_gate_up(experts):
+  return jnp.concatenate([experts['w_gate'], experts['w_up']], axis=-1)
+
+
+def _megablox_weight_grad(x, d_out, group_sizes, dtype, interpret=False):
+  """dW[g] = x_g^T d_out_g with the TPU grouped-matmul kernel (megablox tgmm): only each
+  group's own rows, where XLA's transpose of ragged_dot computes every group on every row."""
+  # The module (the package's own `gmm` attribute is the function of the same name).
+  megablox = importlib.import_module('jax.experimental.pallas.ops.tpu.megablox.gmm')
+  tile = 128
+  m = x.shape[0]
+  pad = -m % tile  # the kernel tiles the rows in whole tiles; padding rows are in no group
+  x, d_out = jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(d_out, ((0, pad), (0, 0)))
+  tiling = (tile, min(tile, x.shape[1]), min(tile, d_out.shape[1]))
+  return megablox.tgmm(x.T, d_out, group_sizes, dtype, tiling, interpret=interpret)
+
+
+@jax.custom_vjp
+def _grouped_matmul(x, w, group_sizes):
+  """jax.lax.ragged_dot (rows of x grouped by w's leading axis) with the weight gradient on TPU
+  taken by megablox (see _megablox_weight_grad); elsewhere the same maths as autodiff's."""
+  return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def _grouped_matmul_fwd(x, w, group_sizes):
+  return _grouped_matmul(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _grouped_matmul_bwd(res, d_out):
+  x, w, group_sizes = res
+  d_x = jax.lax.ragged_dot(d_out, jnp.swapaxes(w, 1, 2), group_sizes)
+  if target_platform() == 'tpu':
+    d_w = _megablox_weight_grad(x, d_out, group_sizes, w.dtype)
+  else:
+    d_w = jax.vjp(lambda w: jax.lax.ragged_dot(x, w, group_sizes), w)[1](d_out)[0]
+  return d_x.astype(x.dtype), d_w.astype(w.dtype), None
+
+
+_grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
+def _experts_ragged_dot(x_sorted, experts, group_sizes):
+  """Each expert's SwiGLU on its contiguous group of rows, via jax.lax.ragged_dot. Rows past the
+  last group (id == E) come out as zeros."""
+  return _swiglu_stacked(x_sorted, _stack_gate_up(experts), experts['w_down'],
+                         lambda a, w: _grouped_matmul(a, w, group_sizes))
+
+
+def _block_experts(group_sizes, num_blocks: int, block_size: int):
+  """With every group padded to whole blocks: each block's expert, and whether it holds rows."""
+  padded_ends = jnp.cumsum(-(-group_sizes // block_size) * block_size)
+  block_starts = jnp.arange(num_blocks) * block_size
+  block_expert = jnp.searchsorted(padded_ends, block_starts, side='right')
+  return jnp.minimum(block_expert, group_sizes.shape[0] - 1), block_starts < padded_ends[-1]
+
+
+def _experts_blocks(x_padded, experts, group_sizes, block_size):
+  """The same without ragged_dot: groups padded to whole blocks, one expert per block, a loop
+  over the blocks that skips the empty ones (_block_matmul).
+
+  x_padded: [R, D] with R a multiple of block_size, sized for the worst case.
+  """
+  num_blocks = x_padded.shape[0] // block_size
+  block_expert, used = _block_experts(group_sizes, num_blocks, block_size)
+  out = _swiglu_stacked(x_padded.reshape(num_blocks, block_size, -1), _stack_gate_up(experts),
+                        experts['w_down'], lambda a, w: _block_matmul(a, w, block_expert, used))
+  return out.reshape(x_padded.shape[0], -1)
+
+
+def _experts_batched(x_padded, experts, group_sizes, block_size):
+  """The same blocks as one batched matmul: each block gets a copy of its expert's weights
+  ([blocks, D, F] gathered), no loop. Memory for launch count: for accelerators, where a loop
+  of small matmuls costs a kernel launch per block. Empty blocks compute on zero rows."""
+  num_blocks = x_padded.shape[0] // block_size
+  block_expert, _ = _block_experts(group_sizes, num_blocks, block_size)
+  per_block = lambda w: jnp.take(w, block_expert, axis=0)
+  out = _swiglu_stacked(x_padded.reshape(num_blocks, block_size, -1),
+                        per_block(_stack_gate_up(experts)), per_block(experts['w_down']),
+                        lambda a, w: jnp.einsum('bsk,bkf->bsf', a, w))
+  return out.reshape(x_padded.shape[0], -1)
 
 
 def ragged_backend(x, ids, weights, valid, experts, *, impl='auto', block_size=128):
-  """Dropless: sort (token, slot) pairs by expert, grouped matmuls, unsort, combine."""
+  """Dropless: group the (token, slot) pairs by expert, run each group through its expert,
+  gather each pair's output back and combine. Gathers only (their gradients are the
+  scatter-adds); no per-pair scatter in the forward pass."""
   del valid
   if impl not in RAGGED_IMPLS:
     raise ValueError(f'config.model.moe.ragged_impl={impl!r} not in {RAGGED_IMPLS}')
   if impl == 'auto':
     # ragged_dot is about 9x slower than the block loop on CPU (measured, jax 0.10).
     impl = 'blocks' if target_platform() == 'cpu' else 'ragged_dot'
-  matmul = {'ragged_dot': _grouped_matmul_ragged_dot, 'blocks': _grouped_matmul_blocks}[impl]
   n, k = ids.shape
   num_experts = experts['w_gate'].shape[0]
-  flat_ids = ids.reshape(-1)
-  order = jnp.argsort(flat_ids, stable=True)
-  xs = x[order // k]
-  group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
-  h = jax.nn.silu(matmul(xs, experts['w_gate'], group_sizes, block_size))
-  h = h * matmul(xs, experts['w_up'], group_sizes, block_size)
-  ys = matmul(h, experts['w_down'], group_sizes, block_size)
-  # Rows with no local expert (id == E) are left out of the groups: zero them whatever the
-  # grouped matmul left there.
-  ys = jnp.where((flat_ids[order] < num_experts)[:, None], ys, 0)
-  unsorted = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
-  return jnp.einsum('nkd,nk->nd', unsorted, weights.astype(x.dtype)), jnp.int32(0)
+  order, rank, group_sizes, padded_pos, num_rows = _sorted_layout(ids, num_experts, block_size)
+  if impl == 'ragged_dot':
+    x_sorted = jnp.take(x, order // k, axis=0)
+    out = _experts_ragged_dot(x_sorted, experts, group_sizes)
+    # Rows with no local expert (id == E) sit past the groups: zero them whatever ragged_dot
+    # left there.
+    out = jnp.where((jnp.arange(n * k) < jnp.sum(group_sizes))[:, None], out, 0)
+    pair_out = jnp.take(out, rank, axis=0)
+  else:
+    # Each padded row's source token; empty rows read out of range and get zeros.
+    source = jnp.full((num_rows,), n, jnp.int32).at[padded_pos].set(
+        jnp.arange(n * k, dtype=jnp.int32) // k, mode='drop')
+    x_padded = jnp.take(x, source, axis=0, mode='fill', fill_value=0)
+    experts_fn = _experts_blocks if impl == 'blocks' else _experts_batched
+    out = experts_fn(x_padded, experts, group_sizes, block_size)
+    pair_out = jnp.take(out, padded_pos, axis=0, mode='fill', fill_value=0)
+  return jnp.einsum('nkd,nk->nd', pair_out.reshape(n, k, -1), weights.astype(x.dtype)), \
+      jnp.int32(0)
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
