@@ -282,8 +282,9 @@ def _cost(compiled) -> dict:
 
 
 def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, devices=None,
-                name: str = '') -> dict:
-  """Compiles make_train_step(...).jitted (AdamW) for `topology`; returns the report dict.
+                name: str = '', with_hlo: bool = False):
+  """Compiles make_train_step(...).jitted (AdamW) for `topology`; returns the report dict
+  (with_hlo: the pair (report, the compiled program's optimized HLO text)).
 
   seq_len 0 means config.model.llm.max_seq_len. devices: the topology's devices when the
   caller already has them. name: the config's name for the report.
@@ -315,10 +316,11 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
   compile_seconds = time.perf_counter() - start
 
   cost = _cost(compiled)
+  hlo_text = compiled.as_text()
   flops = model_flops(config, batch_size, seq_len)
   xla_flops = float(cost.get('flops', 0.0))
   trips = scan_trip_counts(config)
-  return {
+  report = {
       'config': name,
       'topology': topology,
       'device_kind': devices[0].device_kind,
@@ -351,12 +353,13 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
           'xla_flops_per_device: with scan_layers the XLA figure undercounts the step and the '
           'ratio is no measure of overhead (remat recomputation, padding, dispatch); '
           'model_flops excludes remat recomputation'),
-      'collectives_per_device': collective_bytes(compiled.as_text()),
+      'collectives_per_device': collective_bytes(hlo_text),
       'collectives_note': ('one device; count / bytes: each collective op in the compiled HLO '
                            'once, as written (an op in a scanned loop body once); '
                            'bytes_per_step: times the runs of its loop (trip counts read from '
                            'the loop conditions)'),
   }
+  return (report, hlo_text) if with_hlo else report
 
 
 def define_flags():

@@ -32,6 +32,7 @@ from skymoe_jax.model import factory
 from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.parallel import sharded_state
 from skymoe_jax.train import checkpoint as checkpoint_lib
+from skymoe_jax.train import optimizer as optimizer_lib
 from skymoe_jax.train import trainer
 
 
@@ -95,7 +96,7 @@ def import_workdir(config, out, clip=None, llm=None) -> dict:
 
   mesh = mesh_lib.create_mesh(config)
   model = factory.create_model(config)
-  tx = trainer.make_optimizer(config)
+  tx = optimizer_lib.for_run(config)
   state = sharded_state.create_train_state(config, model, tx, mesh, jax.random.key(config.seed))
   _, shardings = sharded_state.state_shardings(config, model, tx, mesh)
   params = _replace(state['params'], converted)

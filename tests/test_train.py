@@ -56,7 +56,7 @@ def _restore(config, workdir, step=None):
   model = factory.create_model(config)
   mesh = mesh_lib.create_mesh(config)
   abstract, shardings = sharded_state.state_shardings(config, model,
-                                                      trainer.make_optimizer(config), mesh)
+                                                      opt_lib.for_run(config), mesh)
   with ckpt_lib.Checkpointer(pathlib.Path(workdir) / 'checkpoints') as ckpt:
     step = ckpt.latest_step() if step is None else step
     state, data = ckpt.restore(step, ckpt_lib.abstract_like(abstract, shardings))
@@ -129,7 +129,7 @@ def stage2(runs):
   workdir = runs['root'] / 'straight' / 'stage2'
   summary = trainer.train(config, workdir)
   # The trainer's own starting point: the stage-I checkpoint (step STEPS) upcycled.
-  model, tx = factory.create_model(config), trainer.make_optimizer(config)
+  model, tx = factory.create_model(config), opt_lib.for_run(config)
   state = trainer.initial_state(config, model, tx, mesh_lib.create_mesh(config), workdir)
   return config, workdir, summary, jax.device_get(state['params'])
 

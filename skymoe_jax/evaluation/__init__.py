@@ -1,6 +1,3 @@
-"""Evaluation of the five RS tasks: metric functions (metrics.py) and the task registry with the
-per-granularity report (evaluators.py). Pure Python: nothing here imports JAX."""
-from skymoe_jax.evaluation.evaluators import (EVALUATORS, Evaluator, get_evaluator,
-                                              granularity_report)
-
-__all__ = ['EVALUATORS', 'Evaluator', 'get_evaluator', 'granularity_report']
+"""Evaluation of the five RS tasks: metric functions (metrics.py), the task registry with the
+per-granularity report (evaluators.py), batched KV-cache generation (generate.py) and the runner.
+Nothing is imported here, so generation loads without the captioning metrics' packages."""

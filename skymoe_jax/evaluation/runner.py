@@ -30,6 +30,7 @@ from skymoe_jax.model import factory
 from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.parallel import sharded_state
 from skymoe_jax.train import checkpoint as checkpoint_lib
+from skymoe_jax.train import optimizer as optimizer_lib
 
 DIALECT = 'geochat'  # the box dialect of the answers in our records
 
@@ -139,9 +140,8 @@ def _load_answers(path: pathlib.Path) -> Dict[str, Dict]:
 
 def restore_params(config, model, mesh, workdir: pathlib.Path, step: Optional[int] = None):
   """(step, params) of the workdir's checkpoint `step` (None: the latest), on the mesh."""
-  from skymoe_jax.train import trainer  # pylint: disable=import-outside-toplevel
   abstract, shardings = sharded_state.state_shardings(config, model,
-                                                      trainer.make_optimizer(config), mesh)
+                                                      optimizer_lib.for_run(config), mesh)
   with checkpoint_lib.Checkpointer(workdir / 'checkpoints') as ckpt:
     step = ckpt.latest_step() if step is None else step
     if step is None:

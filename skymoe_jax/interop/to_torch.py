@@ -277,19 +277,18 @@ def restore_params_only(config, workdir, step: Optional[int] = None, mesh=None):
   Only the parameters are read (an orbax partial restore): the optimizer state, twice the
   parameters' size with Adam, never comes off disk.
   """
-  # Imported here: the trainer brings in the input pipeline (tensorflow), which exporting an
-  # in-memory tree does not need.
+  # Imported here: exporting an in-memory tree needs none of the training code.
   # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp
   from skymoe_jax.model import factory
   from skymoe_jax.parallel import mesh as mesh_lib
   from skymoe_jax.parallel import sharded_state
   from skymoe_jax.train import checkpoint as checkpoint_lib
-  from skymoe_jax.train import trainer
+  from skymoe_jax.train import optimizer as optimizer_lib
   # pylint: enable=import-outside-toplevel
   mesh = mesh or mesh_lib.create_mesh(config)
   model = factory.create_model(config)
-  abstract, shardings = sharded_state.state_shardings(config, model, trainer.make_optimizer(config),
+  abstract, shardings = sharded_state.state_shardings(config, model, optimizer_lib.for_run(config),
                                                       mesh)
   directory = pathlib.Path(workdir).expanduser().resolve() / 'checkpoints'
   with checkpoint_lib.Checkpointer(directory) as ckpt:

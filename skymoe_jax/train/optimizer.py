@@ -161,3 +161,9 @@ def count_state(opt_state) -> tuple:
   """(number of array leaves, total elements) of an optimizer state."""
   leaves = jax.tree.leaves(opt_state)
   return len(leaves), sum(math.prod(x.shape) for x in leaves)
+
+
+def for_run(config):
+  """The optimizer of a training run: config.optimizer over the run's update steps."""
+  o = config.optimizer
+  return make_optimizer(o, max(config.train.total_steps // o.grad_accum_steps, 1))

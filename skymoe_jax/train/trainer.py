@@ -121,11 +121,6 @@ def init_workdir(config, workdir: pathlib.Path) -> pathlib.Path:
 
 # -- state --------------------------------------------------------------------------------------
 
-def make_optimizer(config):
-  o = config.optimizer
-  return optimizer_lib.make_optimizer(o, max(config.train.total_steps // o.grad_accum_steps, 1))
-
-
 def initial_state(config, model, tx, mesh, workdir: pathlib.Path):
   """A fresh state, or for stage II the upcycled stage-I parameters with a fresh optimizer."""
   rng = jax.random.key(config.seed)
@@ -136,7 +131,7 @@ def initial_state(config, model, tx, mesh, workdir: pathlib.Path):
   stage1 = ml_collections.ConfigDict(json.loads((source / CONFIG_FILE).read_text()))
   stage1_model = factory.create_model(stage1)
   abstract1, shardings1 = sharded_state.state_shardings(stage1, stage1_model,
-                                                        make_optimizer(stage1), mesh)
+                                                        optimizer_lib.for_run(stage1), mesh)
   with checkpoint_lib.Checkpointer(source / 'checkpoints') as ckpt:
     step = ckpt.latest_step()
     if step is None:
@@ -225,7 +220,7 @@ def train(config, workdir) -> Dict:
 
   mesh = mesh_lib.create_mesh(config)
   model = factory.create_model(config)
-  tx = make_optimizer(config)
+  tx = optimizer_lib.for_run(config)
   abstract, shardings = sharded_state.state_shardings(config, model, tx, mesh)
   step_fn = sharded_state.make_train_step(config, model, tx, mesh)
   builder = pipeline.BatchBuilder(config, tokenizer, jax.process_index(), jax.process_count(),
