@@ -72,11 +72,13 @@ def make_weights(shape, seed=0):
           'w_down': normal(e, f, d) / np.sqrt(f), 'w_router': normal(d, e) / np.sqrt(d)}
 
 
-def jax_moe(shape, w, backend, dtype, ragged_impl='auto', backends_module=backends):
-  """(forward fn, fwd+bwd step fn, args) of our layer: routing in fp32, experts in `dtype`."""
+def jax_moe(shape, w, backend, dtype, ragged_impl='auto', backends_module=None):
+  """(forward fn, fwd+bwd step fn, args) of our layer: routing in fp32, experts in `dtype`.
+  backends_module: skymoe_jax.moe.backends unless another version is given."""
   n, d, f, e, k = shape
   valid = jnp.ones((n,), bool)
-  dispatch = backends_module.get_backend(backend, capacity_factor=1.25, ragged_impl=ragged_impl)
+  dispatch = (backends_module or backends).get_backend(backend, capacity_factor=1.25,
+                                                       ragged_impl=ragged_impl)
 
   def forward(x, experts, w_router):
     routing = router.route(x.astype(jnp.float32) @ w_router, k, True, valid)
