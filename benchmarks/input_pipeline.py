@@ -26,7 +26,6 @@ import time
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # only the FLOP count uses jax (abstractly)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import numpy as np  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
