@@ -152,6 +152,9 @@ def bench_case(shape_name, backend, dtype_name, torch_impls, device, repeats, ra
                baseline=None):
   shape = SHAPES[shape_name]
   n, d, f, e, k = shape
+  if backend == 'ragged' and ragged_impl == 'auto':  # name what 'auto' picks on this platform
+    ragged_impl = 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'
+
   dtype = jnp.dtype(dtype_name)
   w = make_weights(shape)
   forward, step, args = jax_moe(shape, w, backend, dtype, ragged_impl)
