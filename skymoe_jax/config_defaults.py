@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
       backend='ragged',         # loop | dense | ragged | capacity
       ep_strategy='ring',       # expert parallelism over the mesh: ring | all_to_all | none
       capacity_factor=1.25,     # capacity backend only
-      ragged_impl='auto',       # ragged_dot | blocks | auto (blocks on CPU)
+      ragged_impl='auto',       # ragged_dot | blocks | batched | auto (blocks on CPU)
       ragged_block_size=128,
       adaptive=True,            # task + granularity bias on the router logits
       num_tasks=len(TASKS),

@@ -96,7 +96,7 @@ def _sorted_layout(ids, num_experts: int, block_size: int):
 
 @jax.custom_vjp
 def _block_matmul(blocks, w, block_expert, used):
-  """Grouped matmul over row blocks: out[b] = blocks[b] @ w[block_expert[b]] where used[b], else 0.
+  """Grouped matmul over row blocks: out[b] = blocks[b] @ w[block_expert[b]] if used[b], else 0.
 
   blocks: [B, S, K]; w: [G, K, F]. A loop over blocks (lax.map) with the unused ones skipped
   (lax.cond), so the work follows the rows actually routed. The backward pass is written out
@@ -224,8 +224,8 @@ def _experts_batched(x_padded, experts, group_sizes, block_size):
 
 def ragged_backend(x, ids, weights, valid, experts, *, impl='auto', block_size=128):
   """Dropless: group the (token, slot) pairs by expert, run each group through its expert,
-  gather each pair's output back and combine. Gathers only (their gradients are the
-  scatter-adds); no per-pair scatter in the forward pass."""
+  gather each pair's output back and combine. The rows move by gathers (their gradients are
+  the scatter-adds); only integer indices are scattered."""
   del valid
   if impl not in RAGGED_IMPLS:
     raise ValueError(f'config.model.moe.ragged_impl={impl!r} not in {RAGGED_IMPLS}')
