@@ -150,13 +150,6 @@ class Module:
     self._users, self._names = {}, {}
     # Runs per step: while bodies times the trip count read from their `i < N` condition
     # (None where a count cannot be read); 0 for computations never called from ENTRY.
-    # aot_compile reads the compare in the condition itself (as TPU compiles a scan); the CPU
-    # compiler wraps it in a small fusion, whose lines are appended to the condition's here.
-    conditions = {c for ls in lines.values() for l in ls
-                  for c in re.findall(r'condition=%?([\w.\-]+)', l)}
-    for c in conditions & set(lines):
-      called = [t for l in lines[c] for t in re.findall(r'calls=%?([\w.\-]+)', l)]
-      lines[c] = lines[c] + [l for t in called for l in lines.get(t, ())]
     self.runs = aot._executions(lines, self.entry)
     # Computations that are pieces of another instruction (fusion bodies, reducers, kernels'
     # bodies, loop conditions): their memory traffic is their caller's, not their own.

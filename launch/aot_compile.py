@@ -178,6 +178,14 @@ def _trip_count(condition_lines):
   return constants[0] if len(constants) == 1 and compares_lt else None
 
 
+def _condition_lines(comps, condition):
+  """A loop condition's lines and those of the computations it calls: the CPU compiler wraps
+  the `i < N` compare in a small fusion, TPU's leaves it in the condition itself."""
+  lines = list(comps.get(condition, ()))
+  called = [t for line in lines for t in re.findall(r'calls=%?([\w.\-]+)', line)]
+  return lines + [line for t in called for line in comps.get(t, ())]
+
+
 def _executions(comps, entry):
   """How often each computation runs per call of ENTRY (while bodies x their trip counts).
 
@@ -192,7 +200,7 @@ def _executions(comps, entry):
         times = 1
         if kind == 'body':
           condition = re.search(r'condition=%?([\w.\-]+)', line).group(1)
-          times = _trip_count(comps.get(condition, ()))
+          times = _trip_count(_condition_lines(comps, condition))
         for target in targets.split(','):
           callers.setdefault(target.strip().lstrip('%'), []).append((name, times))
 

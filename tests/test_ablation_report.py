@@ -1,24 +1,14 @@
 """benchmarks/ablation_report.py on hand-made run folders: seeds' mean +- std, mutual
 information of expert choice and task worked out by hand, claims and verdicts, output files."""
-import importlib.util
 import json
 import math
-import pathlib
 import re
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO, load_module
 
-
-def _load(path, name):
-  spec = importlib.util.spec_from_file_location(name, REPO / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-report_lib = _load('benchmarks/ablation_report.py', 'ablation_report')
+report_lib = load_module('benchmarks/ablation_report.py', 'ablation_report')
 ABLATIONS = REPO / 'configs/ablations.py'
 
 # Layer 0: vqa/local all on expert 0, vqa/mixed split evenly, counting/local all on expert 1.
@@ -146,7 +136,7 @@ def test_one_seed_binomial_spread():
 
 
 def test_sweep_lists_variants_seed_major():
-  ablations = _load('configs/ablations.py', 'ablations_config')
+  ablations = load_module('configs/ablations.py', 'ablations_config')
   runs = ablations.get_sweep('seeds=3')
   n = len(ablations.VARIANTS)
   assert len(runs) == 3 * n and [r['seed'] for r in runs[::n]] == [0, 1, 2]

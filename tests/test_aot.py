@@ -3,25 +3,12 @@
 The compile tests need libtpu (`pip install "jax[tpu]"`) and are skipped without it; the FLOP
 formula and the HLO collective parser are checked everywhere.
 """
-import importlib.util
-import sys
-
 import pytest
 
-from conftest import REPO, load_config
+from conftest import load_config, load_module
 from skymoe_jax import summary
 
-
-def _load_aot():
-  if 'aot_compile' not in sys.modules:
-    spec = importlib.util.spec_from_file_location('aot_compile', REPO / 'launch' / 'aot_compile.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules['aot_compile'] = module
-  return sys.modules['aot_compile']
-
-
-aot = _load_aot()
+aot = load_module('launch/aot_compile.py', 'aot_compile')
 
 TOPOLOGY = 'v5p:2x2x1'  # 4 chips
 BATCH, SEQ = 8, 32      # tiny: 16 image tokens + 16 text tokens

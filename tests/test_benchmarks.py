@@ -1,19 +1,13 @@
 """The benchmarks' measuring code at tiny sizes: each against its own independent check (HF
 Mixtral in torch, the recompute path, hand-counted FLOPs), so a benchmark can never report a fast
 wrong answer. Speeds themselves are measured by hand (benchmarks/), never asserted here."""
-import importlib.util
 import json
 
-import numpy as np
-
-from conftest import REPO, load_config
+from conftest import REPO, load_config, load_module
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(f'bench_{name}', REPO / 'benchmarks' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(f'benchmarks/{name}.py', f'bench_{name}')
 
 
 def test_moe_layer_case_agrees_with_hf_mixtral_and_times_the_baseline(monkeypatch):
@@ -85,4 +79,3 @@ def test_summary_traces_every_row_to_a_results_file(tmp_path):
   source['cases'][0]['projection']['projected_mfu'] = 0.123
   (tmp_path / 'tpu_projection_v5p.json').write_text(json.dumps(source))
   assert '12.3%' in summary.table(tmp_path)
-  assert np.isfinite(source['cases'][0]['projection']['model_over_compiled'])
