@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import REPO, load_module
+from conftest import REPO, load_config, load_module
 
 report_lib = load_module('benchmarks/ablation_report.py', 'ablation_report')
 ABLATIONS = REPO / 'configs/ablations.py'
@@ -80,6 +80,8 @@ def test_mean_std_and_claims(tmp_path):
   _run(root, {'model.moe.num_experts': '0', 'optimizer.trainable': "('decoder/.*/mlp/.*',)",
               'seed': '0'},
        _metrics(0.5, 0.5), routing=None)
+  _run(root, {'model.moe.num_experts': '1', 'model.moe.top_k': '1', 'model.moe.mlp_dim': '1024',
+              'seed': '0'}, _metrics(0.3, 0.5))
   out = tmp_path / 'out'
   result = report_lib.report(root, out, str(ABLATIONS))
 
@@ -110,18 +112,21 @@ def test_mean_std_and_claims(tmp_path):
   assert c2a['verdict'] == 'inconclusive (no spread)'
   # Two seeds against one: the evaluation sample's binomial SE.
   c1 = claims['1. ']
-  assert c1['effect'] == pytest.approx(0.55 - 0.5)
-  assert c1['spread_kind'].startswith('binomial') and c1['verdict'] == 'inconclusive'
-  assert result['variants']['dense']['mi']['task']['mean']['n'] == 0
+  assert c1['compare'].endswith('- dense (equal active)')
+  assert c1['effect'] == pytest.approx(0.55 - 0.4)
+  assert c1['spread_kind'].startswith('binomial')
+  c1b = claims['1b.']
+  assert c1b['effect'] == pytest.approx(0.55 - 0.5) and c1b['verdict'] == 'inconclusive'
+  assert result['variants'][report_lib.DENSE_STAGE1]['mi']['task']['mean']['n'] == 0
   assert claims['3d.']['verdict'] == 'not measured'  # no MoE-1 run
 
   text = (out / 'ablations.md').read_text()
   assert '| full (MoE-8, adaptive, CDA both) | 2 | ' in text
   assert '0.500 ± 0.141' in text
-  assert 'Not run: MoE-1, MoE-2' in text and '| dense | 1 |' in text
+  assert 'Not run: MoE-1, MoE-2' in text and '| dense (stage-I FFNs) | 1 |' in text
   assert (out / 'routing_mi.png').stat().st_size > 0
   saved = json.loads((out / 'ablations.json').read_text())
-  assert len(saved['runs']) == 6
+  assert len(saved['runs']) == 7
 
 
 def test_one_seed_binomial_spread():
@@ -143,4 +148,18 @@ def test_sweep_lists_variants_seed_major():
   assert runs[0] == {'seed': 0}
   assert ablations.variant_of({'model.moe.adaptive': 'False', 'seed': '2'}) == 'plain router'
   assert ablations.variant_of(
-      {'optimizer.trainable': "('decoder/.*/mlp/.*',)", 'model.moe.num_experts': '0'}) == 'dense'
+      {'optimizer.trainable': "('decoder/.*/mlp/.*',)", 'model.moe.num_experts': '0'}
+  ) == 'dense (stage-I FFNs)'
+  # The equal-active dense baseline: one expert of twice demo's FFN width.
+  demo = load_config('demo')
+  assert ablations.VARIANTS['dense (equal active)']['model.moe.mlp_dim'] == (
+      2 * demo.model.llm.mlp_dim)
+  claims = ablations.get_sweep('claims,seeds=2')
+  assert len(claims) == 2 * len(ablations.CLAIM_VARIANTS)
+  assert [ablations.variant_of(r) for r in claims[:len(ablations.CLAIM_VARIANTS)]] == list(
+      ablations.CLAIM_VARIANTS)
+  config = ablations.get_config('steps=300,eval=250')
+  assert (config.train.total_steps, config.train.eval_every, config.eval.max_samples) == (
+      300, 300, 250)
+  with pytest.raises(ValueError, match="'steps=0'"):
+    ablations.get_config('steps=0')

@@ -543,6 +543,32 @@ def test_upcycled_layer_equals_dense_mlp(variant):
     assert int(aux['num_dropped']) == 0
 
 
+def test_widened_single_expert_equals_dense_mlp_and_its_new_units_learn():
+  # One expert of twice the FFN's width: the dense baseline with top-2 MoE's active parameters.
+  x, mask, task, gran, dense, _ = _upcycle_setup()
+  f = UPCYCLE_F
+  mlp_params = meta.unbox(jax.jit(mlp_lib.MLP(f).init)(_key(0), x))['params']
+  layer = MoeFFN(1, 1, 2 * f, adaptive=False, backend='dense')
+  fresh = _random_params(layer, 12, x, mask, task, gran)
+  params = dict(fresh, **upcycle_mlp(mlp_params, 1, fresh=fresh))
+  np.testing.assert_array_equal(np.asarray(params['w_gate'][0, :, :f]),
+                                np.asarray(mlp_params['gate']['kernel']))
+  np.testing.assert_array_equal(np.asarray(params['w_up'][0, :, f:]),
+                                np.asarray(fresh['w_up'][0, :, f:]))
+  np.testing.assert_array_equal(np.asarray(params['w_down'][0, f:]), 0.0)
+  m = np.asarray(mask)
+  y = np.asarray(jax.jit(layer.apply)({'params': params}, x, mask, task, gran)[0], np.float64)
+  np.testing.assert_allclose(y[m], dense[m], atol=ATOL, rtol=RTOL)
+
+  def loss(p):
+    return jnp.sum(layer.apply({'params': p}, x, mask, task, gran)[0] ** 2)
+  grad = jax.jit(jax.grad(loss))(params)
+  assert np.abs(np.asarray(grad['w_down'][0, f:])).min() > 0.0  # the new units start learning
+  with pytest.raises(ValueError, match='width 8 cannot hold the FFN of width 16'):
+    upcycle_mlp(mlp_params, 1, fresh={k: v[..., :f // 2] if k != 'w_down' else v
+                                      for k, v in fresh.items()})
+
+
 def _adaptive_problem():
   e, top_k, f, nt, ng, c = 4, 2, 12, 3, 2, 4
   kw = dict(num_experts=e, top_k=top_k, mlp_dim=f, renormalize=True, backend='dense',

@@ -15,8 +15,11 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 from jax.experimental.compilation_cache import compilation_cache
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -285,6 +288,16 @@ def test_upcycled_model_computes_the_stage1_function(runs, stage2):
   assert aux2['moe'] is not None  # the MoE layers really ran
   # Padding tokens are not routed (the MoE leaves them at zero), so only real tokens compare.
   np.testing.assert_allclose(np.asarray(logits2)[mask], np.asarray(logits1)[mask], atol=1e-5,
+                             rtol=1e-5)
+  # A single expert twice the FFN's width (the ablations' dense baseline with top-2's active
+  # parameters) also starts as the stage-I function: its extra units are switched off.
+  wide = ml_collections.ConfigDict(c2.to_dict())
+  wide.model.moe.update(num_experts=1, top_k=1, mlp_dim=2 * c2.model.llm.mlp_dim)
+  fresh = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype),
+                       nn.unbox(factory.abstract_params(wide)))
+  widened = stages.upcycle(p1, c1.model, fresh, wide.model)
+  logits3, _ = jax.jit(factory.create_model(wide).apply)({'params': widened}, *inputs)
+  np.testing.assert_allclose(np.asarray(logits3)[mask], np.asarray(logits1)[mask], atol=1e-5,
                              rtol=1e-5)
 
 

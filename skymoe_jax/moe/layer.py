@@ -92,18 +92,34 @@ class MoeFFN(nn.Module):
     return y.reshape(b, t, d), aux
 
 
-def upcycle_mlp(mlp_params, num_experts: int):
+def upcycle_mlp(mlp_params, num_experts: int, fresh=None):
   """Expert weights for an MoE layer made from a dense SwiGLU FFN: each expert a copy.
 
   mlp_params: {'gate': {'kernel'}, 'up': {'kernel'}, 'down': {'kernel'}} of model.mlp.MLP,
   possibly with leading scanned-layer axes. Returns {'w_gate', 'w_up', 'w_down'} with the
   expert axis placed right before the kernel's own two dims.
+
+  fresh: the MoE layer's own initial {'w_gate', 'w_up', 'w_down'}, needed only when its experts
+  are wider than the FFN (model.moe.mlp_dim > llm.mlp_dim). Each expert's first hidden units
+  copy the FFN; the extra ones keep their fresh gate/up weights and get a zero down-projection,
+  so the layer still computes the FFN's function at the start while the extra units learn
+  (copies of the FFN's units would get identical gradients and stay copies).
   """
   def tile(kernel):
     expanded = jnp.expand_dims(kernel, axis=kernel.ndim - 2)
     reps = [1] * expanded.ndim
     reps[kernel.ndim - 2] = num_experts
     return jnp.tile(expanded, reps)
-  return {'w_gate': tile(mlp_params['gate']['kernel']),
-          'w_up': tile(mlp_params['up']['kernel']),
-          'w_down': tile(mlp_params['down']['kernel'])}
+  out = {'w_gate': tile(mlp_params['gate']['kernel']),
+         'w_up': tile(mlp_params['up']['kernel']),
+         'w_down': tile(mlp_params['down']['kernel'])}
+  width, expert_width = out['w_gate'].shape[-1], (
+      fresh['w_gate'].shape[-1] if fresh is not None else out['w_gate'].shape[-1])
+  if expert_width < width:
+    raise ValueError(f'experts of width {expert_width} cannot hold the FFN of width {width}')
+  if expert_width == width:
+    return out
+  return {'w_gate': jnp.concatenate([out['w_gate'], fresh['w_gate'][..., width:]], axis=-1),
+          'w_up': jnp.concatenate([out['w_up'], fresh['w_up'][..., width:]], axis=-1),
+          'w_down': jnp.concatenate(
+              [out['w_down'], jnp.zeros_like(fresh['w_down'][..., width:, :])], axis=-2)}

@@ -2,7 +2,8 @@
 
 Stage I trains a dense model (LoRA on W_q/W_v + projector). Stage II's model replaces the FFN of
 the chosen layers by an MoE whose experts all start as copies of that layer's stage-I FFN; the
-routers start from their fresh initialisation (the task/granularity bias starts at zero). With
+routers start from their fresh initialisation (the task/granularity bias starts at zero); experts
+wider than the FFN (model.moe.mlp_dim) keep fresh extra units that start switched off. With
 renormalised top-k weights the upcycled model computes exactly what the stage-I model did, since
 every expert is the same function and the weights sum to one.
 """
@@ -74,7 +75,11 @@ def upcycle(stage1_params: Dict, stage1_model_cfg, stage2_init: Dict, stage2_mod
     if i in moe_layers:
       mlp = layer.pop('mlp')
       router = {k: v for k, v in target['moe'].items() if not k.startswith('w_')}
-      layer['moe'] = dict(router, **upcycle_mlp(mlp, stage2_model_cfg.moe.num_experts))
+      try:
+        experts = upcycle_mlp(mlp, stage2_model_cfg.moe.num_experts, fresh=target['moe'])
+      except ValueError as e:
+        raise UpcycleError(f'decoder/layer_{i}/moe: {e} (model.moe.mlp_dim)') from e
+      layer['moe'] = dict(router, **experts)
     _check_same(f'decoder/layer_{i}', layer, target)
     layers[i] = layer
   out = {k: v for k, v in merged.items() if k != 'decoder'}
