@@ -46,6 +46,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+from launch import hlo  # noqa: E402  (text only: no jax)
 
 # --- TPU v5p peaks, per chip ---------------------------------------------------------------------
 # Cloud TPU documentation, "TPU v5p" system architecture table (cloud.google.com/tpu/docs/v5p):
@@ -78,94 +81,40 @@ MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 def load_aot():
   """launch/aot_compile.py (imported on first use: it sets up jax for TPU topologies)."""
-  if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
   from launch import aot_compile  # pylint: disable=g-import-not-at-top
   return aot_compile
 
 
 # --- Reading the optimized HLO -------------------------------------------------------------------
 
-# `[ROOT] %name = SHAPE opcode(OPERANDS), ATTRIBUTES`; SHAPE may be a tuple (as aot_compile._INSTR).
-_LINE = re.compile(r'^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$')
-# One array type with its layout, whose S(n) names a memory space other than HBM (n > 0).
-_ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?')
-_SPACE = re.compile(r'S\((\d+)\)')
-_OPERAND = re.compile(r'%([\w.\-]+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-
-Instr = collections.namedtuple('Instr', 'name shape opcode operands attrs root args')
-Array = collections.namedtuple('Array', 'dtype dims space')
-
-
-def _split_call(rest: str):
-  """'a, b), attrs' -> ('a, b', 'attrs'): the operand list ends at its matching parenthesis."""
-  depth = 1
-  for i, ch in enumerate(rest):
-    if ch == '(':
-      depth += 1
-    elif ch == ')':
-      depth -= 1
-      if depth == 0:
-        return rest[:i], rest[i + 1:]
-  return rest, ''
-
-
-def parse_instruction(line: str):
-  match = _LINE.match(line)
-  if not match:
-    return None
-  root, name, shape, opcode, rest = match.groups()
-  operands, attrs = _split_call(rest)
-  return Instr(name, shape, opcode, _OPERAND.findall(operands), attrs, bool(root), operands)
-
-
-def arrays(shape_text: str):
-  """The arrays of a (tuple) shape: dtype, dims, memory space (0 = HBM)."""
-  itemsize = load_aot()._ITEMSIZE
-  out = []
-  for dtype, dims, layout in _ARRAY.findall(shape_text):
-    if dtype in itemsize:
-      space = _SPACE.search(layout or '')
-      out.append(Array(dtype, tuple(int(d) for d in dims.split(',') if d),
-                       int(space.group(1)) if space else 0))
-  return out
-
-
-def nbytes(arrs, hbm_only=True) -> float:
-  itemsize = load_aot()._ITEMSIZE
-  return sum(itemsize[a.dtype] * math.prod(a.dims) for a in arrs if not hbm_only or a.space == 0)
 
 
 class Module:
   """A compiled HLO module: computations, their instructions, and how often each runs."""
 
   def __init__(self, hlo_text: str):
-    aot = load_aot()
-    lines, self.entry = aot._computations(hlo_text)
+    lines, self.entry = hlo.computations(hlo_text)
     if self.entry is None:
       raise ValueError('no ENTRY computation in the HLO text')
-    self.comps = {c: [i for i in map(parse_instruction, ls) if i] for c, ls in lines.items()}
+    self.comps = {c: [i for i in map(hlo.parse_instruction, ls) if i]
+                  for c, ls in lines.items()}
     self.shapes = {c: {i.name: i.shape for i in instrs} for c, instrs in self.comps.items()}
     self._users, self._names = {}, {}
     # Runs per step: while bodies times the trip count read from their `i < N` condition
     # (None where a count cannot be read); 0 for computations never called from ENTRY.
-    self.runs = aot._executions(lines, self.entry)
+    self.runs = hlo.executions(lines, self.entry)
     # Computations that are pieces of another instruction (fusion bodies, reducers, kernels'
     # bodies, loop conditions): their memory traffic is their caller's, not their own.
     self.inner = set()
-    self.callers = collections.defaultdict(list)  # computation -> [(caller computation, Instr)]
+    self.callers = collections.defaultdict(list)  # computation -> [(caller, hlo.Instr)]
     for c, instrs in self.comps.items():
       for i in instrs:
-        for kind, targets in re.findall(r'\b(calls|to_apply|condition|called_computations|body|'
-                                        r'branch_computations)=\{?(%[\w.\-]+(?:,\s*%[\w.\-]+)*)',
-                                        i.attrs):
-          for t in targets.split(','):
-            t = t.strip().lstrip('%')
-            self.callers[t].append((c, i))
-            if kind in ('to_apply', 'condition', 'called_computations') or (
-                kind == 'calls' and i.opcode == 'fusion'):
-              self.inner.add(t)
+        for kind, t in hlo.called(i.attrs):
+          self.callers[t].append((c, i))
+          if kind in ('to_apply', 'condition', 'called_computations') or (
+              kind == 'calls' and i.opcode == 'fusion'):
+            self.inner.add(t)
 
   def operand_shape(self, comp: str, name: str) -> str:
     return self.shapes.get(comp, {}).get(name, '')
@@ -199,7 +148,7 @@ class Module:
       self._names[comp] = {i.name: i for i in self.comps.get(comp, ())}
     return self._names[comp]
 
-  def op_name(self, comp: str, instr: Instr) -> str:
+  def op_name(self, comp: str, instr: hlo.Instr) -> str:
     """The instruction's source op_name, else that of the fusion that calls its computation."""
     seen = set()
     while True:
@@ -217,13 +166,6 @@ class Module:
 
 def _ints(text: str):
   return [int(x) for x in text.split(',') if x]
-
-
-def dot_flops(out_dims, lhs_dims, attrs: str) -> int:
-  """2 x output elements x the product of the lhs contracting dimensions."""
-  match = re.search(r'lhs_contracting_dims=\{([0-9,]*)\}', attrs)
-  contracted = math.prod(lhs_dims[d] for d in _ints(match.group(1))) if match else 1
-  return 2 * math.prod(out_dims) * contracted
 
 
 def _window(attrs: str, n: int) -> dict:
@@ -282,7 +224,7 @@ _FLOAT = ('bf16', 'f16', 'f32', 'f64', 'f8e4m3fn', 'f8e5m2', 'f8e4m3b11fnuz', 'f
           'f8e5m2fnuz')
 
 
-def grouped_matmul(instr: Instr, operand_shapes):
+def grouped_matmul(instr: hlo.Instr, operand_shapes):
   """(FLOPs, groups) of a grouped-matmul kernel (what ragged_dot lowers to on TPU), else None.
 
   Its float arrays are two matrices with a common row count M and one [G, K, N] stack of
@@ -293,8 +235,9 @@ def grouped_matmul(instr: Instr, operand_shapes):
   if instr.opcode != 'custom-call':
     return None
   match = re.search(r'operand_layout_constraints=\{(.*?)\}\s*(?:,\s*\w+=|$)', instr.attrs)
-  operands = arrays(match.group(1)) if match else [a for s in operand_shapes for a in arrays(s)]
-  floats = [a for a in operands + arrays(instr.shape) if a.dtype in _FLOAT]
+  operands = (hlo.arrays(match.group(1)) if match else
+              [a for s in operand_shapes for a in hlo.arrays(s)])
+  floats = [a for a in operands + hlo.arrays(instr.shape) if a.dtype in _FLOAT]
   mats = [a.dims for a in floats if len(a.dims) == 2]
   stacks = [a.dims for a in floats if len(a.dims) == 3]
   if len(mats) != 2 or len(stacks) != 1 or mats[0][0] != mats[1][0]:
@@ -337,16 +280,16 @@ def _loop_phase(m: Module, comp: str) -> str:
   return cache[comp]
 
 
-def hlo_flops(hlo, grouped_row_fraction=None) -> dict:
+def hlo_flops(program, grouped_row_fraction=None) -> dict:
   """Matmul FLOPs of one run of the compiled program (one device), loops times trip counts.
 
-  hlo: the optimized HLO text (compiled.as_text()) or a Module. grouped_row_fraction(groups):
+  program: the optimized HLO text (compiled.as_text()) or a Module. grouped_row_fraction(groups):
   the share of a grouped-matmul kernel's rows that belong to its groups (default 1: all rows).
   Returns FLOPs per kind (dot, convolution, grouped_matmul; grouped_matmul_all_rows), their
   total (and total_all_rows), a breakdown by (phase / area), the FLOPs as written, each loop
   body once (XLA's cost_analysis convention), and the kernels whose work is not known.
   """
-  m = hlo if isinstance(hlo, Module) else Module(hlo)
+  m = program if isinstance(program, Module) else Module(program)
   out = {'dot': 0, 'convolution': 0, 'grouped_matmul': 0, 'grouped_matmul_all_rows': 0,
          'dense_masked_weight_grad': 0, 'written_once': 0, 'unknown_runs': 0,
          'unknown_kernels': {}, 'by_area': {}}
@@ -357,11 +300,12 @@ def hlo_flops(hlo, grouped_row_fraction=None) -> dict:
       kind, flops, groups = None, 0, 1
       if i.opcode == 'dot':
         kind = 'dot'
-        flops = dot_flops(arrays(i.shape)[0].dims, arrays(operand_shapes[0])[0].dims, i.attrs)
+        flops = hlo.dot_flops(hlo.arrays(i.shape)[0].dims, hlo.arrays(operand_shapes[0])[0].dims,
+                          i.attrs)
       elif i.opcode == 'convolution':
         kind = 'convolution'
-        flops = conv_flops(arrays(i.shape)[0].dims, arrays(operand_shapes[0])[0].dims,
-                           arrays(operand_shapes[1])[0].dims, i.attrs)
+        flops = conv_flops(hlo.arrays(i.shape)[0].dims, hlo.arrays(operand_shapes[0])[0].dims,
+                           hlo.arrays(operand_shapes[1])[0].dims, i.attrs)
       elif i.opcode == 'custom-call':
         found = grouped_matmul(i, operand_shapes)
         if found:
@@ -418,7 +362,7 @@ def _read_bytes(m: Module, comp: str, name: str, full: float):
   total = 0.0
   for user, pos in uses:
     if user.opcode == 'dynamic-slice' and pos == 0:
-      part = nbytes(arrays(user.shape), hbm_only=False)
+      part = hlo.nbytes(hlo.arrays(user.shape), hbm_only=False)
     elif user.opcode == 'dynamic-update-slice' and pos == 0:
       part = 0.0  # updated in place: the update is counted with the result
     elif user.opcode == 'bitcast':
@@ -449,7 +393,8 @@ def _written_bytes(m: Module, comp: str, instr, full: float) -> float:
       comp = m.called(instr)
       instr = m.root(comp)
   if instr is not None and instr.opcode == 'dynamic-update-slice':
-    return min(full, nbytes(arrays(m.operand_shape(comp, instr.operands[1])), hbm_only=False))
+    return min(full, hlo.nbytes(hlo.arrays(m.operand_shape(comp, instr.operands[1])),
+                                hbm_only=False))
   return full
 
 
@@ -459,27 +404,27 @@ def _fusion_bytes(m: Module, fusion) -> float:
   total = 0.0
   for i in m.comps.get(fused, ()):
     if i.opcode == 'parameter':
-      full = nbytes(arrays(i.shape))  # 0 when the caller's operand sits in VMEM
+      full = hlo.nbytes(hlo.arrays(i.shape))  # 0 when the caller's operand sits in VMEM
       read = _read_bytes(m, fused, i.name, full) if full else 0.0
       total += full if read is None else read
   root = m.root(fused)
   elements = ([m.instr(fused, o) for o in root.operands] if root is not None
               and root.opcode == 'tuple' else [root])
-  results = arrays(fusion.shape)
+  results = hlo.arrays(fusion.shape)
   if len(results) != len(elements):  # cannot pair them up: count the whole result
-    return total + nbytes(results)
+    return total + hlo.nbytes(results)
   for result, element in zip(results, elements):
     if result.space == 0:
-      total += _written_bytes(m, fused, element, nbytes([result]))
+      total += _written_bytes(m, fused, element, hlo.nbytes([result]))
   return total
 
 
-def hlo_hbm_bytes(hlo) -> dict:
+def hlo_hbm_bytes(program) -> dict:
   """Estimated HBM bytes of one run of the program (one device): operands + results of each
   top-level instruction (fusions as a whole), times its computation's runs. Arrays in another
   memory space (S(1): VMEM, where the compiler prefetched them) are on chip and not counted;
   an async copy counts its HBM side once; a collective counts what it reads and writes."""
-  m = hlo if isinstance(hlo, Module) else Module(hlo)
+  m = program if isinstance(program, Module) else Module(program)
   total, unknown = 0.0, 0
   for comp, instrs in m.comps.items():
     if comp in m.inner:
@@ -490,19 +435,19 @@ def hlo_hbm_bytes(hlo) -> dict:
     for i in instrs:
       if i.opcode in _NO_TRAFFIC or 'AllocateBuffer' in i.attrs:
         continue
-      operands = [a for o in i.operands for a in arrays(m.operand_shape(comp, o))]
+      operands = [a for o in i.operands for a in hlo.arrays(m.operand_shape(comp, o))]
       if i.opcode == 'fusion':
         size = _fusion_bytes(m, i)
       elif i.opcode.endswith('-start'):  # copy-start, all-gather-start, ...: what it reads
-        size = nbytes(operands)
+        size = hlo.nbytes(operands)
       elif i.opcode.endswith('-done'):  # ... and what the matching -done writes
-        size = nbytes(arrays(i.shape))
+        size = hlo.nbytes(hlo.arrays(i.shape))
       elif i.opcode == 'dynamic-slice':
-        size = 2 * nbytes(arrays(i.shape))
+        size = 2 * hlo.nbytes(hlo.arrays(i.shape))
       elif i.opcode == 'dynamic-update-slice':
-        size = 2 * nbytes(arrays(m.operand_shape(comp, i.operands[1])))
+        size = 2 * hlo.nbytes(hlo.arrays(m.operand_shape(comp, i.operands[1])))
       else:
-        size = nbytes(operands) + nbytes(arrays(i.shape))
+        size = hlo.nbytes(operands) + hlo.nbytes(hlo.arrays(i.shape))
       if runs is None:
         unknown += 1
       else:
@@ -539,9 +484,9 @@ def _group_size(attrs: str, num_devices: int) -> int:
   return num_devices  # replica_groups={}: every device
 
 
-def ici_traffic(hlo, num_devices: int) -> dict:
+def ici_traffic(program, num_devices: int) -> dict:
   """Bytes one device sends over ICI per step, by collective kind (loops times trip counts)."""
-  m = hlo if isinstance(hlo, Module) else Module(hlo)
+  m = program if isinstance(program, Module) else Module(program)
   starts = {}  # async collectives: the -start carries the groups, the -done the result
   for instrs in m.comps.values():
     for i in instrs:
@@ -560,7 +505,8 @@ def ici_traffic(hlo, num_devices: int) -> dict:
       if runs is None:
         return {k: None for k in out} | {'total': None}
       n = _group_size(attrs, num_devices)
-      out[kind] += nbytes(arrays(i.shape), hbm_only=False) * _SEND_PER_RESULT_BYTE[kind](n) * runs
+      out[kind] += (hlo.nbytes(hlo.arrays(i.shape), hbm_only=False) *
+                    _SEND_PER_RESULT_BYTE[kind](n) * runs)
   out['total'] = sum(out.values())
   return out
 

@@ -33,6 +33,7 @@ import os
 import pathlib
 import re
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -48,6 +49,9 @@ from skymoe_jax.parallel import sharded_state
 from skymoe_jax.train import optimizer as optimizer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+from launch import hlo  # noqa: E402  (reading the compiled HLO text)
 
 # The demo's layout (4 decoder layers, MoE in 0 and 2, 64 image + 64 text tokens) at 2.7x its
 # width: the decoder's matmuls become [1024 tokens x 512] @ [512 x 1376] and the ViT's
@@ -119,45 +123,23 @@ def random_batch(config, seed: int = 0) -> dict:
 
 # --- The compiled module: what each instruction is -----------------------------------------------
 
-_HEADER = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s')
 _TABLE_ROW = re.compile(r'^(\d+)\s+(.*)$')
+_METADATA_TABLES = ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames')
 
 
-def _split_instruction(line: str):
-  """'[ROOT] %name = shape opcode(operands), attrs' -> (name, shape, opcode, operands, attrs,
-  is ROOT), or None for a line that is no instruction."""
-  line = line.strip()
-  root = line.startswith('ROOT ')
-  if root:
-    line = line[5:]
-  if ' = ' not in line:
-    return None
-  name, rest = line.split(' = ', 1)
-  if rest.startswith('('):  # tuple shape
-    depth = 0
-    for i, ch in enumerate(rest):
-      depth += ch == '('
-      depth -= ch == ')'
-      if depth == 0:
-        break
-    shape, rest = rest[:i + 1], rest[i + 2:]
-  else:
-    shape, _, rest = rest.partition(' ')
-  if '(' not in rest:
-    return None
-  opcode, rest = rest.split('(', 1)
-  depth, end = 1, len(rest)
-  for i, ch in enumerate(rest):
-    depth += (ch == '(') - (ch == ')')
-    if depth == 0:
-      end = i
-      break
-  return name.lstrip('%'), shape, opcode, rest[:end], rest[end + 1:], root
-
-
-def _dims(shape: str):
-  m = re.match(r'\w+\[([\d,]*)\]', shape)
-  return [int(x) for x in m.group(1).split(',') if x] if m else []
+def _metadata_tables(hlo_text: str) -> dict:
+  """The source-location tables compiled.as_text() appends: {table: {id: row text}}."""
+  tables, table = {name: {} for name in _METADATA_TABLES}, None
+  for line in hlo_text.splitlines():
+    if line in tables:
+      table = line
+      continue
+    row = _TABLE_ROW.match(line) if table else None
+    if row:
+      tables[table][int(row.group(1))] = row.group(2)
+    else:
+      table = None
+  return tables
 
 
 def parse_hlo(hlo_text: str) -> dict:
@@ -169,27 +151,9 @@ def parse_hlo(hlo_text: str) -> dict:
   computation, root (is its computation's result), index (of a get-tuple-element), body (of a
   while).
   """
-  tables = {'FileNames': {}, 'FunctionNames': {}, 'FileLocations': {}, 'StackFrames': {}}
-  computations, current, table = {}, None, None
-  for line in hlo_text.splitlines():
-    if line in tables:
-      table = line
-      continue
-    if table is not None:
-      row = _TABLE_ROW.match(line)
-      if row:
-        tables[table][int(row.group(1))] = row.group(2)
-        continue
-      table = None
-    if not line.strip():
-      continue
-    if not line.startswith(' ') and line.rstrip().endswith('{'):
-      header = _HEADER.match(line)
-      current = computations.setdefault(header.group(1), []) if header else None
-    elif line.startswith(' ') and current is not None:
-      parts = _split_instruction(line)
-      if parts:
-        current.append(parts)
+  tables = _metadata_tables(hlo_text)
+  lines, _ = hlo.computations(hlo_text)
+  computations = {c: [i for i in map(hlo.parse_instruction, ls) if i] for c, ls in lines.items()}
 
   def frame_source(frame_id):
     loc = tables['StackFrames'].get(frame_id, '')
@@ -207,41 +171,35 @@ def parse_hlo(hlo_text: str) -> dict:
 
   instructions, own = {}, {}
   for comp, rows in computations.items():
-    shapes = {name: shape for name, shape, *_ in rows}
+    shapes = {i.name: i.shape for i in rows}
     opcodes, flops = set(), 0
-    for name, shape, opcode, operands, attrs, root in rows:
-      opcodes.add(opcode)
-      called = re.findall(r'(?:calls|to_apply|body|condition|branch_computations)=\{?%?'
-                          r'([\w.\-]+(?:, %[\w.\-]+)*)', attrs)
-      called = [c.strip().lstrip('%') for group in called for c in group.split(',')]
+    for i in rows:
+      opcodes.add(i.opcode)
       dot = 0
-      if opcode == 'dot':
-        lhs = re.findall(r'%([\w.\-]+)', operands)[0]
-        contract = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', attrs)
-        lhs_dims = _dims(shapes.get(lhs, ''))
-        k = int(np.prod([lhs_dims[int(i)] for i in contract.group(1).split(',') if i]))
-        dot = 2 * int(np.prod(_dims(shape))) * k
+      if i.opcode == 'dot':
+        lhs = hlo.arrays(shapes.get(i.operands[0], ''))
+        dot = hlo.dot_flops(hlo.arrays(i.shape)[0].dims, lhs[0].dims if lhs else (), i.attrs)
         flops += dot
-      op_name = re.search(r'op_name="((?:[^"\\]|\\.)*)"', attrs)
-      frame = re.search(r'stack_frame_id=(\d+)', attrs)
-      index = re.search(r'\bindex=(\d+)', attrs)
-      body = re.search(r'\bbody=%?([\w.\-]+)', attrs)
-      instructions[name] = {
-          'opcode': opcode, 'op_name': op_name.group(1) if op_name else '',
+      op_name = re.search(r'op_name="((?:[^"\\]|\\.)*)"', i.attrs)
+      frame = re.search(r'stack_frame_id=(\d+)', i.attrs)
+      index = re.search(r'\bindex=(\d+)', i.attrs)
+      body = re.search(r'\bbody=%?([\w.\-]+)', i.attrs)
+      instructions[i.name] = {
+          'opcode': i.opcode, 'op_name': op_name.group(1) if op_name else '',
           'source': frame_source(int(frame.group(1))) if frame else '',
-          'calls': called, 'flops': dot, 'computation': comp,
-          'operands': re.findall(r'%([\w.\-]+)', operands),
-          'index': int(index.group(1)) if opcode == 'get-tuple-element' and index else None,
-          'body': body.group(1) if body else None, 'root': root}
+          'calls': [t for _, t in hlo.called(i.attrs)], 'flops': dot, 'computation': comp,
+          'operands': i.operands,
+          'index': int(index.group(1)) if i.opcode == 'get-tuple-element' and index else None,
+          'body': body.group(1) if body else None, 'root': i.root}
     own[comp] = (opcodes, flops)
 
   def closure(comp, seen):
     """Opcodes and dot FLOPs of a fused computation and the fusions nested in it."""
     ops, flops = own.get(comp, (set(), 0))
     ops = set(ops)
-    for name, *_ in computations.get(comp, ()):
-      for c in instructions[name]['calls']:
-        if c not in seen and instructions[name]['opcode'] == 'fusion':
+    for i in computations.get(comp, ()):
+      for c in instructions[i.name]['calls']:
+        if c not in seen and i.opcode == 'fusion':
           seen.add(c)
           sub_ops, sub_flops = closure(c, seen)
           ops |= sub_ops

@@ -7,6 +7,7 @@
   slurm.py     a SLURM GPU cluster (one sbatch script, srun per task)
   sweep.py     config-driven sweeps (get_sweep() in a config file) and their summary table
   aot_compile.py  the train step compiled ahead of time for a TPU topology (memory, FLOPs)
+  hlo.py       reading the compiled HLO text: computations, instructions, bytes, loop counts
 
 Every launcher takes --dry_run (print the exact commands, run nothing) and passes
 --config.FIELD=VALUE overrides through to the trainer unchanged.

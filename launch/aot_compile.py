@@ -13,7 +13,8 @@ import copy
 import json
 import math
 import os
-import re
+import pathlib
+import sys
 import time
 
 # Before jax is imported: plain CPU jax for everything but the topology (with libtpu installed and
@@ -22,6 +23,8 @@ import time
 # topology call fails with "ABORTED: Internal error when accessing libtpu multi-process lockfile".
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+if __name__ == '__main__':
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -29,6 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import optax  # noqa: E402
+
+from launch import hlo  # noqa: E402
 
 from skymoe_jax import config_defaults  # noqa: E402
 from skymoe_jax.summary import model_flops  # noqa: E402
@@ -131,100 +136,6 @@ def scan_trip_counts(config) -> dict:
 
 # --- Collectives in the compiled HLO -------------------------------------------------------------
 
-_ITEMSIZE = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 's32': 4,
-             'u32': 4, 's64': 8, 'u64': 8, 'f16': 2, 'bf16': 2, 'f32': 4, 'f64': 8,
-             'f8e4m3fn': 1, 'f8e5m2': 1, 'f8e4m3b11fnuz': 1, 'f8e4m3fnuz': 1, 'f8e5m2fnuz': 1,
-             'c64': 8, 'c128': 16}
-_ARRAY = re.compile(r'\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]')
-# `%name = SHAPE opcode(`, SHAPE being an array type or a (possibly nested) tuple of them.
-_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\(')
-
-
-def _shape_bytes(shape_text: str) -> int:
-  total = 0
-  for dtype, dims in _ARRAY.findall(shape_text):
-    if dtype in _ITEMSIZE:
-      total += int(_ITEMSIZE[dtype] * math.prod(int(d) for d in dims.split(',') if d))
-  return total
-
-
-_COMPUTATION = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*->.*\{\s*$')
-_CALLED = re.compile(r'\b(calls|body|condition|to_apply|branch_computations|called_computations)='
-                     r'\{?(%[\w.\-]+(?:,\s*%[\w.\-]+)*)\}?')
-_SCALAR_CONSTANT = re.compile(r'=\s*s32\[\]\S*\s+constant\((\d+)\)')
-
-
-def _computations(hlo_text: str):
-  """{name: [instruction lines]} and the ENTRY computation's name."""
-  comps, entry, current = {}, None, None
-  for line in hlo_text.splitlines():
-    header = _COMPUTATION.match(line)
-    if header:
-      current = header.group(2)
-      comps[current] = []
-      if header.group(1):
-        entry = current
-    elif line.startswith('}'):
-      current = None
-    elif current is not None:
-      comps[current].append(line)
-  return comps, entry
-
-
-def _trip_count(condition_lines):
-  """N for a loop condition `i < N` with one s32 constant (how scan loops from 0 compile)."""
-  constants = [int(c) for line in condition_lines for c in _SCALAR_CONSTANT.findall(line)]
-  compares_lt = any(' compare(' in line and 'direction=LT' in line for line in condition_lines)
-  return constants[0] if len(constants) == 1 and compares_lt else None
-
-
-def _condition_lines(comps, condition):
-  """A loop condition's lines and those of the computations it calls: the CPU compiler wraps
-  the `i < N` compare in a small fusion, TPU's leaves it in the condition itself."""
-  lines = list(comps.get(condition, ()))
-  called = [t for line in lines for t in re.findall(r'calls=%?([\w.\-]+)', line)]
-  return lines + [line for t in called for line in comps.get(t, ())]
-
-
-def _executions(comps, entry):
-  """How often each computation runs per call of ENTRY (while bodies x their trip counts).
-
-  None where a loop's trip count cannot be read from its condition; absent: never called.
-  """
-  callers = {}  # computation -> [(caller, times per run of the caller)]
-  for name, lines in comps.items():
-    for line in lines:
-      for kind, targets in _CALLED.findall(line):
-        if kind == 'condition':  # conditions hold no collectives; not counted
-          continue
-        times = 1
-        if kind == 'body':
-          condition = re.search(r'condition=%?([\w.\-]+)', line).group(1)
-          times = _trip_count(_condition_lines(comps, condition))
-        for target in targets.split(','):
-          callers.setdefault(target.strip().lstrip('%'), []).append((name, times))
-
-  runs = {}
-
-  def count(name, stack=()):
-    if name == entry:
-      return 1
-    if name not in runs:
-      if name in stack:
-        raise ValueError(f'HLO computation {name} calls itself')
-      total = 0
-      for caller, times in callers.get(name, ()):
-        parent = count(caller, stack + (name,))
-        if parent is None or times is None:
-          total = None
-          break
-        total += parent * times
-      runs[name] = total
-    return runs[name]
-
-  return {name: count(name) for name in comps}
-
-
 def collective_bytes(hlo_text: str) -> dict:
   """Per collective kind: the ops in the compiled HLO, and the bytes of their results.
 
@@ -234,19 +145,19 @@ def collective_bytes(hlo_text: str) -> dict:
   `bytes_per_step`: each op times the runs of its computation, loop bodies x the trip count
   read from the loop's `i < N` condition (None if some loop's count could not be read).
   """
-  comps, entry = _computations(hlo_text)
-  runs = _executions(comps, entry) if entry else {}
+  comps, entry = hlo.computations(hlo_text)
+  runs = hlo.executions(comps, entry) if entry else {}
   out = {k: {'count': 0, 'bytes': 0, 'bytes_per_step': 0} for k in COLLECTIVES}
   for name, lines in comps.items():
     for line in lines:
-      match = _INSTR.match(line)
-      if not match:
+      instr = hlo.parse_instruction(line)
+      if not instr:
         continue
-      shape, opcode = match.groups()
+      opcode = instr.opcode
       kind = opcode[:-len('-done')] if opcode.endswith('-done') else opcode
       if kind not in out:
         continue
-      size = _shape_bytes(shape)
+      size = hlo.nbytes(hlo.arrays(instr.shape), hbm_only=False)
       out[kind]['count'] += 1
       out[kind]['bytes'] += size
       times = runs.get(name, 0)  # 0: never called from ENTRY
