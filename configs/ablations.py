@@ -16,7 +16,7 @@ compare).
   python -m skymoe_jax.train --config=configs/ablations.py:stage1 --workdir=/tmp/skymoe_ablations/stage1
   python launch/sweep.py --config=configs/ablations.py:seeds=3 \
       --workdir_root=/tmp/skymoe_ablations/runs --local
-  python launch/sweep.py --config=configs/ablations.py:claims,seeds=3,steps=300,eval=300 \
+  python launch/sweep.py --config=configs/ablations.py:claims,seeds=4,steps=300,eval=300 \
       --workdir_root=/tmp/skymoe_ablations/long --local
   python benchmarks/ablation_report.py --workdir_root=/tmp/skymoe_ablations/runs
 
