@@ -196,3 +196,15 @@ def test_ablation_sweep_and_report_end_to_end(tmp_path, capfd, monkeypatch):
     assert rows[key]['effect'] is not None, rows[key]
   assert (tmp_path / 'out' / 'ablations.md').exists()
   assert (tmp_path / 'out' / 'routing_mi.png').stat().st_size > 0
+
+
+def test_readme_claims_rows_come_from_the_reports():
+  """README's Results tables are copied from the generated reports, never typed in."""
+  generated = set()
+  for path in (REPO / 'benchmarks/results').glob('ablations*/ablations.md'):
+    generated |= set(path.read_text().splitlines())
+  rows = [line for line in (REPO / 'README.md').read_text().splitlines()
+          if re.match(r'\| (1|1b|2a|2b|3a|3b|3c|3d)\. ', line)]
+  assert len(rows) >= 8
+  for row in rows:
+    assert row in generated, row
