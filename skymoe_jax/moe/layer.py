@@ -113,12 +113,12 @@ def upcycle_mlp(mlp_params, num_experts: int, fresh=None):
   out = {'w_gate': tile(mlp_params['gate']['kernel']),
          'w_up': tile(mlp_params['up']['kernel']),
          'w_down': tile(mlp_params['down']['kernel'])}
-  width, expert_width = out['w_gate'].shape[-1], (
-      fresh['w_gate'].shape[-1] if fresh is not None else out['w_gate'].shape[-1])
-  if expert_width < width:
-    raise ValueError(f'experts of width {expert_width} cannot hold the FFN of width {width}')
-  if expert_width == width:
+  width = out['w_gate'].shape[-1]
+  if fresh is None or fresh['w_gate'].shape[-1] == width:
     return out
+  if fresh['w_gate'].shape[-1] < width:
+    raise ValueError(f'experts of width {fresh["w_gate"].shape[-1]} cannot hold the FFN of '
+                     f'width {width}')
   return {'w_gate': jnp.concatenate([out['w_gate'], fresh['w_gate'][..., width:]], axis=-1),
           'w_up': jnp.concatenate([out['w_up'], fresh['w_up'][..., width:]], axis=-1),
           'w_down': jnp.concatenate(
