@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skymoe_jax import config_defaults
+from skymoe_jax import config as config_lib
 from skymoe_jax.evaluation import generate as generate_lib
 from skymoe_jax.model import factory
 
@@ -41,7 +41,7 @@ PAD_ID = 0
 def load_config(spec: str):
   """'path[:arg]' -> the config file's get_config(arg)."""
   path, _, arg = spec.partition(':')
-  return config_defaults.load_config_file(path, arg or None)
+  return config_lib.load_config_file(path, arg or None)
 
 
 def init_model(config, seed: int = 0):
@@ -113,7 +113,7 @@ def bench(config, batch: int, prompt_len: int, max_new_tokens: int, repeats: int
   """Both paths at one batch size: timings, throughput, speedup and whether the tokens agree."""
   if model is None:
     model, params = init_model(config)
-  nv = config_defaults.vision_tokens(config.model)
+  nv = config_lib.vision_tokens(config.model)
   seq_len = nv + prompt_len + max_new_tokens
   if seq_len > config.model.llm.max_seq_len:
     raise ValueError(f'{nv} image + {prompt_len} prompt + {max_new_tokens} new tokens = {seq_len}'
@@ -160,7 +160,7 @@ def main():
   config = load_config(args.config)
   model, params = init_model(config)
   device = str(jax.devices()[0].device_kind)
-  print(f'{args.config} on {device}: {config_defaults.vision_tokens(config.model)} image + '
+  print(f'{args.config} on {device}: {config_lib.vision_tokens(config.model)} image + '
         f'{args.prompt_len} prompt tokens, {args.max_new_tokens} new, greedy, '
         f'{config.model.dtype}', flush=True)
   print(f"{'batch':>5}  {'kv s/call':>10}  {'kv tok/s':>9}  {'recompute s/call':>16}  "

@@ -59,13 +59,13 @@ def make_data(cache: pathlib.Path, num_images: int, image_size: int, vocab: int)
 
 
 def make_config(config_file: str, data_dir, global_batch: int):
-  c = config_defaults.load_config_file(config_file)
+  c = config_lib.load_config_file(config_file)
   c.data.sources.synthetic = dict(data_dir=str(data_dir), split='train', weight=1.0,
                                   generate='')
   c.data.batch_size = global_batch
   c.data.local_views = True
   c.data.cda.enabled = True
-  config_defaults.validate(c)
+  config_lib.validate(c)
   return c
 
 
@@ -108,9 +108,9 @@ def measure(config, tok, num_hosts: int, parallel: int, warmup: int, steps: int)
 def needed_rate(config_file: str, global_batch: int, seq_len: int, num_chips: int,
                 chips_per_host: int, peak: float, mfu: float) -> dict:
   """Samples/s one host must deliver at the estimated step rate."""
-  c = config_defaults.load_config_file(config_file)
+  c = config_lib.load_config_file(config_file)
   c.data.batch_size = global_batch
-  c.data.text_len = seq_len - config_defaults.vision_tokens(c.model)
+  c.data.text_len = seq_len - config_lib.vision_tokens(c.model)
   flops = trainer.flops_per_step(c)
   step_seconds = flops / (num_chips * peak * mfu)
   hosts = num_chips // chips_per_host

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from skymoe_jax.model.mlp import swiglu
-from skymoe_jax.moe import backends, router
+from skymoe_jax.model.moe import backends, router
 
 SHAPES = {
     # tokens, model dim, ffn dim, experts, top-k

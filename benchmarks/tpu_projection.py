@@ -48,7 +48,7 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
-from launch import hlo  # noqa: E402  (text only: no jax)
+from skymoe_jax.profiling import hlo  # noqa: E402  (text only: no jax)
 
 # --- TPU v5p peaks, per chip ---------------------------------------------------------------------
 # Cloud TPU documentation, "TPU v5p" system architecture table (cloud.google.com/tpu/docs/v5p):
@@ -628,7 +628,7 @@ def compile_case(config_path, topology, mesh, batch_size, seq_len, save_dir) -> 
   """aot_compile for one case; returns (report, hlo text) and saves both under save_dir."""
   from skymoe_jax import config_defaults  # pylint: disable=g-import-not-at-top
   aot = load_aot()
-  config = config_defaults.load_config_file(config_path)
+  config = config_lib.load_config_file(config_path)
   config.mesh.update(mesh)
   report, hlo_text = aot.aot_compile(config, topology, batch_size, seq_len,
                                      name=pathlib.Path(config_path).name, with_hlo=True)

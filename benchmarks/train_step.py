@@ -41,17 +41,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skymoe_jax import config_defaults
+from skymoe_jax import config as config_lib
 from skymoe_jax import summary
 from skymoe_jax.model import factory
 from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.parallel import sharded_state
-from skymoe_jax.train import optimizer as optimizer_lib
+from skymoe_jax.training import optimizer as optimizer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
-from launch import hlo  # noqa: E402  (reading the compiled HLO text)
+from skymoe_jax.profiling import hlo  # noqa: E402  (reading the compiled HLO text)
 
 # The demo's layout (4 decoder layers, MoE in 0 and 2, 64 image + 64 text tokens) at 2.7x its
 # width: the decoder's matmuls become [1024 tokens x 512] @ [512 x 1376] and the ViT's
@@ -75,14 +75,14 @@ COMPONENTS = ('vision', 'attention', 'moe', 'dense_ffn', 'optimizer', 'other', '
 def make_config(name: str):
   """One of CONFIGS, with its overrides applied and checked like a command-line config."""
   path, arg, overrides = CONFIGS[name]
-  config = config_defaults.load_config_file(REPO / path, arg)
+  config = config_lib.load_config_file(REPO / path, arg)
   for field, value in overrides.items():
     *parents, leaf = field.split('.')
     node = config
     for p in parents:
       node = node[p]
     node[leaf] = value
-  config_defaults.validate(config)
+  config_lib.validate(config)
   return config
 
 
@@ -511,7 +511,7 @@ def bench(config, steps: int = 5, warmup: int = 1, profile_steps: int = 2,
   step_seconds = float(np.median(times))
 
   m, d = config.model, config.data
-  vision_tokens = config_defaults.vision_tokens(m)
+  vision_tokens = config_lib.vision_tokens(m)
   seq = vision_tokens + d.text_len
   flops = summary.model_flops(config, d.batch_size, seq)
   # An accelerator needs a bigger matmul to come near its peak: add 8192 there.

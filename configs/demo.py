@@ -6,11 +6,11 @@
                             'stage1', experts + routers trained, CDA edit rows in every batch
 Data: the synthetic aerial scenes (data_prep/make_synthetic.py), generated when missing.
 """
-from skymoe_jax import config_defaults
+from skymoe_jax import config as config_lib
 
 
 def get_config(arg=None):
-  c = config_defaults.base_config()
+  c = config_lib.base_config()
   m = c.model
   m.dtype = 'float32'  # bf16 matmuls are emulated (slow) on CPU
   m.vision.update(image_size=64, patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512)
@@ -25,10 +25,10 @@ def get_config(arg=None):
   c.optimizer.update(learning_rate=1e-3, warmup_fraction=0.05, grad_clip_norm=1.0)
   c.train.update(total_steps=400, log_every=25, checkpoint_every=200)
   c.eval.update(max_samples=200, max_new_tokens=32, batch_size=16)
-  config_defaults.apply_stage(c, arg or 'stage1', lora_rank=8, stage2_learning_rate=3e-4)
-  if c.train.stage == 'I':
+  config_lib.apply_stage(c, arg or 'stage1', lora_rank=8, stage2_learning_rate=3e-4)
+  if c.train.stage == 'stage1':
     c.optimizer.trainable = ()  # from scratch: everything learns
   else:
     c.train.total_steps = 250
-    c.data.cda.enabled = True  # stage II trains on CDA pairs (SPEC section 2)
+    c.data.cda.enabled = True  # stage II trains on CDA pairs (docs/design.md section 2)
   return c

@@ -5,11 +5,11 @@
   configs/tiny.py:stage2   stage II, upcycled from a sibling workdir 'stage1'
 Data: a small synthetic dataset, generated into data.synthetic.cache_dir when missing.
 """
-from skymoe_jax import config_defaults
+from skymoe_jax import config as config_lib
 
 
 def get_config(arg=None):
-  c = config_defaults.base_config()
+  c = config_lib.base_config()
   m = c.model
   m.dtype = 'float32'
   m.vision.update(image_size=32, patch_size=8, width=32, depth=3, num_heads=2, mlp_dim=64)
@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.optimizer.update(learning_rate=1e-3, warmup_fraction=0.1)
   c.train.update(total_steps=8, log_every=2, checkpoint_every=4)
   if arg:
-    config_defaults.apply_stage(c, arg, lora_rank=4, stage2_learning_rate=1e-3)
+    config_lib.apply_stage(c, arg, lora_rank=4, stage2_learning_rate=1e-3)
   return c
 
 

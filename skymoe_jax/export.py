@@ -16,7 +16,7 @@ from absl import app
 from absl import flags
 
 from skymoe_jax.interop import to_torch
-from skymoe_jax.train import trainer
+from skymoe_jax import cli
 
 _UNITS = {'': 1, 'B': 1, 'KB': 10 ** 3, 'MB': 10 ** 6, 'GB': 10 ** 9, 'KIB': 2 ** 10,
           'MIB': 2 ** 20, 'GIB': 2 ** 30}
@@ -44,8 +44,8 @@ def define_flags():
 
 
 def main(argv):
-  del argv
-  trainer.quiet_library_logs()
+  cli.check_no_arguments(argv)
+  cli.quiet_library_logs()
   f = flags.FLAGS
   info = to_torch.export_workdir(f.workdir, f.out, f.step, f.dtype, parse_size(f.max_shard_size),
                                  f.image_token_index)

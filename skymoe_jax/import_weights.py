@@ -1,5 +1,5 @@
-"""python -m skymoe_jax.import_weights --config=configs/<name>.py[:stage1] --out=DIR
-                                     [--clip=CLIP_DIR] [--llm=LLAMA_DIR_or_FILE.gguf]
+"""python -m skymoe_jax.import_weights --config=FILE:stage1 --workdir=DIR [--clip=CLIP_DIR]
+                                     [--llm=LLAMA_DIR_or_FILE.gguf] [--config.FIELD=VALUE ...]
 
 Makes a stage-I training workdir from pretrained Hugging Face weights, which
 `python -m skymoe_jax.train --config=<same config> --workdir=DIR` then continues from:
@@ -24,23 +24,21 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-from ml_collections import config_flags
 
-from skymoe_jax import config_defaults
-from skymoe_jax.interop import from_hf
+from skymoe_jax import cli
+from skymoe_jax import config as config_lib
+from skymoe_jax import workdir as workdir_lib
+from skymoe_jax.interop import from_hf, gguf
 from skymoe_jax.model import factory
 from skymoe_jax.parallel import mesh as mesh_lib
-from skymoe_jax.parallel import sharded_state
-from skymoe_jax.train import checkpoint as checkpoint_lib
-from skymoe_jax.train import optimizer as optimizer_lib
-from skymoe_jax.train import trainer
+from skymoe_jax.training import optimizer as optimizer_lib
+from skymoe_jax.training import state as state_lib
 
 
 def read_llm(path):
   """(state dict, prefix, lm_head name) of a LLaMA folder, checkpoint file or GGUF file."""
   path = pathlib.Path(path).expanduser()
   if path.suffix == '.gguf':
-    from skymoe_jax.interop import gguf  # pylint: disable=import-outside-toplevel
     return gguf.read_gguf(path), 'model.', 'lm_head.weight'
   sd = from_hf.open_checkpoint(path)
   prefix = from_hf.find_prefix(sd, 'embed_tokens.weight', 'LLaMA')
@@ -58,7 +56,7 @@ def convert_pretrained(model_cfg, clip=None, llm=None) -> dict:
     out['vision'] = from_hf.clip_vision_params(sd, model_cfg, prefix)
   if llm:
     if model_cfg.moe.num_experts > 0:
-      raise config_defaults.ConfigError(
+      raise config_lib.ConfigError(
           f'config.model.moe.num_experts={model_cfg.moe.num_experts}: pretrained weights go '
           'into a dense stage-I workdir (use the config\'s :stage1); stage II upcycles it')
     sd, prefix, head = read_llm(llm)
@@ -86,9 +84,9 @@ def _replace(params, converted, path=()):
 def import_workdir(config, out, clip=None, llm=None) -> dict:
   """Writes the stage-I workdir `out` (see the module docstring); returns a summary."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config_defaults.validate(config)
-  out = pathlib.Path(out).expanduser().resolve()
-  ckpt_dir = out / 'checkpoints'
+  factory.validate(config)
+  out = workdir_lib.resolve(out)
+  ckpt_dir = workdir_lib.checkpoint_dir(out)
   if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
     raise FileExistsError(f'{ckpt_dir} already holds checkpoints: import into a fresh workdir')
   converted = convert_pretrained(config.model, clip, llm)  # fails early, before any device work
@@ -97,23 +95,21 @@ def import_workdir(config, out, clip=None, llm=None) -> dict:
   mesh = mesh_lib.create_mesh(config)
   model = factory.create_model(config)
   tx = optimizer_lib.for_run(config)
-  state = sharded_state.create_train_state(config, model, tx, mesh, jax.random.key(config.seed))
-  _, shardings = sharded_state.state_shardings(config, model, tx, mesh)
-  params = _replace(state['params'], converted)
-  with mesh_lib.activate(mesh, config):
-    opt_state = jax.jit(tx.init, out_shardings=shardings['opt_state'])(params)
-  state = {'step': state['step'], 'params': params, 'opt_state': opt_state}
-  with checkpoint_lib.Checkpointer(ckpt_dir) as ckpt:
+  state = state_lib.create_train_state(config, model, tx, mesh, jax.random.key(config.seed))
+  _, shardings = state_lib.state_shardings(config, model, tx, mesh)
+  state = state_lib.replace_params(state, _replace(state['params'], converted), tx, mesh, config,
+                                   shardings)
+  with workdir_lib.Checkpointer(ckpt_dir) as ckpt:
     ckpt.save(0, state, {'next_step': 0, 'seed': config.seed}, force=True)
     ckpt.wait()
-  (out / trainer.CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + '\n')
+  workdir_lib.write_config(config, out)
 
   tokenizer = None
   if llm:
     llm_path = pathlib.Path(llm).expanduser()
     candidate = (llm_path if llm_path.is_dir() else llm_path.parent) / 'tokenizer.model'
     if candidate.exists():
-      tokenizer = out / f'{trainer.TOKENIZER}.model'
+      tokenizer = workdir_lib.tokenizer_path(out)
       shutil.copyfile(candidate, tokenizer)
     else:
       logging.warning('%s has no tokenizer.model: training will make its own tokenizer, whose '
@@ -124,21 +120,19 @@ def import_workdir(config, out, clip=None, llm=None) -> dict:
 
 def define_flags():
   """Flags exist only when run as a program, so tests can import this module next to others."""
-  config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
-                                  lock_config=False)
-  flags.DEFINE_string('out', None, 'The new workdir.')
+  cli.define_config_flag()
+  cli.define_workdir_flag('The new stage-I workdir.')
   flags.DEFINE_string('clip', None, 'HF CLIPVisionModel / CLIPModel folder or checkpoint file.')
   flags.DEFINE_string('llm', None, 'HF LlamaForCausalLM folder or checkpoint file, or a .gguf.')
-  flags.mark_flags_as_required(['config', 'out'])
 
 
 def main(argv):
-  del argv
-  trainer.quiet_library_logs()
+  cli.check_no_arguments(argv)
+  cli.quiet_library_logs()
   f = flags.FLAGS
   if not (f.clip or f.llm):
     raise app.UsageError('give --clip, --llm or both')
-  print(import_workdir(f.config, f.out, f.clip, f.llm))
+  print(import_workdir(f.config, f.workdir, f.clip, f.llm))
 
 
 if __name__ == '__main__':

@@ -4,10 +4,9 @@
 
 loads the config file twice (`:stage1` and `:stage2`), trains WORKDIR/stage1 then WORKDIR/stage2
 (each resumable: rerunning continues where it stopped), evaluates stage II's last checkpoint on
-the eval split, and prints the per-task table next to a best-constant-answer baseline. `--set`
-overrides a field of both stages, e.g. `--set=train.total_steps=50`.
+the eval split, and prints the per-task table next to a best-constant-answer baseline.
+`--config.FIELD=VALUE` overrides a field of both stages, e.g. `--config.train.total_steps=50`.
 """
-import ast
 import collections
 import json
 import pathlib
@@ -16,9 +15,12 @@ import time
 from absl import app
 from absl import flags
 
-from skymoe_jax import config_defaults
+from skymoe_jax import cli
+from skymoe_jax import config as config_lib
+from skymoe_jax import workdir as workdir_lib
+from skymoe_jax.data import sources
 from skymoe_jax.evaluation import runner
-from skymoe_jax.train import trainer
+from skymoe_jax.training import loop
 
 # Tasks scored by exact answer match, where a constant answer is a meaningful chance level.
 EXACT_MATCH_TASKS = ('scene_classification', 'vqa', 'counting')
@@ -27,25 +29,8 @@ EXACT_MATCH_TASKS = ('scene_classification', 'vqa', 'counting')
 
 def define_flags():
   """Only when run as a program: other entry points define --config too."""
-  flags.DEFINE_string('config', None, 'Config file with stage1 and stage2 variants.')
-  flags.DEFINE_string('workdir', None, 'Parent folder of the stage1 and stage2 workdirs.')
-  flags.DEFINE_multi_string('set', [], 'field=value overrides applied to both stages.')
-  flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def stage_config(path: str, stage: str, overrides=()):
-  config = config_defaults.load_config_file(path, stage)
-  for item in overrides:
-    field, _, value = item.partition('=')
-    node = config
-    *parents, leaf = field.split('.')
-    for p in parents:
-      node = node[p]
-    try:
-      node[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      node[leaf] = value  # a plain string
-  return config
+  cli.define_config_flag()
+  cli.define_workdir_flag('Parent folder of the stage1 and stage2 workdirs.')
 
 
 def constant_baseline(answers_file: pathlib.Path) -> dict:
@@ -59,16 +44,22 @@ def constant_baseline(answers_file: pathlib.Path) -> dict:
           for task, refs in by_task.items()}
 
 
-def run(path: str, workdir, overrides=()) -> dict:
-  workdir = pathlib.Path(workdir).expanduser().resolve()
+def run(path: str, workdir, overrides=None) -> dict:
+  """Both stages of config file `path` (its :stage1 and :stage2) with `overrides`
+  ({field: value}) into workdir/stage1 and workdir/stage2, then stage II's evaluation."""
+  if ':' in path:
+    raise config_lib.ConfigError(f'--config={path!r}: the recipe picks :stage1 and :stage2 itself; '
+                                 'give the file alone')
+  workdir = workdir_lib.resolve(workdir)
   times = {}
-  for stage in config_defaults.STAGES:
+  for stage in config_lib.STAGES:
     start = time.perf_counter()
-    trainer.train(stage_config(path, stage, overrides), workdir / stage)
+    loop.train(config_lib.load(f'{path}:{stage}', overrides), workdir / stage,
+               evaluate=runner.evaluate)
     times[stage] = time.perf_counter() - start
   start = time.perf_counter()
-  config = stage_config(path, 'stage2', overrides)
-  trainer.resolve_sources(config)
+  config = config_lib.load(f'{path}:stage2', overrides)
+  sources.resolve_sources(config)
   report = runner.evaluate(config, workdir / 'stage2')
   times['evaluation'] = time.perf_counter() - start
   baseline = constant_baseline(pathlib.Path(report['dir']) / 'answers.jsonl')
@@ -76,10 +67,9 @@ def run(path: str, workdir, overrides=()) -> dict:
 
 
 def main(argv):
-  del argv
-  trainer.quiet_library_logs()
-  f = flags.FLAGS
-  result = run(f.config, f.workdir, f.set)
+  cli.check_no_arguments(argv)
+  cli.quiet_library_logs()
+  result = run(cli.config_file(), flags.FLAGS.workdir, cli.config_overrides())
   print(runner.table(result['report']))
   print('best constant answer (accuracy): ' + ', '.join(
       f'{task} {acc:.3f}' for task, acc in sorted(result['baseline'].items())))

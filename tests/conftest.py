@@ -13,7 +13,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-from skymoe_jax import config_defaults  # noqa: E402
+from skymoe_jax import config as config_lib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,8 @@ def load_module(path: str, name: str):
 
 def load_config(name: str, arg=None):
   """configs/<name>.py's get_config(arg), loaded the way the command line loads it."""
-  return config_defaults.load_config_file(REPO / 'configs' / f'{name}.py', arg)
+  path = REPO / 'configs' / f'{name}.py'
+  return config_lib.load(f'{path}:{arg}' if arg else str(path))
 
 
 @pytest.fixture

@@ -27,11 +27,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from skymoe_jax import config_defaults  # noqa: E402
+from skymoe_jax import config as config_lib  # noqa: E402
 from skymoe_jax.model import factory  # noqa: E402
 from skymoe_jax.parallel import mesh as mesh_lib  # noqa: E402
 from skymoe_jax.parallel import multihost  # noqa: E402
-from skymoe_jax.parallel import sharded_state  # noqa: E402
+from skymoe_jax.training import state as state_lib  # noqa: E402
+from skymoe_jax.training import step as step_lib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
@@ -42,7 +43,7 @@ MESH = dict(data=2, fsdp=1, expert=4, tensor=1)
 
 
 def tiny_config():
-  config = config_defaults.load_config_file(REPO / 'configs' / 'tiny.py')
+  config = config_lib.load(str(REPO / 'configs' / 'tiny.py'))
   config.mesh.update(MESH)
   config.model.moe.update(ep_strategy='ring', backend='ragged', capacity_factor=8.0)
   return config
@@ -90,8 +91,8 @@ def train_losses(config, mesh, place_batch) -> list:
   # than threefry on CPU (29 s vs 42 s for these steps in one process); its bits may depend on
   # the layout, but every run compared uses the same mesh data=2 x expert=4 over 8 devices.
   rng = jax.random.key(SEED, impl='rbg')
-  state = sharded_state.create_train_state(config, model, tx, mesh, rng)
-  step = sharded_state.make_train_step(config, model, tx, mesh)
+  state = state_lib.create_train_state(config, model, tx, mesh, rng)
+  step = step_lib.make_train_step(config, model, tx, mesh)
   losses = []
   for i in range(STEPS):
     state, metrics = step(state, place_batch(global_batch(config, i)))

@@ -6,11 +6,12 @@ import optax
 import pytest
 
 from conftest import load_config
+from skymoe_jax import config as config_lib
 from skymoe_jax.model import factory
 from skymoe_jax.parallel import mesh as mesh_lib
-from skymoe_jax.parallel import sharded_state
-from skymoe_jax.train import checkpoint as ckpt_lib
-from skymoe_jax.train import optimizer as opt_lib
+from skymoe_jax import workdir as ckpt_lib
+from skymoe_jax.training import state as state_lib
+from skymoe_jax.training import optimizer as opt_lib
 
 DATA_STATE = {'next_step': 3, 'seed': 0, 'shard_offsets': [5, 7]}
 
@@ -19,7 +20,7 @@ def _setup(mesh_sizes, trainable=()):
   config = load_config('tiny')
   config.mesh.update(dict(data=1, fsdp=1, expert=1, tensor=1))
   config.mesh.update(mesh_sizes)
-  opt_cfg = opt_lib.optimizer_defaults()
+  opt_cfg = config_lib.optimizer_defaults()
   opt_cfg.update(learning_rate=1e-2, warmup_fraction=0.0, grad_accum_steps=2,
                  trainable=trainable)
   return config, factory.create_model(config), opt_lib.make_optimizer(opt_cfg, 10), \
@@ -51,7 +52,7 @@ def _assert_equal_trees(a, b):
 def saved(tmp_path_factory):
   """A tiny-model train state on data=8 (every leaf made distinct), saved at step 3."""
   config, model, tx, mesh = _setup(dict(data=8))
-  state = _filled(*sharded_state.state_shardings(config, model, tx, mesh))
+  state = _filled(*state_lib.state_shardings(config, model, tx, mesh))
   host = jax.device_get(state)
   directory = tmp_path_factory.mktemp('ckpt')
   with ckpt_lib.Checkpointer(directory, save_interval_steps=1) as ckpt:
@@ -63,7 +64,7 @@ def saved(tmp_path_factory):
 def test_round_trip_is_exact(saved):
   directory, host = saved
   config, model, tx, mesh = _setup(dict(data=8))
-  abstract, shardings = sharded_state.state_shardings(config, model, tx, mesh)
+  abstract, shardings = state_lib.state_shardings(config, model, tx, mesh)
   with ckpt_lib.Checkpointer(directory) as ckpt:  # a fresh manager, as after a restart
     assert ckpt.latest_step() == 3
     state, data = ckpt.restore(None, ckpt_lib.abstract_like(abstract, shardings))
@@ -77,7 +78,7 @@ def test_round_trip_is_exact(saved):
 def test_restore_onto_a_different_mesh(saved):
   directory, host = saved
   config, model, tx, mesh = _setup(dict(data=2, fsdp=2, expert=2))
-  abstract, shardings = sharded_state.state_shardings(config, model, tx, mesh)
+  abstract, shardings = state_lib.state_shardings(config, model, tx, mesh)
   with ckpt_lib.Checkpointer(directory) as ckpt:
     state, data = ckpt.restore(3, ckpt_lib.abstract_like(abstract, shardings))
   assert data == DATA_STATE
@@ -92,8 +93,8 @@ def test_restore_onto_a_different_mesh(saved):
 
 def test_frozen_state_round_trip_and_mismatch_names_the_paths(tmp_path):
   """Stage I: frozen leaves hold no state; adding or dropping a parameter is named on restore."""
-  config, model, tx, mesh = _setup(dict(data=2, expert=4), opt_lib.STAGE_I_TRAINABLE)
-  abstract, shardings = sharded_state.state_shardings(config, model, tx, mesh)
+  config, model, tx, mesh = _setup(dict(data=2, expert=4), config_lib.STAGE_I_TRAINABLE)
+  abstract, shardings = state_lib.state_shardings(config, model, tx, mesh)
   state = _filled(abstract, shardings)
   assert any(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(
       state['opt_state'], is_leaf=lambda x: isinstance(x, optax.MaskedNode)))

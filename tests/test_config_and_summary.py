@@ -6,12 +6,13 @@ import sys
 import pytest
 
 from conftest import REPO, load_config
-from skymoe_jax import config_defaults
-from skymoe_jax.summary import summarize
+from skymoe_jax import config as config_lib
+from skymoe_jax.model import factory
+from skymoe_jax.model.flops import count_params
 
 
 def test_skymoe_7b_summary_matches_hand_count():
-  s = summarize(load_config('skymoe_7b'))
+  s = count_params(load_config('skymoe_7b'))
   # CLIP ViT-L/14 at 504 px, blocks up to the penultimate (23 of 24) built.
   w, mlp = 1024, 4096
   vit_block = 2 * 2 * w + 4 * (w * w + w) + (w * mlp + mlp) + (mlp * w + w)
@@ -28,8 +29,8 @@ def test_skymoe_7b_summary_matches_hand_count():
   assert s['llm_params'] == llm
   assert s['total_params'] == vision + projector + llm
   assert s['active_params_per_token'] == vision + projector + llm - 16 * 6 * ffn
-  assert 22.0e9 < s['total_params'] < 22.5e9  # SPEC: about 22B in all
-  assert 9.2e9 < s['active_params_per_token'] < 9.4e9  # SPEC: 9.2-9.4B active
+  assert 22.0e9 < s['total_params'] < 22.5e9  # docs/design.md: about 22B in all
+  assert 9.2e9 < s['active_params_per_token'] < 9.4e9  # docs/design.md: 9.2-9.4B active
   assert s['vision_tokens'] == 1296
   assert s['moe_layers'] == list(range(0, 32, 2))
   assert (s['llm_layers'], s['num_experts'], s['top_k']) == (32, 8, 2)
@@ -64,11 +65,11 @@ def test_bad_field_is_named(field, value, message):
   for name in path:
     parent = parent[name]
   parent[leaf] = value
-  with pytest.raises(config_defaults.ConfigError, match=message.replace('(', r'\(').replace(
+  with pytest.raises(config_lib.ConfigError, match=message.replace('(', r'\(').replace(
       ')', r'\)')):
-    config_defaults.validate(config)
+    factory.validate(config)
 
 
 @pytest.mark.parametrize('name', ['tiny', 'demo', 'skymoe_7b'])
 def test_shipped_configs_are_valid(name):
-  config_defaults.validate(load_config(name))
+  factory.validate(load_config(name))

@@ -433,7 +433,7 @@ def test_neon_deepforest_data(tmp_path):
   if data is None:
     pytest.skip('deepforest not installed (pip install --no-deps deepforest==2.1.0)')
   summary = neon.convert(tmp_path / 'out', data_dir=data)
-  # SPEC section 5: 951 tree boxes; 4 distinct tiles (OSBS_029 ships as .tif and .png).
+  # docs/design.md section 5: 951 tree boxes; 4 distinct tiles (OSBS_029 ships as .tif and .png).
   assert summary['tiles'] == 4 and summary['boxes'] == 951 and summary['skipped'] == {}
   crops = _check_neon(tmp_path / 'out', summary)
   expected = sum(len(neon.crop_starts(w, 400)) * len(neon.crop_starts(h, 400))

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from skymoe_jax.data import records, tasks
-from skymoe_jax.evaluation import runner
-from skymoe_jax.train import trainer
+from skymoe_jax.data import records, sources, tasks
+from skymoe_jax.evaluation import chat, runner
+from skymoe_jax.training import loop
 
 
 @pytest.fixture(scope='module')
@@ -18,8 +18,8 @@ def run(tmp_path_factory):
   config.data.synthetic.cache_dir = str(root / 'cache')
   config.train.update(total_steps=2, log_every=1)
   config.eval.update(max_samples=6, max_new_tokens=6, batch_size=4)
-  trainer.train(config, root / 'run')
-  trainer.resolve_sources(config)
+  loop.train(config, root / 'run')
+  sources.resolve_sources(config)
   return config, root / 'run'
 
 
@@ -67,7 +67,6 @@ def test_table_lists_every_task(run):
 
 
 def test_chat_answers_a_question(run):
-  from skymoe_jax import chat  # pylint: disable=import-outside-toplevel
   config, workdir = run
   record = records.ShardReader(config.data.sources.synthetic.data_dir, 'validation').record(0)
   bot = chat.Chat(workdir, max_new_tokens=5)

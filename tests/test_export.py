@@ -24,7 +24,13 @@ from conftest import REPO, load_config  # noqa: E402
 from test_hf_parity import _perturb_vectors  # noqa: E402
 from skymoe_jax.interop import from_hf, to_torch, torch_model  # noqa: E402
 from skymoe_jax.model import factory, lora  # noqa: E402
-from skymoe_jax.train import checkpoint as checkpoint_lib  # noqa: E402
+from skymoe_jax import import_weights  # noqa: E402
+from skymoe_jax import workdir as workdir_lib  # noqa: E402
+from skymoe_jax.evaluation import generate  # noqa: E402
+from skymoe_jax.interop import gguf  # noqa: E402
+from skymoe_jax.model import layout  # noqa: E402
+from skymoe_jax.parallel import mesh as mesh_lib  # noqa: E402
+from skymoe_jax.training import optimizer as optimizer_lib  # noqa: E402
 
 TOL = 1e-4
 B, T = 2, 10
@@ -155,7 +161,7 @@ def test_table_names_every_parameter_once(name, arg, scan):
   for e in table:
     if e.path is None:
       continue
-    stored, index = from_hf.locate(config.model, e.path)
+    stored, index = layout.locate(config.model, e.path)
     leaf = from_hf.get_path(abstract, stored)
     index += (e.expert,) if e.expert is not None else ()
     assert leaf.shape[len(index):] == e.shape, e.name
@@ -363,10 +369,6 @@ def test_import_hf_folders_into_a_workdir_then_export(tmp_path):
   train state restores as the trainer restores it; our logits == HF CLIP -> our projector ->
   HF LLaMA. Then the workdir exports (params-only restore) to a folder that our PyTorch model
   and transformers' LLaVA both load with the same logits."""
-  from skymoe_jax import import_weights  # pylint: disable=import-outside-toplevel
-  from skymoe_jax.evaluation import runner  # pylint: disable=import-outside-toplevel
-  from skymoe_jax.model import factory as factory_lib  # pylint: disable=import-outside-toplevel
-  from skymoe_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   config = dense_config()
   # One device: orbax saves a state replicated over 8 forced CPU devices ~50x slower, and the
   # mesh is not what this test is about (test_checkpoint covers restoring onto other meshes).
@@ -392,13 +394,12 @@ def test_import_hf_folders_into_a_workdir_then_export(tmp_path):
   summary = import_weights.import_workdir(config, work, tmp_path / 'clip', tmp_path / 'llama')
   assert summary['converted'] == ['decoder', 'vision']
   assert (work / 'tokenizer.model').read_bytes() == b'not really sentencepiece'
-  saved = to_torch.read_workdir_config(work)
+  saved = workdir_lib.read_config(work)
   assert json.loads(saved.to_json()) == json.loads(config.to_json())
   with pytest.raises(FileExistsError):
     import_weights.import_workdir(config, work, tmp_path / 'clip', tmp_path / 'llama')
   # The full train state restores exactly as the trainer and the evaluator restore it.
-  step, params = runner.restore_params(saved, factory_lib.create_model(saved),
-                                       mesh_lib.create_mesh(saved), work)
+  step, params = workdir_lib.restore_params(saved, work, mesh=mesh_lib.create_mesh(saved))
   assert step == 0
   params = jax.tree.map(np.array, params)  # writable host copies
   np.testing.assert_array_equal(
@@ -434,7 +435,6 @@ def test_import_hf_folders_into_a_workdir_then_export(tmp_path):
 
 
 def test_import_refuses_an_moe_config_and_names_missing_tensors(tmp_path):
-  from skymoe_jax import import_weights  # pylint: disable=import-outside-toplevel
   config = load_config('tiny')
   with pytest.raises(ValueError, match='num_experts'):
     import_weights.convert_pretrained(config.model, llm=tmp_path)
@@ -454,12 +454,11 @@ def test_import_refuses_an_moe_config_and_names_missing_tensors(tmp_path):
 
 def _workdir_with_checkpoint(config, params, path):
   """A training workdir as the trainer leaves it, without training (random params)."""
-  from skymoe_jax.train import trainer  # pylint: disable=import-outside-toplevel
   path.mkdir(parents=True, exist_ok=True)
   (path / 'config.json').write_text(config.to_json_best_effort(indent=1))
-  tx = trainer.make_optimizer(config)
+  tx = optimizer_lib.for_run(config)
   state = {'step': np.int32(3), 'params': params, 'opt_state': tx.init(params)}
-  with checkpoint_lib.Checkpointer(path / 'checkpoints') as ckpt:
+  with workdir_lib.Checkpointer(path / 'checkpoints') as ckpt:
     ckpt.save(3, state, {'next_step': 3, 'seed': config.seed}, force=True)
     ckpt.wait()
 
@@ -486,7 +485,6 @@ def test_export_cli_with_verify(moe, tmp_path):
 
 @pytest.mark.slow
 def test_torch_generation_matches_jax_generation(moe):
-  from skymoe_jax.evaluation import generate  # pylint: disable=import-outside-toplevel
   config, params, out = moe
   args = inputs(config, seed=6)
   model = factory.create_model(config)
@@ -517,8 +515,6 @@ def _smollm2_gguf():
 def test_smollm2_gguf_decoder_matches_transformers():
   """Real weights: SmolLM2-135M (Q4_1 GGUF) imported into our decoder == transformers loading the
   same file, logits and greedy tokens."""
-  from skymoe_jax.interop import gguf  # pylint: disable=import-outside-toplevel
-  from skymoe_jax import import_weights  # pylint: disable=import-outside-toplevel
   path = _smollm2_gguf()
   sd = gguf.read_gguf(path)
   config = load_config('tiny', 'stage1')
@@ -556,7 +552,6 @@ def test_smollm2_gguf_decoder_matches_transformers():
 
 
 def test_gguf_truncated_file_names_the_tensor(tmp_path):
-  from skymoe_jax.interop import gguf  # pylint: disable=import-outside-toplevel
   if importlib.util.find_spec('gguf') is None:
     pytest.skip('the gguf package is not installed')
   import gguf as gguf_lib  # pylint: disable=import-outside-toplevel

@@ -1,7 +1,7 @@
 """launch/hlo.py on hand-written HLO text: computations, instructions, bytes, loop counts."""
 import pytest
 
-from launch import hlo
+from skymoe_jax.profiling import hlo
 
 # ENTRY runs a 5-step loop (its `i < 5` compare wrapped in a fusion, as the CPU compiler does);
 # the loop body holds a dot and a call to a reducer; `%unused` is never called.

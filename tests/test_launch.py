@@ -92,7 +92,7 @@ def test_overrides_reach_the_config_as_the_trainer_reads_them():
                                                  'optimizer.learning_rate': '0.5',
                                                  'data.template': 'llava_v1'})
   assert config.model.moe.layers == (0,) and config.seed == 3
-  assert config.optimizer.learning_rate == 0.5 and config.train.stage == 'I'
+  assert config.optimizer.learning_rate == 0.5 and config.train.stage == 'stage1'
   assert common.config_hash(config) != common.config_hash(common.load_config(TINY))
 
 

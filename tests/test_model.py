@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from skymoe_jax.model import factory, lora
-from skymoe_jax.model.decoder import block_period
+from skymoe_jax.model.layout import block_period
 from skymoe_jax.model.skymoe import positions_from_mask
 
 

@@ -14,8 +14,8 @@ import pytest
 from flax.core import meta
 
 from skymoe_jax.model import mlp as mlp_lib
-from skymoe_jax.moe import backends, router
-from skymoe_jax.moe.layer import MoeFFN, upcycle_mlp
+from skymoe_jax.model.moe import backends, router
+from skymoe_jax.model.moe.layer import MoeFFN, upcycle_mlp
 
 ATOL = 1e-5
 RTOL = 1e-5

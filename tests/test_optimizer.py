@@ -9,12 +9,13 @@ import optax
 import pytest
 
 from conftest import load_config
-from skymoe_jax.model import factory
-from skymoe_jax.train import optimizer as opt_lib
+from skymoe_jax import config as config_lib
+from skymoe_jax.model import factory, layout
+from skymoe_jax.training import optimizer as opt_lib
 
 
 def _cfg(**overrides):
-  cfg = opt_lib.optimizer_defaults()
+  cfg = config_lib.optimizer_defaults()
   cfg.update(overrides)
   return cfg
 
@@ -99,7 +100,7 @@ def tiny_params():
 
 
 def _paths(params, mask):
-  return sorted(opt_lib.param_path(p) for (p, _), m in zip(
+  return sorted(layout.param_path(p) for (p, _), m in zip(
       jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(mask)) if m)
 
 
@@ -113,16 +114,16 @@ STAGE_II = [f'decoder/blocks/layer_0/moe/{n}' for n in (
 
 
 def test_trainable_mask_on_the_tiny_model(tiny_params):
-  mask = opt_lib.trainable_mask(tiny_params, opt_lib.STAGE_I_TRAINABLE)
+  mask = opt_lib.trainable_mask(tiny_params, config_lib.STAGE_I_TRAINABLE)
   assert jax.tree.structure(mask) == jax.tree.structure(tiny_params)
   assert _paths(tiny_params, mask) == sorted(STAGE_I)
-  mask = opt_lib.trainable_mask(tiny_params, opt_lib.STAGE_II_TRAINABLE)
+  mask = opt_lib.trainable_mask(tiny_params, config_lib.STAGE_II_TRAINABLE)
   assert _paths(tiny_params, mask) == sorted(STAGE_II)
   assert all(jax.tree.leaves(opt_lib.trainable_mask(tiny_params, ())))
   # Boxed (logically partitioned) params give the same mask.
   boxed = factory.abstract_params(load_config('tiny'))
-  assert jax.tree.leaves(opt_lib.trainable_mask(boxed, opt_lib.STAGE_I_TRAINABLE)) == \
-      jax.tree.leaves(opt_lib.trainable_mask(tiny_params, opt_lib.STAGE_I_TRAINABLE))
+  assert jax.tree.leaves(opt_lib.trainable_mask(boxed, config_lib.STAGE_I_TRAINABLE)) == \
+      jax.tree.leaves(opt_lib.trainable_mask(tiny_params, config_lib.STAGE_I_TRAINABLE))
   with pytest.raises(ValueError, match=r"pattern '.\*/mooe/.\*' matches no parameter"):
     opt_lib.trainable_mask(tiny_params, ('.*/mooe/.*',))
 
@@ -137,8 +138,8 @@ def test_frozen_params_never_change_and_hold_no_state(tiny_params, accum):
   params = _real_params(tiny_params)
   common = dict(learning_rate=1e-2, warmup_fraction=0.0, weight_decay=0.1,
                 grad_accum_steps=accum)
-  tx = opt_lib.make_optimizer(_cfg(trainable=opt_lib.STAGE_I_TRAINABLE, **common), 10)
-  mask = opt_lib.trainable_mask(params, opt_lib.STAGE_I_TRAINABLE)
+  tx = opt_lib.make_optimizer(_cfg(trainable=config_lib.STAGE_I_TRAINABLE, **common), 10)
+  mask = opt_lib.trainable_mask(params, config_lib.STAGE_I_TRAINABLE)
   tx_full = opt_lib.make_optimizer(_cfg(**common), total_steps=10)
   state, full = tx.init(params), tx_full.init(params)
 
@@ -179,7 +180,7 @@ def test_opt_state_shardings_keep_frozen_leaves_empty(tiny_params):
   param_sh = jax.tree.map(
       lambda p: NamedSharding(mesh, jax.P('data') if p.shape[0] % 8 == 0 else jax.P()),
       tiny_params)
-  cfg = _cfg(grad_accum_steps=2, trainable=opt_lib.STAGE_II_TRAINABLE)
+  cfg = _cfg(grad_accum_steps=2, trainable=config_lib.STAGE_II_TRAINABLE)
   tx = opt_lib.make_optimizer(cfg, 10)
   abstract = jax.eval_shape(tx.init, tiny_params)
   replicated = NamedSharding(mesh, jax.P())

@@ -8,8 +8,10 @@ import pytest
 from conftest import load_config
 from skymoe_jax.model import factory
 from skymoe_jax.parallel import mesh as mesh_lib
-from skymoe_jax.parallel import sharded_state
-from skymoe_jax.train import loss as loss_lib
+from skymoe_jax.parallel import sharding
+from skymoe_jax.training import state as state_lib
+from skymoe_jax.training import step as step_lib
+from skymoe_jax.training import loss as loss_lib
 
 BATCH = 8
 TEXT = 6
@@ -72,7 +74,7 @@ def test_sharded_loss_and_grads_equal_unsharded(reference, mesh_sizes, strategy,
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *factory.example_inputs(config))[
       'params'])
   sharded_params = jax.device_put(params, mesh_lib.logical_to_sharding(boxed, mesh, config))
-  sharded_batch = jax.device_put(batch, sharded_state.batch_shardings(mesh, config))
+  sharded_batch = jax.device_put(batch, sharding.batch_shardings(mesh, config))
   grad_fn = jax.jit(jax.value_and_grad(
       lambda p, b: loss_lib.model_loss(p, model, b, config), has_aux=True))
   with mesh_lib.activate(mesh, config):
@@ -106,12 +108,12 @@ def _train_losses(config, params, steps=2, wrong_sharding_steps=()):
   mesh = mesh_lib.create_mesh(config)
   # SGD: updates linear in the gradients (Adam's m / sqrt(v) blows up float noise in ~0 grads).
   tx = optax.sgd(0.1, momentum=0.9)
-  state = sharded_state.create_train_state(config, model, tx, mesh, jax.random.key(1))
-  _, state_sh = sharded_state.state_shardings(config, model, tx, mesh)
+  state = state_lib.create_train_state(config, model, tx, mesh, jax.random.key(1))
+  _, state_sh = state_lib.state_shardings(config, model, tx, mesh)
   params = jax.device_get(params)  # host copy: the step donates (deletes) its input state
   state = dict(state, params=jax.device_put(params, state_sh['params']),
                opt_state=jax.device_put(tx.init(params), state_sh['opt_state']))
-  step = sharded_state.make_train_step(config, model, tx, mesh)
+  step = step_lib.make_train_step(config, model, tx, mesh)
   losses = []
   for i in range(steps):
     batch = _batch(config, seed=i)
@@ -204,7 +206,7 @@ def test_golden_partition_specs_and_nothing_large_replicated():
   config = _configured(dict(fsdp=2, expert=2, tensor=2))
   model = factory.create_model(config)
   mesh = mesh_lib.create_mesh(config)
-  abstract, shardings = sharded_state.state_shardings(config, model, optax.adamw(1e-3), mesh)
+  abstract, shardings = state_lib.state_shardings(config, model, optax.adamw(1e-3), mesh)
   specs = {jax.tree_util.keystr(path): tuple(s.spec) + (None,) * (len(leaf.shape) - len(s.spec))
            for (path, leaf), s in zip(
                jax.tree_util.tree_flatten_with_path(abstract['params'])[0],
@@ -225,12 +227,12 @@ def test_mesh_errors_name_the_problem():
   config = _configured(dict(expert=8))  # tiny has 4 experts
   model = factory.create_model(config)
   with pytest.raises(ValueError, match=r'config.model.moe.num_experts=4: must be a multiple '):
-    sharded_state.state_shardings(config, model, optax.adamw(1e-3),
+    state_lib.state_shardings(config, model, optax.adamw(1e-3),
                                   mesh_lib.create_mesh(config))
   config = _configured(dict(tensor=8))  # tiny has 2 KV heads
   model = factory.create_model(config)
   with pytest.raises(ValueError, match=r"\['attn'\]\['key'\]\['kernel'\].*cannot be split 8 ways"):
-    sharded_state.state_shardings(config, model, optax.adamw(1e-3),
+    state_lib.state_shardings(config, model, optax.adamw(1e-3),
                                   mesh_lib.create_mesh(config))
   config = _configured(dict(data=-1, expert=2))
   assert mesh_lib.create_mesh(config).shape == {'data': 4, 'fsdp': 1, 'expert': 2, 'tensor': 1}

@@ -24,15 +24,15 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from skymoe_jax import config_defaults
+from skymoe_jax import config as config_lib
 from skymoe_jax.data import pipeline
-from skymoe_jax.model import factory
+from skymoe_jax.model import factory, layout
 from skymoe_jax.parallel import mesh as mesh_lib
-from skymoe_jax.parallel import sharded_state
-from skymoe_jax.train import checkpoint as ckpt_lib
-from skymoe_jax.train import optimizer as opt_lib
-from skymoe_jax.train import stages
-from skymoe_jax.train import trainer
+from skymoe_jax import workdir as ckpt_lib
+from skymoe_jax.training import optimizer as opt_lib
+from skymoe_jax.training import loop
+from skymoe_jax.training import stages
+from skymoe_jax.training import state as state_lib
 
 STEPS = 24          # every stage-I run of the shared fixture
 STOP = STEPS // 2   # where the preempted run stops and resumes
@@ -51,14 +51,14 @@ def _config(stage, cache_dir, **train):
 
 
 def _metrics(workdir):
-  return [json.loads(line) for line in (pathlib.Path(workdir) / trainer.METRICS_FILE).open()]
+  return [json.loads(line) for line in (pathlib.Path(workdir) / ckpt_lib.METRICS_FILE).open()]
 
 
 def _restore(config, workdir, step=None):
   """(step, host copy of the train state, data state) of a workdir's checkpoint."""
   model = factory.create_model(config)
   mesh = mesh_lib.create_mesh(config)
-  abstract, shardings = sharded_state.state_shardings(config, model,
+  abstract, shardings = state_lib.state_shardings(config, model,
                                                       opt_lib.for_run(config), mesh)
   with ckpt_lib.Checkpointer(pathlib.Path(workdir) / 'checkpoints') as ckpt:
     step = ckpt.latest_step() if step is None else step
@@ -67,7 +67,7 @@ def _restore(config, workdir, step=None):
 
 
 def _leaves(tree):
-  return {opt_lib.param_path(p): np.asarray(x)
+  return {layout.param_path(p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -81,7 +81,7 @@ def _assert_bit_identical(a, b):
 def _sigterm_after(stop):
   """A MetricsLog.write that sends this process SIGTERM once step `stop` is logged: the
   trainer's own handler is installed then, so this is a preemption in the middle of a run."""
-  write = trainer.MetricsLog.write
+  write = loop.MetricsLog.write
 
   def patched(self, step, scalars, expert_load):
     write(self, step, scalars, expert_load)
@@ -113,14 +113,14 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp('train')
   config = _config('stage1', root / 'cache')
   out = {'root': root, 'config': config}
-  out['straight'] = trainer.train(config, root / 'straight' / 'stage1')
+  out['straight'] = loop.train(config, root / 'straight' / 'stage1')
   resumed = root / 'resumed' / 'stage1'
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(trainer.MetricsLog, 'write', _sigterm_after(STOP))
-    out['preempted'] = trainer.train(config, resumed)
+    mp.setattr(loop.MetricsLog, 'write', _sigterm_after(STOP))
+    out['preempted'] = loop.train(config, resumed)
   with ckpt_lib.Checkpointer(resumed / 'checkpoints') as ckpt:
     out['steps_at_preemption'] = ckpt.all_steps()
-  out['resumed'] = trainer.train(config, resumed)
+  out['resumed'] = loop.train(config, resumed)
   return out
 
 
@@ -130,10 +130,10 @@ def stage2(runs):
   config = _config('stage2', runs['root'] / 'cache', total_steps=2)
   config.model.moe.renormalize = True
   workdir = runs['root'] / 'straight' / 'stage2'
-  summary = trainer.train(config, workdir)
+  summary = loop.train(config, workdir)
   # The trainer's own starting point: the stage-I checkpoint (step STEPS) upcycled.
   model, tx = factory.create_model(config), opt_lib.for_run(config)
-  state = trainer.initial_state(config, model, tx, mesh_lib.create_mesh(config), workdir)
+  state = loop.initial_state(config, model, tx, mesh_lib.create_mesh(config), workdir)
   return config, workdir, summary, jax.device_get(state['params'])
 
 
@@ -161,7 +161,7 @@ def test_loss_decreases_and_metrics_are_logged(runs):
   ce = np.array([r['ce_loss'] for r in records])
   assert ce[-4:].mean() < ce[:4].mean() - 0.2, ce
   assert list(workdir.glob('events.out.tfevents*')), 'no TensorBoard events'
-  assert json.loads((workdir / trainer.CONFIG_FILE).read_text())['train']['total_steps'] == STEPS
+  assert json.loads((workdir / ckpt_lib.CONFIG_FILE).read_text())['train']['total_steps'] == STEPS
 
 
 def test_stage2_logs_moe_metrics(stage2):
@@ -214,9 +214,9 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import conftest  # the CPU/XLA environment, set before jax is imported
 from test_train import _config
-from skymoe_jax.train import trainer
+from skymoe_jax.training import loop
 config = _config('stage1', {cache!r}, total_steps=100000, checkpoint_every=100000)
-print('SUMMARY', json.dumps(trainer.train(config, {workdir!r})), flush=True)
+print('SUMMARY', json.dumps(loop.train(config, {workdir!r})), flush=True)
 """
 
 
@@ -230,7 +230,7 @@ def test_sigterm_saves_and_rerun_resumes(runs, tmp_path, compilation_cache_dir):
              **{name.upper(): str(value) for name, value in compilation_cache_dir.items()})
   proc = subprocess.Popen([sys.executable, '-c', code], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
-  metrics = workdir / trainer.METRICS_FILE
+  metrics = workdir / ckpt_lib.METRICS_FILE
   deadline = time.monotonic() + 540
   try:
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -254,8 +254,8 @@ def test_sigterm_saves_and_rerun_resumes(runs, tmp_path, compilation_cache_dir):
   assert all(np.isfinite(x).all() for x in _leaves(state['params']).values())
   # Rerunning the same call resumes there; stop it again one step later.
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(trainer.MetricsLog, 'write', _sigterm_after(step + 1))
-    again = trainer.train(config, workdir)
+    mp.setattr(loop.MetricsLog, 'write', _sigterm_after(step + 1))
+    again = loop.train(config, workdir)
   assert again['step'] == step + 1 and again['preempted']
   assert [r['step'] for r in _metrics(workdir)] == list(range(1, step + 2))
 
@@ -335,8 +335,8 @@ def test_bad_config_fails_before_anything_is_built(tmp_path, field, value):
     node = node[part]
   node[name] = value
   start = time.perf_counter()
-  with pytest.raises(config_defaults.ConfigError, match=re.escape(f'config.{field}=')):
-    trainer.train(config, tmp_path / 'run')
+  with pytest.raises(config_lib.ConfigError, match=re.escape(f'config.{field}=')):
+    loop.train(config, tmp_path / 'run')
   assert time.perf_counter() - start < 5  # no data, no tokenizer, no compile
   assert not (tmp_path / 'run').exists() and not (tmp_path / 'cache').exists()
 
@@ -357,8 +357,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_state(runs, monkeypatch):
     return batch
 
   monkeypatch.setattr(pipeline.DataIterator, '__next__', poisoned)
-  with pytest.raises(trainer.NonFiniteError, match=f'step {NAN_STEP}: loss nan'):
-    trainer.train(config, workdir)
+  with pytest.raises(loop.NonFiniteError, match=f'step {NAN_STEP}: loss nan'):
+    loop.train(config, workdir)
   monkeypatch.undo()
   step, state, data = _restore(config, workdir)
   assert step == NAN_STEP - 1 and data['next_step'] == NAN_STEP - 1
@@ -367,6 +367,6 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_state(runs, monkeypatch):
   logged = _metrics(workdir)
   assert [r['loss'] for r in logged] == [r['loss'] for r in straight[:NAN_STEP - 1]]
   # The saved state is exactly the good one: resuming reproduces the straight run.
-  assert trainer.train(config, workdir)['step'] == STEPS
+  assert loop.train(config, workdir)['step'] == STEPS
   _assert_bit_identical(_restore(config, workdir)[1],
                         _restore(config, root / 'straight' / 'stage1')[1])

@@ -23,6 +23,8 @@ import dataclasses
 import re
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+from skymoe_jax import registry
+
 
 class BoxParseError(ValueError):
   """A text holds no parsable box of a dialect, or a box with bad values; names both."""
@@ -136,10 +138,7 @@ DIALECTS = {d.name: d for d in (
 def get_dialect(dialect: Union[str, Dialect]) -> Dialect:
   if isinstance(dialect, Dialect):
     return dialect
-  try:
-    return DIALECTS[dialect]
-  except KeyError:
-    raise KeyError(f'unknown box dialect {dialect!r}; known: {sorted(DIALECTS)}') from None
+  return registry.lookup(DIALECTS, dialect, 'dialect', 'box dialect')
 
 
 def _frame(width: float, height: float, pad_to_square: bool):

@@ -1,4 +1,4 @@
-"""Context-disentangled augmentation (SPEC section 2): edits that change local facts of an image
+"""Context-disentangled augmentation (docs/design.md section 2): edits that change local facts of an image
 while its global scene stays, each with a regenerated question and answer.
 
   cutout    count-varying cutout: m of the n instances of one class are painted over with the

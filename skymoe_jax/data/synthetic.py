@@ -29,7 +29,7 @@ carry every object of the image in boxes/labels/colors. Ids are `syn-<split>-<in
                                                 (only objects unique in (class, position))
   presence  vqa                   mixed        Is there an airplane in the image? -> yes / no
 
-The granularities are those `tasks.classify` gives each prompt (SPEC section 4: presence is
+The granularities are those `tasks.classify` gives each prompt (docs/design.md section 4: presence is
 "other VQA", so mixed), so training and inference condition the router alike. Texts use a small
 vocabulary (a demo model with a 1024-piece tokenizer learns it).
 

@@ -1,7 +1,7 @@
 """The task-tag registry: prompt tags (and untagged prompts) -> (task, granularity) for the router.
 
-TASKS and GRANULARITIES are the router's vocabularies (config_defaults sizes the router from
-them); ids are indices into these tuples. Granularity (SPEC section 4): global for scene classification and captioning, local
+TASKS and GRANULARITIES are the router's vocabularies (config.py sizes the router from
+them); ids are indices into these tuples. Granularity (docs/design.md section 4): global for scene classification and captioning, local
 for grounding, counting and attribute VQA, mixed for other VQA.
 
 Tags are looked up at the start of the human turn, after an optional `<image>` line:
@@ -26,7 +26,7 @@ import dataclasses
 import re
 from typing import Optional, Tuple
 
-# The adaptive router's vocabularies (SPEC.md section 4).
+# The adaptive router's vocabularies (docs/design.md section 4).
 TASKS = ('scene_classification', 'vqa', 'grounding', 'captioning', 'counting')
 GRANULARITIES = ('global', 'local', 'mixed')
 

@@ -1,6 +1,6 @@
 """Chat templates as named data, their rendering into loss-masked pieces, and their hash.
 
-The GeoChat/LLaVA v1 template (SPEC section 4) renders a conversation as
+The GeoChat/LLaVA v1 template (docs/design.md section 4) renders a conversation as
 
   {system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
 
@@ -14,6 +14,8 @@ import dataclasses
 import hashlib
 import json
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+from skymoe_jax import registry
 
 
 class ConversationError(ValueError):
@@ -46,10 +48,7 @@ SPEAKERS = {'human': HUMAN, 'gpt': ASSISTANT, 'bot': ASSISTANT}
 
 
 def get_template(name: str) -> Template:
-  try:
-    return TEMPLATES[name]
-  except KeyError:
-    raise KeyError(f'unknown chat template {name!r}; known: {sorted(TEMPLATES)}') from None
+  return registry.lookup(TEMPLATES, name, 'config.data.template', 'chat template')
 
 
 def template_hash(template: Template) -> str:

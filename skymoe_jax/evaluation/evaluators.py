@@ -31,6 +31,7 @@ share are computed on that share alone, as a separate benchmark would be.
 """
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from skymoe_jax import registry
 from skymoe_jax.data import tasks
 from skymoe_jax.evaluation import metrics
 
@@ -38,6 +39,7 @@ from skymoe_jax.evaluation import metrics
 class Evaluator:
   """Scores a task's samples; subclasses fill `_score(samples) -> (metrics, per_sample)`."""
   task = ''
+  headline = ''  # the metric a one-line summary of this task reports
 
   def score(self, samples: Sequence[Mapping]) -> Dict:
     samples = list(samples)
@@ -64,6 +66,7 @@ def _references(sample: Mapping, index: int) -> list:
 
 class SceneClassificationEvaluator(Evaluator):
   task = 'scene_classification'
+  headline = 'accuracy'
 
   def _score(self, samples):
     correct = [metrics.scene_match(s['prediction'], _references(s, i))
@@ -73,6 +76,7 @@ class SceneClassificationEvaluator(Evaluator):
 
 class VQAEvaluator(Evaluator):
   task = 'vqa'
+  headline = 'accuracy'
 
   def _score(self, samples):
     correct = [metrics.vqa_match(s['prediction'], _references(s, i))
@@ -86,6 +90,7 @@ class GroundingEvaluator(Evaluator):
   """Acc@T for each threshold (hit: IoU >= T; 'correct' uses the first), mean IoU, parse
   failures; see metrics.grounding_iou for how several boxes are scored."""
   task = 'grounding'
+  headline = 'acc@0.5'
 
   def __init__(self, thresholds: Sequence[float] = (0.5, 0.25)):
     self.thresholds = tuple(thresholds)
@@ -119,6 +124,7 @@ class GroundingEvaluator(Evaluator):
 class CaptioningEvaluator(Evaluator):
   """meteor: 'auto' | 'java' | 'exact' (metrics.py); per sample BLEU-4, METEOR, ROUGE-L, CIDEr."""
   task = 'captioning'
+  headline = 'cider'
 
   def __init__(self, meteor: str = 'auto'):
     metrics.resolve_meteor(meteor)  # fail at construction on a bad choice
@@ -135,6 +141,7 @@ class CaptioningEvaluator(Evaluator):
 class CountingEvaluator(Evaluator):
   """The reference count is the first reference's (metrics.parse_count)."""
   task = 'counting'
+  headline = 'accuracy'
 
   def _score(self, samples):
     predicted, reference = [], []
@@ -161,9 +168,8 @@ EVALUATORS: Dict[str, Evaluator] = {name: cls() for name, cls in EVALUATOR_CLASS
 
 def get_evaluator(task: str, **options) -> Evaluator:
   """The registered evaluator of `task`; options build a new one (e.g. meteor='exact')."""
-  if task not in EVALUATOR_CLASSES:
-    raise KeyError(f'unknown task {task!r}; known tasks: {sorted(EVALUATOR_CLASSES)}')
-  return EVALUATOR_CLASSES[task](**options) if options else EVALUATORS[task]
+  cls = registry.lookup(EVALUATOR_CLASSES, task, 'task', 'task')
+  return cls(**options) if options else EVALUATORS[task]
 
 
 def _granularity(sample: Mapping, task: str, index: int) -> str:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from skymoe_jax import config_defaults
+from skymoe_jax import config as config_lib
 from skymoe_jax.model import factory
 from skymoe_jax.model.skymoe import SkyMoE, positions_from_mask
 from skymoe_jax.parallel import mesh as mesh_lib
@@ -217,7 +217,7 @@ def make_generate_fn(model: SkyMoE, config, max_new_tokens: int, eos_id: int, pa
                            keys, options, **static)
     return generate
 
-  config_defaults.validate_for_mesh(config, dict(mesh.shape))
+  config_lib.validate_for_mesh(config, dict(mesh.shape))
   boxed = jax.eval_shape(
       lambda: model.init(jax.random.key(0), *factory.example_inputs(config))['params'])
   param_sh = mesh_lib.logical_to_sharding(boxed, mesh, config)

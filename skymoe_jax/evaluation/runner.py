@@ -22,15 +22,12 @@ from typing import Dict, List, Optional
 import jax
 import numpy as np
 
-from skymoe_jax import config_defaults
-from skymoe_jax.data import image_ops, records, tasks, template as template_lib
+from skymoe_jax import workdir as workdir_lib
+from skymoe_jax.data import records, tasks, template as template_lib
 from skymoe_jax.data import tokenizer as tokenizer_lib
-from skymoe_jax.evaluation import evaluators, generate as generate_lib
-from skymoe_jax.model import factory
+from skymoe_jax.evaluation import evaluators, generate as generate_lib, prompts
+from skymoe_jax.model import factory, layout
 from skymoe_jax.parallel import mesh as mesh_lib
-from skymoe_jax.parallel import sharded_state
-from skymoe_jax.train import checkpoint as checkpoint_lib
-from skymoe_jax.train import optimizer as optimizer_lib
 
 DIALECT = 'geochat'  # the box dialect of the answers in our records
 
@@ -51,21 +48,6 @@ def eval_questions(config) -> List[Dict]:
 
 def _reference_answers(r: records.Record) -> List[str]:
   return list(r.meta.get('references') or [r.conversations[-1]['value']])
-
-
-def _prepare(question, config, tokenizer, template):
-  r = question['record']
-  image = image_ops.decode(r.image)
-  prompt = tokenizer.encode_prompt(template, r.conversations[:-1])
-  if len(prompt) > config.data.text_len:  # a cut prompt would be a different question
-    raise ValueError(f'question {question["question_id"]}: field conversations: the prompt has '
-                     f'{len(prompt)} tokens, more than config.data.text_len='
-                     f'{config.data.text_len}')
-  return {
-      'image': image_ops.normalize(image_ops.global_view(image, config.model.vision.image_size,
-                                                         config.data.pad_to_square)),
-      'prompt': prompt, 'height': image.shape[0], 'width': image.shape[1],
-  }
 
 
 class RoutingStats:
@@ -138,29 +120,16 @@ def _load_answers(path: pathlib.Path) -> Dict[str, Dict]:
   return done
 
 
-def restore_params(config, model, mesh, workdir: pathlib.Path, step: Optional[int] = None):
-  """(step, params) of the workdir's checkpoint `step` (None: the latest), on the mesh."""
-  abstract, shardings = sharded_state.state_shardings(config, model,
-                                                      optimizer_lib.for_run(config), mesh)
-  with checkpoint_lib.Checkpointer(workdir / 'checkpoints') as ckpt:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {workdir / "checkpoints"}')
-    state, _ = ckpt.restore(step, checkpoint_lib.abstract_like(abstract, shardings))
-  return step, state['params']
-
-
 def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
   """Evaluates `params` (default: the workdir's checkpoint `step`, or its latest)."""
-  workdir = pathlib.Path(workdir).expanduser().resolve()
-  config_defaults.validate(config)
-  tokenizer = tokenizer_lib.Tokenizer(workdir / 'tokenizer.model')
+  workdir = workdir_lib.resolve(workdir)
+  model = factory.create_model(config)
+  tokenizer = tokenizer_lib.Tokenizer(workdir_lib.tokenizer_path(workdir))
   template = template_lib.get_template(config.data.template)
   mesh = mesh_lib.create_mesh(config)
-  model = factory.create_model(config)
   if params is None:
-    step, params = restore_params(config, model, mesh, workdir, step)
-  out = workdir / 'eval' / str(step)
+    step, params = workdir_lib.restore_params(config, workdir, step, mesh)
+  out = workdir_lib.eval_dir(workdir, step)
   out.mkdir(parents=True, exist_ok=True)
 
   e = config.eval
@@ -183,15 +152,11 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
         todo = [q for q in chunk if q['question_id'] not in done]
         if not todo:
           continue
-        prepared = [_prepare(q, config, tokenizer, template) for q in todo]
-        rows = e.batch_size  # a fixed shape: one compilation; spare rows repeat the last
-        pick = [min(i, len(todo) - 1) for i in range(rows)]
-        images = np.stack([prepared[i]['image'] for i in pick])
-        tokens = np.zeros((rows, text_len), np.int32)
-        mask = np.zeros((rows, text_len), bool)
-        for row, i in enumerate(pick):
-          p = prepared[i]['prompt']
-          tokens[row, :len(p)], mask[row, :len(p)] = p, True
+        prepared = [prompts.prepare(q['record'].image, q['record'].conversations[:-1], config,
+                                    tokenizer, template, name=f'question {q["question_id"]}')
+                    for q in todo]
+        rows = e.batch_size
+        images, tokens, mask = prompts.pad_batch(prepared, rows, text_len)
         task_ids = np.full((rows,), tasks.task_id(task), np.int32)
         gran_ids = np.full((rows,), tasks.granularity_id(gran), np.int32)
         rng, key = jax.random.split(rng)
@@ -228,8 +193,7 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
             'tokenizer_hash': tokenizer.model_hash,
             'tasks': evaluators.granularity_report(dict(samples))}
   (out / 'metrics.json').write_text(json.dumps(report, indent=1) + '\n')
-  moe_layers = sorted(config.model.moe.layers) if config.model.moe.num_experts else []
-  routing_report = routing.report(moe_layers)
+  routing_report = routing.report(layout.moe_layers(config.model))
   if routing_report is not None:
     (out / 'routing.json').write_text(json.dumps(routing_report, indent=1) + '\n')
     plot_routing(routing_report, out / 'routing.png')
@@ -238,8 +202,6 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
   return report
 
 
-HEADLINE = {'scene_classification': 'accuracy', 'vqa': 'accuracy', 'grounding': 'acc@0.5',
-            'captioning': 'cider', 'counting': 'accuracy'}
 
 
 def table(report: Dict) -> str:
@@ -247,7 +209,7 @@ def table(report: Dict) -> str:
   lines = [f'{"task":22s} {"metric":10s} {"n":>5s} {"overall":>8s} {"global":>8s} '
            f'{"local":>8s} {"mixed":>8s}']
   for task, result in report['tasks'].items():
-    key = HEADLINE.get(task, 'accuracy')
+    key = evaluators.get_evaluator(task).headline
 
     def value(m):
       v = m.get(key)

@@ -3,9 +3,9 @@
 One name table serves both directions. `llava_table(model_cfg)` lists every tensor of the model
 as an `Entry`: its Hugging Face name, our parameter path in the *unrolled* layout
 (`layer_{i}` per vision block / decoder layer, one expert at a time), our shape, and how the two
-layouts differ (`kind`). `to_hf` / `from_hf_array` apply that difference; `locate` maps an
-unrolled path onto the scanned layout (a stacked leaf plus an index), and `vision_layout` /
-`decoder_layout` stack unrolled trees back. The export (to_torch.py) walks the same table.
+layouts differ (`kind`). `to_hf` / `from_hf_array` apply that difference; model/layout.py's
+`locate` maps an unrolled path onto the scanned layout (a stacked leaf plus an index), and its
+`stack_vision` / `stack_decoder` stack unrolled trees back. The export (to_torch.py) walks the same table.
 
 Names follow the LLaVA checkpoint convention that LlavaForConditionalGeneration loads
 (`vision_tower.vision_model.*` = CLIP, `multi_modal_projector.linear_{1,2}`,
@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from skymoe_jax.model.decoder import block_period
-from skymoe_jax.model.vit import num_feature_layers, resize_position_embedding
+from skymoe_jax.config import num_feature_layers
+from skymoe_jax.model import layout
+from skymoe_jax.model.vit import resize_position_embedding
 
 
 class ConversionError(ValueError):
@@ -151,10 +152,6 @@ def projector_table(model_cfg, prefix: str = 'multi_modal_projector.') -> List[E
           _linear(prefix + 'linear_2', ('fc2',), (d,), (d,), bias=True))
 
 
-def moe_layers(model_cfg) -> Tuple[int, ...]:
-  return tuple(sorted(model_cfg.moe.layers)) if model_cfg.moe.num_experts > 0 else ()
-
-
 def llama_table(model_cfg, prefix: str = 'model.', lm_head_name: str = 'lm_head.weight'
                 ) -> List[Entry]:
   """LlamaForCausalLM names (Mixtral names in MoE layers) -> params['decoder'] paths.
@@ -164,7 +161,7 @@ def llama_table(model_cfg, prefix: str = 'model.', lm_head_name: str = 'lm_head.
   llm, m = model_cfg.llm, model_cfg.moe
   d, h, hkv, dh, f = llm.embed_dim, llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.mlp_dim
   t = [Entry(prefix + 'embed_tokens.weight', ('embed',), (llm.vocab_size, d))]
-  moe = set(moe_layers(model_cfg))
+  moe = set(layout.moe_layers(model_cfg))
   for i in range(llm.num_layers):
     pre, at = f'{prefix}layers.{i}.', (f'layer_{i}',)
     t += _norm(pre + 'input_layernorm', at + ('attn_norm',), d, bias=False)
@@ -211,25 +208,6 @@ def llava_table(model_cfg, hf_only: bool = True) -> List[Entry]:
                                         'language_model.lm_head.weight')))
 
 
-# ---------------------------------------------------------------------- scanned <-> unrolled
-
-
-def locate(model_cfg, path: Tuple[str, ...]) -> Tuple[Tuple[str, ...], Tuple[int, ...]]:
-  """An unrolled path from the params root -> (path of the stored leaf, index into it).
-
-  Scanned vision blocks live in vision/layers/... with a leading block axis; scanned decoder
-  layer i in decoder/blocks/layer_{i % p}/... at index i // p (p = block_period).
-  """
-  if model_cfg.scan_layers and len(path) > 1 and path[1].startswith('layer_'):
-    i = int(path[1][len('layer_'):])
-    if path[0] == 'vision':
-      return ('vision', 'layers') + path[2:], (i,)
-    if path[0] == 'decoder':
-      p = block_period(model_cfg.llm.num_layers, moe_layers(model_cfg))
-      return ('decoder', 'blocks', f'layer_{i % p}') + path[2:], (i // p,)
-  return path, ()
-
-
 def get_path(tree, path):
   for key in path:
     if key not in tree:
@@ -242,36 +220,6 @@ def _set_path(tree, path, value):
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
-
-
-def _stack(trees):
-  """List of identically shaped trees -> one tree with a leading stacked axis on every leaf."""
-  if isinstance(trees[0], dict):
-    return {k: _stack([t[k] for t in trees]) for k in trees[0]}
-  return np.stack(trees)
-
-
-def vision_layout(tree: Dict, model_cfg) -> Dict:
-  """Unrolled vision tree (layer_{i}) -> the layout model_cfg's tower uses."""
-  if not model_cfg.scan_layers:
-    return tree
-  n = num_feature_layers(model_cfg.vision.depth, model_cfg.vision.feature_layer)
-  out = {k: v for k, v in tree.items() if not k.startswith('layer_')}
-  out['layers'] = _stack([tree[f'layer_{i}'] for i in range(n)])
-  return out
-
-
-def decoder_layout(tree: Dict, model_cfg) -> Dict:
-  """Unrolled decoder tree -> the layout model_cfg's decoder uses (as stages.stack_decoder_layers,
-  in numpy: nothing is placed on a device)."""
-  if not model_cfg.scan_layers:
-    return tree
-  n = model_cfg.llm.num_layers
-  p = block_period(n, moe_layers(model_cfg))
-  out = {k: v for k, v in tree.items() if not k.startswith('layer_')}
-  out['blocks'] = {f'layer_{j}': _stack([tree[f'layer_{i}'] for i in range(j, n, p)])
-                   for j in range(p)}
-  return out
 
 
 # ------------------------------------------------------------------------------ reading
@@ -336,7 +284,7 @@ def clip_vision_params(state_dict, model_cfg, prefix: str = 'vision_model.'):
   v = model_cfg.vision
   tree = read_table(state_dict, clip_vision_table(model_cfg, prefix), model_cfg.param_dtype,
                     positions_to=v.image_size // v.patch_size)
-  return vision_layout(tree, model_cfg)
+  return layout.stack_vision(tree, model_cfg)
 
 
 def llama_params(state_dict, model_cfg, prefix: str = 'model.',
@@ -351,7 +299,7 @@ def llama_params(state_dict, model_cfg, prefix: str = 'model.',
                      'and config.model.lora.rank=0 (upcycle / add LoRA after converting)')
   tree = read_table(state_dict, llama_table(model_cfg, prefix, lm_head_key),
                     model_cfg.param_dtype)
-  return decoder_layout(tree, model_cfg)
+  return layout.stack_decoder(tree, model_cfg)
 
 
 def llava_params(state_dict, model_cfg, dtype=None) -> Dict:
@@ -362,8 +310,9 @@ def llava_params(state_dict, model_cfg, dtype=None) -> Dict:
   position embedding must be the configured one (the export writes it so).
   """
   tree = read_table(state_dict, llava_table(model_cfg), dtype or model_cfg.param_dtype)
-  return {'vision': vision_layout(tree['vision'], model_cfg), 'projector': tree['projector'],
-          'decoder': decoder_layout(tree['decoder'], model_cfg)}
+  return {'vision': layout.stack_vision(tree['vision'], model_cfg),
+          'projector': tree['projector'],
+          'decoder': layout.stack_decoder(tree['decoder'], model_cfg)}
 
 
 # ------------------------------------------------------------------------ checkpoint files

@@ -35,9 +35,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from skymoe_jax import workdir as workdir_lib
+from skymoe_jax.config import num_feature_layers
 from skymoe_jax.interop import from_hf
-from skymoe_jax.model import lora
-from skymoe_jax.model.vit import num_feature_layers
+from skymoe_jax.model import factory, layout, lora
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
@@ -125,7 +126,7 @@ def _check_params(params, model_cfg, table):
   for e in table:
     if e.path is None:
       continue
-    stored, index = from_hf.locate(model_cfg, e.path)
+    stored, index = layout.locate(model_cfg, e.path)
     covered.add(stored)
     try:
       leaf = from_hf.get_path(params, stored)
@@ -180,7 +181,7 @@ def hf_config(model_cfg, dtype: str = 'float32', image_token_index: int = 0,
             'lora_merged_from_rank': int(model_cfg.lora.rank),
             'layout': 'image tokens first, then text; features of the last exported vision block '
                       'without CLS',
-            'moe_layers': list(from_hf.moe_layers(model_cfg))}
+            'moe_layers': list(layout.moe_layers(model_cfg))}
   skymoe.update(extra or {})
   return {
       'architectures': ['LlavaForConditionalGeneration' if dense else
@@ -206,7 +207,7 @@ def export_tensors(params, model_cfg, dtype: str = 'float32') -> List[Tensor]:
     def fetch(e=e):
       if e.kind in ('ones', 'zeros'):
         return (np.ones if e.kind == 'ones' else np.zeros)(e.shape, np_dtype)
-      stored, index = from_hf.locate(model_cfg, e.path)
+      stored, index = layout.locate(model_cfg, e.path)
       if e.expert is not None:
         index += (e.expert,)
       a = from_hf.get_path(params, stored)
@@ -263,51 +264,6 @@ def export_params(params, model_cfg, out, dtype: str = 'float32',
 # ------------------------------------------------------------------------- from a workdir
 
 
-def read_workdir_config(workdir) -> ml_collections.ConfigDict:
-  """The config the trainer wrote into the workdir."""
-  path = pathlib.Path(workdir) / 'config.json'
-  if not path.exists():
-    raise FileNotFoundError(f'{path}: not a training workdir (no config.json)')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def restore_params_only(config, workdir, step: Optional[int] = None, mesh=None):
-  """(step, params) of a workdir checkpoint, laid out on the mesh as in training.
-
-  Only the parameters are read (an orbax partial restore): the optimizer state, twice the
-  parameters' size with Adam, never comes off disk.
-  """
-  # Imported here: exporting an in-memory tree needs none of the training code.
-  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp
-  from skymoe_jax.model import factory
-  from skymoe_jax.parallel import mesh as mesh_lib
-  from skymoe_jax.parallel import sharded_state
-  from skymoe_jax.train import checkpoint as checkpoint_lib
-  from skymoe_jax.train import optimizer as optimizer_lib
-  # pylint: enable=import-outside-toplevel
-  mesh = mesh or mesh_lib.create_mesh(config)
-  model = factory.create_model(config)
-  abstract, shardings = sharded_state.state_shardings(config, model, optimizer_lib.for_run(config),
-                                                      mesh)
-  directory = pathlib.Path(workdir).expanduser().resolve() / 'checkpoints'
-  with checkpoint_lib.Checkpointer(directory) as ckpt:
-    step = ckpt.latest_step() if step is None else int(step)
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {directory}')
-    ckpt.check_matches(step, abstract)  # a config/checkpoint mismatch names the parameter
-  target = {'params': checkpoint_lib.abstract_like(abstract['params'], shardings['params'])}
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  manager = ocp.CheckpointManager(directory,
-                                  item_handlers={'state': ocp.PyTreeCheckpointHandler()})
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True)))
-  finally:
-    manager.close()
-  return step, restored['state']['params']
-
-
 def image_token_id(tokenizer_path) -> int:
   """The tokenizer's `<image>` piece when it has one (ours do), else its unk id (LLaMA's
   tokenizer.model has none; unk never appears in text that byte fallback encodes)."""
@@ -321,10 +277,10 @@ def export_workdir(workdir, out, step: Optional[int] = None, dtype: str = 'float
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                    image_token_index: Optional[int] = None) -> Dict:
   """Exports a training workdir's checkpoint (default its latest) to `out`."""
-  workdir = pathlib.Path(workdir).expanduser().resolve()
-  config = read_workdir_config(workdir)
-  step, params = restore_params_only(config, workdir, step)
-  tokenizer = workdir / 'tokenizer.model'
+  workdir = workdir_lib.resolve(workdir)
+  config = workdir_lib.read_config(workdir)
+  step, params = workdir_lib.restore_params(config, workdir, step)
+  tokenizer = workdir_lib.tokenizer_path(workdir)
   if image_token_index is None:
     image_token_index = image_token_id(tokenizer) if tokenizer.exists() else 0
   info = export_params(params, config.model, out, dtype, max_shard_bytes, image_token_index,
@@ -355,7 +311,6 @@ def verify_export(out, params, config, batch: int = 2, text_len: int = 16, seed:
   """
   import torch  # pylint: disable=import-outside-toplevel
   from skymoe_jax.interop import torch_model  # pylint: disable=import-outside-toplevel
-  from skymoe_jax.model import factory  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(config.to_dict())
   if config.model.moe.backend == 'capacity':
     config.model.moe.backend = 'dense'

@@ -1,9 +1,9 @@
 """LLaMA-style decoder whose chosen layers carry a routed MoE FFN instead of the dense one.
 
-Layers are grouped in blocks of `block_period` consecutive layers (2 for "every other layer is
-MoE"); with scan_layers the block is scanned, so compile time does not grow with depth. Params:
-scanned -> decoder/blocks/layer_{j}/... with a leading 'layers' axis; unrolled ->
-decoder/layer_{i}/... . Each layer is attn_norm, attn, ffn_norm, then `mlp` or `moe`.
+Layers are grouped in blocks of `layout.block_period` consecutive layers (2 for "every other
+layer is MoE"); with scan_layers the block is scanned, so compile time does not grow with depth.
+The parameter layout (scanned or unrolled) is model/layout.py's. Each layer is attn_norm, attn,
+ffn_norm, then `mlp` or `moe`.
 """
 from typing import Optional, Sequence
 
@@ -12,19 +12,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from skymoe_jax.model import layers
+from skymoe_jax.model import layers, layout
 from skymoe_jax.model.attention import Attention, attention_mask, init_kv_cache
 from skymoe_jax.model.mlp import MLP
-from skymoe_jax.moe.layer import MoeFFN
-
-
-def block_period(num_layers: int, moe_layers: Sequence[int]) -> int:
-  """Smallest p dividing num_layers such that layer i is MoE iff layer i % p is."""
-  moe = set(moe_layers)
-  for p in range(1, num_layers + 1):
-    if num_layers % p == 0 and all((i in moe) == (i % p in moe) for i in range(num_layers)):
-      return p
-  return num_layers
+from skymoe_jax.model.moe.layer import MoeFFN
 
 
 class DecoderLayer(nn.Module):
@@ -93,10 +84,10 @@ class Decoder(nn.Module):
                                   jnp.dtype(cfg.param_dtype))
     self.final_norm = layers.RMSNorm(llm.norm_eps, dtype=jnp.dtype(cfg.dtype),
                                      param_dtype=jnp.dtype(cfg.param_dtype))
-    moe = set(cfg.moe.layers) if cfg.moe.num_experts > 0 else set()
+    moe = set(layout.moe_layers(cfg))
     n = llm.num_layers
     if cfg.scan_layers:
-      p = block_period(n, sorted(moe))
+      p = layout.decoder_period(cfg)
       flags = tuple(i in moe for i in range(p))
       self.blocks = nn.scan(
           DecoderBlock, variable_axes={'params': 0}, split_rngs={'params': True},
@@ -116,8 +107,7 @@ class Decoder(nn.Module):
     llm, dtype = self.config.llm, jnp.dtype(self.config.dtype)
     one = init_kv_cache(batch, max_len, llm.num_kv_heads, llm.head_dim, dtype)
     if self.config.scan_layers:
-      moe = set(self.config.moe.layers) if self.config.moe.num_experts > 0 else set()
-      p = block_period(llm.num_layers, sorted(moe))
+      p = layout.decoder_period(self.config)
       stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (llm.num_layers // p,) + a.shape), one)
       return {f'layer_{j}': stacked for j in range(p)}
     return {f'layer_{i}': one for i in range(llm.num_layers)}

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from skymoe_jax import registry
+
 Dtype = Any
 
 
@@ -125,8 +127,8 @@ REMAT_POLICIES = {
 
 def maybe_remat(block_cls, policy_name: str):
   """Wraps a layer class in nn.remat with a named policy ('none' leaves it as is)."""
-  if policy_name not in REMAT_POLICIES:
-    raise ValueError(f'remat policy {policy_name!r} not in {sorted(REMAT_POLICIES)}')
+  policy = registry.lookup(REMAT_POLICIES, policy_name, 'config.model.remat_policy',
+                           'remat policy')
   if policy_name == 'none':
     return block_cls
-  return nn.remat(block_cls, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
+  return nn.remat(block_cls, policy=policy, prevent_cse=False)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from skymoe_jax.config import num_feature_layers
 from skymoe_jax.model import layers
 
 
@@ -85,15 +86,6 @@ class VisionLayer(nn.Module):
     x = nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))
     x = x + VisionMLP(self.mlp_dim, name='mlp', **kw)(layers.LayerNorm(self.eps, name='norm2', **kw)(x))
     return x, None
-
-
-def num_feature_layers(depth: int, feature_layer: int) -> int:
-  """How many blocks run to produce the hidden state `feature_layer` (HF hidden_states index)."""
-  n = depth + 1 + feature_layer if feature_layer < 0 else feature_layer
-  if not 1 <= n <= depth:
-    raise ValueError(f'config.model.vision.feature_layer={feature_layer} is outside a '
-                     f'{depth}-layer tower')
-  return n
 
 
 class VisionTower(nn.Module):

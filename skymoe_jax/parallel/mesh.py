@@ -2,8 +2,8 @@
 
 One mesh, axes ('data', 'fsdp', 'expert', 'tensor'), sizes from config.mesh (-1: the rest of
 the devices). Outside the MoE layers `expert` is one more batch axis. The rule table
-(config.mesh.rules) is the only place where a logical name (embed, mlp, heads, exp, ...) meets a
-mesh axis; model code only ever names logical axes.
+(config.mesh.rules, default config.DEFAULT_RULES) is the only place where a logical name (embed,
+mlp, heads, exp, ...) meets a mesh axis; model code only ever names logical axes.
 """
 import contextlib
 import math
@@ -14,21 +14,6 @@ import jax
 import numpy as np
 
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
-
-# Logical name -> mesh axis (or axes). A name absent here is replicated.
-DEFAULT_RULES = (
-    ('activation_batch', ('data', 'fsdp', 'expert')),
-    ('activation_length', None),
-    ('activation_embed', None),
-    ('activation_mlp', 'tensor'),
-    ('activation_vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('vocab', 'tensor'),
-    ('exp', 'expert'),
-)
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple:

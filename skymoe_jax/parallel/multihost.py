@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from skymoe_jax.parallel import mesh as mesh_lib
-from skymoe_jax.parallel import sharded_state
+from skymoe_jax.parallel import sharding
 
 ENV_COORDINATOR = 'SKYMOE_COORDINATOR'
 ENV_NUM_PROCESSES = 'SKYMOE_NUM_PROCESSES'
@@ -163,7 +163,7 @@ def make_global_batch(local_batch: dict, mesh, config) -> dict:
     raise ValueError(f'batch fields have different numbers of rows: {sizes}')
   global_size = next(iter(sizes.values())) * jax.process_count()
   check_batch_layout(mesh, config, global_size)
-  shardings = sharded_state.batch_shardings(mesh, config)
+  shardings = sharding.batch_shardings(mesh, config)
   out = {}
   for name, value in local_batch.items():
     value = np.asarray(value)

@@ -1,28 +1,68 @@
-"""The full config tree with its defaults, and the checks every config passes before use.
+"""The full config tree with its defaults, one loader for config files, and the checks every
+config passes before use.
 
-Config files in configs/ start from `base_config()` and change what they need; the command line
-overrides any field (`--config.model.moe.num_experts=4`). Defaults are the paper's 7B model
-(SPEC.md): CLIP ViT-L/14 at 504 px, Vicuna-7B, 8 experts top-2 in layers 0, 2, ..., 30.
+Config files in configs/ define `get_config(arg)`, start from `base_config()` and change what
+they need; every command overrides any field as `--config.FIELD=VALUE`
+(`--config.model.moe.num_experts=4`), and `load` reads a file with overrides exactly as the
+command line does. Defaults are the paper's 7B model (docs/design.md): CLIP ViT-L/14 at 504 px,
+Vicuna-7B, 8 experts top-2 in layers 0, 2, ..., 30.
+
+This module is plain data: it imports nothing of the project but the data layer's task
+vocabulary. Named choices (MoE backend, expert-parallel strategy, remat policy, ...) are checked
+by the registries that own them (model.factory.validate checks the model's).
 """
-import importlib.util
-import math
 import re
-import pathlib
+from typing import Dict, Optional, Sequence
 
+from absl import flags
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_flags
 
 from skymoe_jax.data.tasks import GRANULARITIES, TASKS
-from skymoe_jax.model import layers as model_layers
-from skymoe_jax.model.vit import num_feature_layers
-from skymoe_jax.moe import backends
-from skymoe_jax.parallel import expert_parallel, mesh
-from skymoe_jax.train import optimizer as optimizer_lib
+from skymoe_jax.registry import ConfigError
+
+OVERRIDE_PREFIX = '--config.'
+
+# Logical name -> mesh axis (or axes); a name absent here is replicated. config.mesh.rules holds
+# this table: the only place where a logical axis name (embed, mlp, heads, exp, ...) meets a mesh
+# axis ('data', 'fsdp', 'expert', 'tensor'); model code only ever names logical axes.
+DEFAULT_RULES = (
+    ('activation_batch', ('data', 'fsdp', 'expert')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_mlp', 'tensor'),
+    ('activation_vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('exp', 'expert'),
+)
+
+# Trainable parameters (full-match regexes over '/'-joined parameter paths) of the two stages.
+# Stage I: LoRA adapters on W_q, W_v and the projector (CLIP and the LLM frozen).
+STAGE_I_TRAINABLE = ('.*_lora/.*', 'projector/.*')
+# Stage II: the experts and the (adaptive) routers of the MoE layers; everything else frozen.
+STAGE_II_TRAINABLE = ('.*/moe/(w_gate|w_up|w_down)',
+                      '.*/moe/(router|condition_proj|task_embed|granularity_embed)')
 
 
-
-class ConfigError(ValueError):
-  """A config field has a bad value; the message names the field."""
+def optimizer_defaults() -> ml_collections.ConfigDict:
+  """config.optimizer: the paper's stage-I AdamW recipe (training/optimizer.py builds it)."""
+  return ml_collections.ConfigDict(dict(
+      learning_rate=2e-4,    # peak; stage II uses 2e-5
+      warmup_fraction=0.03,  # of the optimizer steps
+      min_lr_ratio=0.0,      # cosine ends at min_lr_ratio * learning_rate
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip_norm=1.0,    # global norm; 0 = no clipping
+      grad_accum_steps=1,    # micro-batches (train-step calls) per optimizer step
+      trainable=(),          # full-match regexes over parameter paths; empty = all trainable
+  ))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = 'bfloat16'        # compute dtype
   m.param_dtype = 'float32'   # storage dtype of the parameters
   m.scan_layers = True        # scan repeated layers: compile time independent of depth
-  m.remat_policy = 'none'     # see model.layers.REMAT_POLICIES
+  m.remat_policy = 'none'     # see model/layers.py REMAT_POLICIES
 
   m.vision = ml_collections.ConfigDict(dict(
       image_size=504, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
@@ -88,11 +128,11 @@ def base_config() -> ml_collections.ConfigDict:
       num_parallel_batches=2,     # batches built concurrently by tf.data
       prefetch_batches=2))
 
-  c.optimizer = optimizer_lib.optimizer_defaults()
+  c.optimizer = optimizer_defaults()
 
   # Training (train/): steps, logging, checkpoints, the contrastive term of the loss.
   c.train = ml_collections.ConfigDict(dict(
-      stage='',                    # a label for logs: 'I' (dense + LoRA) or 'II' (MoE)
+      stage='',                    # the recipe stage: 'stage1' (dense + LoRA) or 'stage2' (MoE)
       init_from='',                # stage II: a stage-I workdir whose last checkpoint is upcycled
       total_steps=1000,
       log_every=10,
@@ -113,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Device mesh: axis sizes (-1 = the rest of the devices) and the logical-axis rule table.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
-  c.mesh.rules = mesh.DEFAULT_RULES
+  c.mesh.rules = DEFAULT_RULES
 
   # Multi-process start-up (parallel/multihost.py); unset fields fall back to the environment
   # (SKYMOE_COORDINATOR, SKYMOE_NUM_PROCESSES, SKYMOE_PROCESS_ID); none at all = one process.
@@ -125,12 +165,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-STAGES = ('stage1', 'stage2')
+STAGES = ('stage1', 'stage2')  # the recipe's two stages: config arguments and train.stage
 
 
 def apply_stage(c: ml_collections.ConfigDict, stage: str, lora_rank: int,
                 stage2_learning_rate: float) -> ml_collections.ConfigDict:
-  """Turns a config with its MoE settings into one of the paper's two stages (SPEC section 3).
+  """Turns a config with its MoE settings into one of the paper's two stages (docs/design.md).
 
   stage1: the dense model (no MoE layers), LoRA of `lora_rank` on W_q/W_v, LoRA + projector
   trained. stage2: the configured MoE, LoRA merged away (rank 0), experts + routers trained,
@@ -141,24 +181,73 @@ def apply_stage(c: ml_collections.ConfigDict, stage: str, lora_rank: int,
   if stage == 'stage1':
     c.model.moe.num_experts = 0
     c.model.lora.rank = lora_rank
-    c.optimizer.trainable = optimizer_lib.STAGE_I_TRAINABLE
-    c.train.stage = 'I'
+    c.optimizer.trainable = STAGE_I_TRAINABLE
+    c.train.stage = 'stage1'
   else:
     c.model.lora.rank = 0
-    c.optimizer.trainable = optimizer_lib.STAGE_II_TRAINABLE
+    c.optimizer.trainable = STAGE_II_TRAINABLE
     c.optimizer.learning_rate = stage2_learning_rate
-    c.train.stage = 'II'
+    c.train.stage = 'stage2'
     c.train.init_from = 'stage1'
   return c
 
 
-def load_config_file(path, arg=None) -> ml_collections.ConfigDict:
-  """get_config(arg) of a config file (e.g. configs/tiny.py), loaded as --config= loads it."""
-  path = pathlib.Path(path)
-  spec = importlib.util.spec_from_file_location(f'skymoe_config_{path.stem}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+def override_flags(overrides: Dict) -> list:
+  """{field: value or text} -> ['--config.FIELD=VALUE', ...] as the command line writes them."""
+  def text(value):
+    if isinstance(value, str):
+      return value
+    if isinstance(value, (list, tuple)):
+      return repr(tuple(value))  # config fields hold tuples; the parser reads a tuple literal
+    return repr(value)
+  return [f'{OVERRIDE_PREFIX}{field}={text(v)}' for field, v in (overrides or {}).items()]
+
+
+def load(config_arg: str, overrides: Optional[Dict] = None) -> ml_collections.ConfigDict:
+  """The config of `--config=FILE[:ARG] --config.FIELD=VALUE ...`: get_config(ARG) of FILE.
+
+  Parsed by ml_collections' own flag machinery (on a private FlagValues), so field types, tuples
+  and strings are read exactly as every command's --config flag reads them. overrides:
+  {field: value}, values as Python objects or as the command-line text.
+  """
+  argv = ['load', f'--config={config_arg}', *override_flags(overrides)]
+  values = flags.FlagValues()
+  # The override flags are defined from the argv given at definition time, not sys.argv's.
+  config_flags.DEFINE_config_file('config', None, 'Config file.', flag_values=values,
+                                  lock_config=False, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:
+  """A config file's ':ARG' as fields: 'stage2,seeds=4' -> {stage2: True, seeds: 4, ...}.
+
+  Each comma-separated item is NAME=VALUE (VALUE typed like the default of NAME) or a bare NAME
+  (True). Only names given as defaults are accepted, so a typo fails naming the item.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    name, eq, value = item.partition('=')
+    if name not in defaults:
+      raise ConfigError(f'config argument {item!r}: expected one of {sorted(defaults)}')
+    default = defaults[name]
+    if not eq:
+      out[name] = True
+    elif isinstance(default, bool):
+      out[name] = value.lower() in ('1', 'true', 'yes')
+    else:
+      out[name] = type(default)(value) if default is not None else value
+  return out
+
+
+def num_feature_layers(depth: int, feature_layer: int) -> int:
+  """How many vision blocks run to produce the hidden state `feature_layer` (HF hidden_states
+  index: -2 = the output of the penultimate block)."""
+  n = depth + 1 + feature_layer if feature_layer < 0 else feature_layer
+  if not 1 <= n <= depth:
+    raise ConfigError(f'config.model.vision.feature_layer={feature_layer} is outside a '
+                      f'{depth}-layer tower')
+  return n
 
 
 def _check(ok: bool, field: str, value, why: str):
@@ -179,18 +268,13 @@ def validate(config) -> None:
       jnp.dtype(m[field])
     except TypeError:
       _check(False, f'model.{field}', m[field], 'not a dtype name')
-  _check(m.remat_policy in model_layers.REMAT_POLICIES, 'model.remat_policy', m.remat_policy,
-         f'must be one of {sorted(model_layers.REMAT_POLICIES)}')
 
   v = m.vision
   _check(v.patch_size > 0 and v.image_size % v.patch_size == 0, 'model.vision.image_size',
          v.image_size, f'must be a multiple of model.vision.patch_size={v.patch_size}')
   _check(v.width % v.num_heads == 0, 'model.vision.num_heads', v.num_heads,
          f'must divide model.vision.width={v.width}')
-  try:
-    num_feature_layers(v.depth, v.feature_layer)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  num_feature_layers(v.depth, v.feature_layer)
 
   llm = m.llm
   _check(llm.num_kv_heads > 0 and llm.num_heads % llm.num_kv_heads == 0,
@@ -214,12 +298,6 @@ def validate(config) -> None:
     _check(all(0 <= i < llm.num_layers for i in layers) and len(set(layers)) == len(layers),
            'model.moe.layers', layers,
            f'must be distinct layer indices below model.llm.num_layers={llm.num_layers}')
-    _check(moe.backend in backends.BACKENDS, 'model.moe.backend', moe.backend,
-           f'must be one of {backends.BACKENDS}')
-    _check(moe.ragged_impl in backends.RAGGED_IMPLS, 'model.moe.ragged_impl', moe.ragged_impl,
-           f'must be one of {backends.RAGGED_IMPLS}')
-    _check(moe.ep_strategy in expert_parallel.EP_STRATEGIES, 'model.moe.ep_strategy',
-           moe.ep_strategy, f'must be one of {expert_parallel.EP_STRATEGIES}')
     _check(moe.ep_strategy != 'all_to_all' or moe.backend == 'capacity', 'model.moe.backend',
            moe.backend, 'ep_strategy=all_to_all exchanges capacity buffers: use backend=capacity')
     _check(moe.capacity_factor > 0, 'model.moe.capacity_factor', moe.capacity_factor,
@@ -286,14 +364,3 @@ def _validate_data(config) -> None:
     generate = source.get('generate', '')
     _check(generate in ('', 'synthetic'), f'data.sources.{name}.generate', generate,
            "must be '' or 'synthetic'")
-
-
-def validate_for_mesh(config, mesh_shape: dict) -> None:
-  """Checks that need the mesh's axis sizes ({'data': 2, 'expert': 4, ...})."""
-  moe = config.model.moe
-  expert_axes = dict(mesh.logical_rules(config)).get('exp') or ()
-  expert_axes = expert_axes if isinstance(expert_axes, tuple) else (expert_axes,)
-  ways = math.prod(mesh_shape[a] for a in expert_axes)
-  if moe.num_experts > 0:
-    _check(moe.num_experts % ways == 0, 'model.moe.num_experts', moe.num_experts,
-           f'must be a multiple of the {ways} devices of mesh axes {expert_axes}')

@@ -24,9 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from skymoe_jax.moe import backends
-
-EP_STRATEGIES = ('none', 'ring', 'all_to_all', 'ragged_all_to_all')
+from skymoe_jax import registry
+from skymoe_jax.model.moe import backends
 
 
 def mesh_active() -> bool:
@@ -53,7 +52,15 @@ def _index(axes):
   return idx
 
 
-def _ring(local_backend, x, ids, weights, valid, experts, *, expert_axes, mlp_axes):
+# Every strategy: (x, ids, weights, valid, experts, *, expert_axes, mlp_axes, num_total_experts,
+# backend, capacity_factor, backend_options) -> (y, num_dropped), run inside shard_map.
+
+def _ring(x, ids, weights, valid, experts, *, expert_axes, mlp_axes, num_total_experts, backend,
+          capacity_factor, backend_options):
+  local_backend = backends.get_backend(backend, capacity_factor=capacity_factor,
+                                       **backend_options)
+  if backend == 'capacity':  # capacity: a share of the group's tokens over ALL experts
+    local_backend = functools.partial(local_backend, num_total_experts=num_total_experts)
   num_local = experts['w_gate'].shape[0]
   if expert_axes:
     gather = lambda a: jax.lax.all_gather(a, expert_axes, axis=0, tiled=True)
@@ -70,8 +77,9 @@ def _ring(local_backend, x, ids, weights, valid, experts, *, expert_axes, mlp_ax
   return y, num_dropped
 
 
-def _all_to_all(x, ids, weights, valid, experts, *, expert_axes, mlp_axes, capacity_factor,
-                num_total_experts):
+def _all_to_all(x, ids, weights, valid, experts, *, expert_axes, mlp_axes, num_total_experts,
+                backend, capacity_factor, backend_options):
+  del backend, backend_options  # always capacity buffers
   n, k = ids.shape
   d = x.shape[1]
   num_local = experts['w_gate'].shape[0]
@@ -100,13 +108,16 @@ def _exclusive_cumsum(a, axis=0):
 
 
 def _ragged_all_to_all(x, ids, weights, valid, experts, *, expert_axes, mlp_axes,
-                       num_total_experts, ragged_impl='auto', block_size=128):
+                       num_total_experts, backend, capacity_factor, backend_options):
   """Dropless: each (token, slot) row goes to the device of its expert and back, sizes ragged.
 
   Rows are sorted by expert, so the rows for device j are one contiguous slice. Every device
   learns the whole [source, destination, local expert] count table (one small all_gather), from
   which all offsets follow. The receive buffer holds the worst case: every row of the group.
   """
+  del backend, capacity_factor  # always grouped matmuls
+  ragged_impl = backend_options.get('ragged_impl', 'auto')
+  block_size = backend_options.get('block_size', 128)
   if not expert_axes:  # one expert group: nothing to exchange
     return backends.ragged_backend(x, ids, weights, valid, experts, impl=ragged_impl,
                                    block_size=block_size)
@@ -146,6 +157,11 @@ def _ragged_all_to_all(x, ids, weights, valid, experts, *, expert_axes, mlp_axes
   return y, jnp.int32(0)
 
 
+# model.moe.ep_strategy; 'none' (no expert parallelism: the local backend on every device) is
+# the layer's choice, not a strategy.
+STRATEGIES = {'ring': _ring, 'all_to_all': _all_to_all, 'ragged_all_to_all': _ragged_all_to_all}
+
+
 def sharded_backend(strategy: str, backend: str, *, capacity_factor: float, **backend_options):
   """A function with the backend signature that runs `strategy` over the active mesh.
 
@@ -154,8 +170,8 @@ def sharded_backend(strategy: str, backend: str, *, capacity_factor: float, **ba
   Must be called while a mesh (jax.set_mesh) and the logical rules (nn.logical_axis_rules) are
   in force, as parallel.mesh.activate provides. num_dropped is summed over all devices.
   """
-  if strategy not in EP_STRATEGIES[1:]:
-    raise ValueError(f'config.model.moe.ep_strategy={strategy!r} not in {EP_STRATEGIES}')
+  run_strategy = registry.lookup(STRATEGIES, strategy, 'config.model.moe.ep_strategy',
+                                 'expert-parallel strategy')
 
   def run(x, ids, weights, valid, experts):
     if strategy == 'ragged_all_to_all' and backends.target_platform() == 'cpu':
@@ -178,21 +194,9 @@ def sharded_backend(strategy: str, backend: str, *, capacity_factor: float, **ba
         experts = {'w_gate': jax.lax.all_gather(experts['w_gate'], embed_axes, axis=1, tiled=True),
                    'w_up': jax.lax.all_gather(experts['w_up'], embed_axes, axis=1, tiled=True),
                    'w_down': jax.lax.all_gather(experts['w_down'], embed_axes, axis=2, tiled=True)}
-      if strategy == 'ragged_all_to_all':
-        y, dropped = _ragged_all_to_all(x, ids, weights, valid, experts,
-                                        expert_axes=expert_axes, mlp_axes=mlp_axes,
-                                        num_total_experts=num_total, **backend_options)
-      elif strategy == 'ring':
-        local_backend = backends.get_backend(backend, capacity_factor=capacity_factor,
-                                             **backend_options)
-        if backend == 'capacity':  # capacity: a share of the group's tokens over ALL experts
-          local_backend = functools.partial(local_backend, num_total_experts=num_total)
-        y, dropped = _ring(local_backend, x, ids, weights, valid, experts,
-                           expert_axes=expert_axes, mlp_axes=mlp_axes)
-      else:
-        y, dropped = _all_to_all(x, ids, weights, valid, experts, expert_axes=expert_axes,
-                                 mlp_axes=mlp_axes, capacity_factor=capacity_factor,
-                                 num_total_experts=num_total)
+      y, dropped = run_strategy(x, ids, weights, valid, experts, expert_axes=expert_axes,
+                                mlp_axes=mlp_axes, num_total_experts=num_total, backend=backend,
+                                capacity_factor=capacity_factor, backend_options=backend_options)
       return y, dropped.reshape(1)
 
     tokens = jax.P(batch, None)

@@ -1,4 +1,4 @@
-"""From stage I to stage II (SPEC section 3): merge LoRA, then sparse upcycling.
+"""From stage I to stage II (docs/design.md section 3): merge LoRA, then sparse upcycling.
 
 Stage I trains a dense model (LoRA on W_q/W_v + projector). Stage II's model replaces the FFN of
 the chosen layers by an MoE whose experts all start as copies of that layer's stage-I FFN; the
@@ -13,34 +13,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from skymoe_jax.model import lora
-from skymoe_jax.model.decoder import block_period
-from skymoe_jax.moe.layer import upcycle_mlp
+from skymoe_jax.model import layout, lora
+from skymoe_jax.model.moe.layer import upcycle_mlp
 
 
 class UpcycleError(ValueError):
   """Stage-I parameters do not fit the stage-II model; the message names the parameter."""
-
-
-def decoder_layers(decoder: Dict, model_cfg) -> Dict[int, Dict]:
-  """{layer index: that layer's params} from a scanned or unrolled decoder tree."""
-  n = model_cfg.llm.num_layers
-  if 'blocks' not in decoder:
-    return {i: decoder[f'layer_{i}'] for i in range(n)}
-  p = block_period(n, sorted(model_cfg.moe.layers) if model_cfg.moe.num_experts else ())
-  return {i: jax.tree.map(lambda x, i=i: x[i // p], decoder['blocks'][f'layer_{i % p}'])
-          for i in range(n)}
-
-
-def stack_decoder_layers(layers: Dict[int, Dict], model_cfg) -> Dict:
-  """Inverse of decoder_layers: the layout (scanned or not) model_cfg's decoder uses."""
-  n = model_cfg.llm.num_layers
-  if not model_cfg.scan_layers:
-    return {f'layer_{i}': layers[i] for i in range(n)}
-  p = block_period(n, sorted(model_cfg.moe.layers) if model_cfg.moe.num_experts else ())
-  return {'blocks': {f'layer_{j}': jax.tree.map(lambda *xs: jnp.stack(xs),
-                                                 *[layers[i] for i in range(j, n, p)])
-                     for j in range(p)}}
 
 
 def _check_same(path: str, source, target):
@@ -64,9 +42,9 @@ def upcycle(stage1_params: Dict, stage1_model_cfg, stage2_init: Dict, stage2_mod
   stage-I FFN of their layer, routers taken from `stage2_init` (a fresh stage-II init)."""
   merged = lora.merge_lora(nn.unbox(stage1_params), stage1_model_cfg.lora.alpha)
   init = nn.unbox(stage2_init)
-  old = decoder_layers(merged['decoder'], stage1_model_cfg)
-  fresh = decoder_layers(init['decoder'], stage2_model_cfg)
-  moe_layers = set(stage2_model_cfg.moe.layers) if stage2_model_cfg.moe.num_experts else set()
+  old = layout.decoder_layers(merged['decoder'], stage1_model_cfg)
+  fresh = layout.decoder_layers(init['decoder'], stage2_model_cfg)
+  moe_layers = set(layout.moe_layers(stage2_model_cfg))
   layers = {}
   for i, target in fresh.items():
     layer = dict(old[i])
@@ -83,8 +61,9 @@ def upcycle(stage1_params: Dict, stage1_model_cfg, stage2_init: Dict, stage2_mod
     _check_same(f'decoder/layer_{i}', layer, target)
     layers[i] = layer
   out = {k: v for k, v in merged.items() if k != 'decoder'}
-  out['decoder'] = {k: v for k, v in merged['decoder'].items()
-                    if k != 'blocks' and not k.startswith('layer_')}
-  out['decoder'].update(stack_decoder_layers(layers, stage2_model_cfg))
+  unrolled = {k: v for k, v in merged['decoder'].items()
+              if k != 'blocks' and not k.startswith('layer_')}
+  unrolled.update({f'layer_{i}': layer for i, layer in layers.items()})
+  out['decoder'] = layout.stack_decoder(unrolled, stage2_model_cfg, stack=jnp.stack)
   _check_same('', out, init)
   return jax.tree.map(lambda x, t: x.astype(t.dtype), out, init)

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from skymoe_jax.model import layers
-from skymoe_jax.moe import backends, router
-from skymoe_jax.parallel import expert_parallel
+from skymoe_jax.model.moe import backends, router
+from skymoe_jax.model.moe import expert_parallel
 
 
 class MoeFFN(nn.Module):

@@ -24,10 +24,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from skymoe_jax import registry
 from skymoe_jax.model.mlp import swiglu
 
-BACKENDS = ('loop', 'dense', 'ragged', 'capacity')
-RAGGED_IMPLS = ('auto', 'ragged_dot', 'blocks', 'batched')
 
 
 def target_platform() -> str:
@@ -222,22 +221,29 @@ def _experts_batched(x_padded, experts, group_sizes, block_size):
   return out.reshape(x_padded.shape[0], -1)
 
 
+# The grouped-matmul implementations of the ragged backend (model.moe.ragged_impl); 'auto' picks
+# 'blocks' on CPU, 'ragged_dot' elsewhere. ragged_dot takes the rows sorted by expert, the others
+# the rows padded to whole blocks.
+RAGGED_IMPLS = {'ragged_dot': _experts_ragged_dot, 'blocks': _experts_blocks,
+                'batched': _experts_batched}
+
+
 def ragged_backend(x, ids, weights, valid, experts, *, impl='auto', block_size=128):
   """Dropless: group the (token, slot) pairs by expert, run each group through its expert,
   gather each pair's output back and combine. The rows move by gathers (their gradients are
   the scatter-adds); only integer indices are scattered."""
   del valid
-  if impl not in RAGGED_IMPLS:
-    raise ValueError(f'config.model.moe.ragged_impl={impl!r} not in {RAGGED_IMPLS}')
   if impl == 'auto':
     # ragged_dot is about 9x slower than the block loop on CPU (measured, jax 0.10).
     impl = 'blocks' if target_platform() == 'cpu' else 'ragged_dot'
+  experts_fn = registry.lookup(RAGGED_IMPLS, impl, 'config.model.moe.ragged_impl',
+                               'ragged implementation')
   n, k = ids.shape
   num_experts = experts['w_gate'].shape[0]
   order, rank, group_sizes, padded_pos, num_rows = _sorted_layout(ids, num_experts, block_size)
   if impl == 'ragged_dot':
     x_sorted = jnp.take(x, order // k, axis=0)
-    out = _experts_ragged_dot(x_sorted, experts, group_sizes)
+    out = experts_fn(x_sorted, experts, group_sizes)
     # Rows with no local expert (id == E) sit past the groups: zero them whatever ragged_dot
     # left there.
     out = jnp.where((jnp.arange(n * k) < jnp.sum(group_sizes))[:, None], out, 0)
@@ -247,7 +253,6 @@ def ragged_backend(x, ids, weights, valid, experts, *, impl='auto', block_size=1
     source = jnp.full((num_rows,), n, jnp.int32).at[padded_pos].set(
         jnp.arange(n * k, dtype=jnp.int32) // k, mode='drop')
     x_padded = jnp.take(x, source, axis=0, mode='fill', fill_value=0)
-    experts_fn = _experts_blocks if impl == 'blocks' else _experts_batched
     out = experts_fn(x_padded, experts, group_sizes, block_size)
     pair_out = jnp.take(out, padded_pos, axis=0, mode='fill', fill_value=0)
   return jnp.einsum('nkd,nk->nd', pair_out.reshape(n, k, -1), weights.astype(x.dtype)), \
@@ -302,14 +307,13 @@ def capacity_backend(x, ids, weights, valid, experts, *, capacity_factor=1.25,
   return y, (assigned - jnp.sum(kept)).astype(jnp.int32)
 
 
+BACKENDS = {'loop': loop_backend, 'dense': dense_backend, 'ragged': ragged_backend,
+            'capacity': capacity_backend}
+
+
 def get_backend(name: str, *, capacity_factor=1.25, ragged_impl='auto', block_size=128):
   """The backend `config.model.moe.backend` names, with its options bound."""
-  if name == 'loop':
-    return loop_backend
-  if name == 'dense':
-    return dense_backend
-  if name == 'ragged':
-    return functools.partial(ragged_backend, impl=ragged_impl, block_size=block_size)
-  if name == 'capacity':
-    return functools.partial(capacity_backend, capacity_factor=capacity_factor)
-  raise ValueError(f'config.model.moe.backend={name!r} not in {BACKENDS}')
+  backend = registry.lookup(BACKENDS, name, 'config.model.moe.backend', 'MoE backend')
+  options = {'ragged': dict(impl=ragged_impl, block_size=block_size),
+             'capacity': dict(capacity_factor=capacity_factor)}.get(name)
+  return functools.partial(backend, **options) if options else backend

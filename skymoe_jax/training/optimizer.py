@@ -18,8 +18,8 @@ Layout of the transformation (outermost first):
   learning rate 0), then cosine decay to min_lr_ratio * learning_rate at total_steps.
 
 Parameters are selected by regexes over '/'-joined paths ('decoder/blocks/layer_0/attn/
-query_lora/a'), matched in full. STAGE_I_TRAINABLE / STAGE_II_TRAINABLE are the paper's recipe
-for the model's real parameter names.
+query_lora/a'), matched in full. config.STAGE_I_TRAINABLE / STAGE_II_TRAINABLE are the paper's
+recipe for the model's real parameter names; config.optimizer_defaults() lists the settings.
 """
 import math
 import re
@@ -31,29 +31,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-# Stage I: LoRA adapters on W_q, W_v and the projector (CLIP and the LLM frozen).
-STAGE_I_TRAINABLE = ('.*_lora/.*', 'projector/.*')
-# Stage II: the experts and the (adaptive) routers of the MoE layers; everything else frozen.
-STAGE_II_TRAINABLE = ('.*/moe/(w_gate|w_up|w_down)',
-                      '.*/moe/(router|condition_proj|task_embed|granularity_embed)')
+from skymoe_jax.model.layout import param_path
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
-
-
-def optimizer_defaults() -> ml_collections.ConfigDict:
-  """config.optimizer: the paper's stage-I AdamW recipe (SPEC.md section 3)."""
-  return ml_collections.ConfigDict(dict(
-      learning_rate=2e-4,    # peak; stage II uses 2e-5
-      warmup_fraction=0.03,  # of the optimizer steps
-      min_lr_ratio=0.0,      # cosine ends at min_lr_ratio * learning_rate
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.0,
-      grad_clip_norm=1.0,    # global norm; 0 = no clipping
-      grad_accum_steps=1,    # micro-batches (train-step calls) per optimizer step
-      trainable=(),          # full-match regexes over parameter paths; empty = all trainable
-  ))
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
@@ -71,19 +51,6 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     return jnp.where(count < warmup, ramp, cosine)
 
   return schedule
-
-
-def param_path(path) -> str:
-  """'/'-joined names of a key path: ('decoder', 'embed') -> 'decoder/embed'."""
-  parts = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):  # DictKey, GetAttrKey, SequenceKey
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
 
 
 def _is_boxed(x):

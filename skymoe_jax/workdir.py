@@ -1,7 +1,16 @@
-"""Checkpoints: the sharded train state plus the input pipeline's position, via Orbax.
+"""The workdir: one stage of one run on disk, and the only code that knows its layout.
 
-One step directory holds two items: 'state' ({'step', 'params', 'opt_state'}, saved with
-StandardSave, each host writing its own shards) and 'data' (a small JSON dict such as
+  WORKDIR/config.json          the resolved config (stage II reads its stage-I workdir's)
+  WORKDIR/tokenizer.model      the run's tokenizer
+  WORKDIR/checkpoints/<step>/  orbax: 'state' (the train state) and 'data' (the pipeline position)
+  WORKDIR/metrics.jsonl        one JSON object per logged step; TensorBoard events next to it
+  WORKDIR/eval/<step>/         evaluation outputs (evaluation/runner.py)
+
+`read_config` reads a run's config, `restore_params` its parameters alone (no optimizer state
+ever leaves the disk), and the Checkpointer saves and restores the whole train state.
+
+Checkpoints: one step directory holds two items: 'state' ({'step', 'params', 'opt_state'},
+saved with StandardSave, each host writing its own shards) and 'data' (a small JSON dict such as
 {"next_step": 12, "seed": 0}). Restoring takes an abstract target whose leaves are
 jax.ShapeDtypeStruct with a sharding, so a checkpoint written on one mesh restores onto any
 other: Orbax reads exactly the slices each device of the new layout needs.
@@ -17,14 +26,111 @@ preemption signal); save(force=True) writes any step. Old steps beyond max_to_ke
 """
 import json
 import os
+import pathlib
+import shutil
 from typing import Optional
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from skymoe_jax.train.optimizer import param_path
+from skymoe_jax.data import sources
+from skymoe_jax.data import tokenizer as tokenizer_lib
+from skymoe_jax.model.layout import param_path
+from skymoe_jax.parallel import mesh as mesh_lib
+from skymoe_jax.parallel import sharding
+
+CONFIG_FILE = 'config.json'
+TOKENIZER_FILE = 'tokenizer.model'
+METRICS_FILE = 'metrics.jsonl'
+CHECKPOINTS = 'checkpoints'
+EVAL = 'eval'
+
+
+def resolve(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir).expanduser().resolve()
+
+
+def checkpoint_dir(workdir) -> pathlib.Path:
+  return resolve(workdir) / CHECKPOINTS
+
+
+def tokenizer_path(workdir) -> pathlib.Path:
+  return resolve(workdir) / TOKENIZER_FILE
+
+
+def eval_dir(workdir, step: int) -> pathlib.Path:
+  return resolve(workdir) / EVAL / str(step)
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+  """The config the trainer wrote into the workdir."""
+  path = resolve(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: not a training workdir (no {CONFIG_FILE})')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def write_config(config, workdir) -> None:
+  """The resolved config into the workdir (process 0 only)."""
+  if jax.process_index() == 0:
+    (resolve(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + '\n')
+
+
+def init_workdir(config, workdir) -> pathlib.Path:
+  """config.train.init_from: absolute, or relative to the workdir's parent (a sibling stage)."""
+  path = pathlib.Path(os.path.expanduser(config.train.init_from))
+  return path if path.is_absolute() else resolve(workdir).parent / path
+
+
+def prepare_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer, made once into the workdir so later stages and evaluation use the
+  same: config.data.tokenizer copied, else the init_from workdir's, else one trained on the
+  sources' text. Process 0 makes it; the others wait, then read the same file."""
+  local = tokenizer_path(workdir)
+  if local.exists() or jax.process_index() != 0:
+    sources.sync('tokenizer')
+    return tokenizer_lib.Tokenizer(local)
+  d = config.data
+  if d.tokenizer:
+    shutil.copyfile(os.path.expanduser(d.tokenizer), local)
+  elif config.train.init_from:
+    shutil.copyfile(tokenizer_path(init_workdir(config, workdir)), local)
+  else:
+    vocab = d.tokenizer_vocab_size or config.model.llm.vocab_size
+    tokenizer_lib.ensure(local.with_suffix(''), [s.data_dir for s in d.sources.values()], vocab)
+  sources.sync('tokenizer')
+  return tokenizer_lib.Tokenizer(local)
+
+
+def restore_params(config, workdir, step: Optional[int] = None, mesh=None):
+  """(step, params) of the workdir's checkpoint `step` (None: the latest), laid out on the mesh
+  (default: config's) as in training.
+
+  Only the parameters are read (an orbax partial restore): the optimizer state, twice the
+  parameters' size with Adam, never comes off disk.
+  """
+  mesh = mesh or mesh_lib.create_mesh(config)
+  abstract, shardings = sharding.param_shardings(config, mesh)
+  target = {'params': abstract_like(abstract, shardings)}
+  directory = checkpoint_dir(workdir)
+  with Checkpointer(directory) as ckpt:
+    step = ckpt.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {directory}')
+    ckpt.check_matches(step, target)  # a config/checkpoint mismatch names the parameter
+  manager = ocp.CheckpointManager(directory,
+                                  item_handlers={_STATE: ocp.PyTreeCheckpointHandler()})
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)}))
+  finally:
+    manager.close()
+  return step, restored[_STATE]['params']
+
 
 _STATE, _DATA = 'state', 'data'
 
@@ -34,7 +140,7 @@ class CheckpointMismatchError(ValueError):
 
 
 def abstract_like(state_shapes, shardings):
-  """Restore target: ShapeDtypeStructs with shardings, e.g. from sharded_state.state_shardings."""
+  """Restore target: ShapeDtypeStructs with shardings (training/state.py's state_shardings)."""
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       state_shapes, shardings)
 
@@ -116,9 +222,13 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def check_matches(self, step: int, abstract_state) -> None:
-    """Raises CheckpointMismatchError unless the stored state has the target's paths and shapes."""
+    """Raises CheckpointMismatchError unless the stored state has the target's paths and shapes.
+
+    A target with only some of the state's parts ({'params': ...}) is compared on those parts.
+    """
     stored = self._manager.metadata(step).item_metadata[_STATE]
-    saved = _leaf_shapes(getattr(stored, 'tree', stored))
+    stored = getattr(stored, 'tree', stored)
+    saved = _leaf_shapes({k: v for k, v in stored.items() if k in abstract_state})
     wanted = _leaf_shapes(abstract_state)
     problems = []
     if extra := saved.keys() - wanted.keys():

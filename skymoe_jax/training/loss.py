@@ -1,5 +1,5 @@
 """Training loss: next-token cross-entropy on answer tokens, the MoE auxiliary losses, and the
-optional local/global contrastive loss of context-disentangled augmentation (SPEC section 2).
+optional local/global contrastive loss of context-disentangled augmentation (docs/design.md section 2).
 
   loss = CE + load_balance_weight * LB + z_loss_weight * Z + contrastive_weight * InfoNCE
 """

@@ -1,54 +1,34 @@
-"""Compiles the full sharded train step ahead of time for a TPU topology, on a CPU-only machine.
+"""The full sharded train step compiled ahead of time for a TPU topology, on a CPU-only machine.
 
-  python launch/aot_compile.py --config=configs/skymoe_7b.py --topology=v5p:4x4x4 \
-      [--batch_size=144] [--seq_len=2048] [--config.mesh.fsdp=8 --config.mesh.expert=2 ...]
+  aot_compile(config, 'v5p:4x4x4', batch_size=144) -> report dict
 
 Needs libtpu (`pip install "jax[tpu]==0.10.2"`): jax.experimental.topologies then describes a TPU
 pod's devices without any TPU attached, and XLA's TPU compiler builds the real executable for it.
-Nothing is allocated: state and batch are ShapeDtypeStructs that carry their shardings. Prints
-one JSON object (the last line of stdout): memory per device, XLA's FLOP count, the model's
-FLOPs, and the bytes moved by each kind of collective.
+Nothing is allocated: state and batch are ShapeDtypeStructs that carry their shardings. The
+report holds memory per device, XLA's FLOP count, the model's FLOPs, and the bytes moved by each
+kind of collective (read from the compiled HLO, profiling/hlo.py). The command is
+`python -m skymoe_jax.aot_compile`.
 """
 import copy
-import json
 import math
-import os
-import pathlib
-import sys
 import time
 
-# Before jax is imported: plain CPU jax for everything but the topology (with libtpu installed and
-# JAX_PLATFORMS unset, jax would try to open a TPU backend), and no libtpu lockfile: while another
-# process holds /tmp/libtpu_lockfile (any jax process started with JAX_PLATFORMS unset), the
-# topology call fails with "ABORTED: Internal error when accessing libtpu multi-process lockfile".
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-if __name__ == '__main__':
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax
+import optax
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-import optax  # noqa: E402
+from skymoe_jax import config as config_lib
+from skymoe_jax.data import batch as batch_lib
+from skymoe_jax.model import factory, layout
+from skymoe_jax.model import flops as flops_lib
+from skymoe_jax.config import num_feature_layers
+from skymoe_jax.parallel import hardware
+from skymoe_jax.parallel import mesh as mesh_lib
+from skymoe_jax.parallel import sharding
+from skymoe_jax.profiling import hlo
+from skymoe_jax.training import state as state_lib
+from skymoe_jax.training import step as step_lib
 
-from launch import hlo  # noqa: E402
-
-from skymoe_jax import config_defaults  # noqa: E402
-from skymoe_jax.summary import model_flops  # noqa: E402
-from skymoe_jax.model import decoder as decoder_lib  # noqa: E402
-from skymoe_jax.model import factory  # noqa: E402
-from skymoe_jax.model.vit import num_feature_layers  # noqa: E402
-from skymoe_jax.parallel import mesh as mesh_lib  # noqa: E402
-from skymoe_jax.parallel import sharded_state  # noqa: E402
-
-GiB = 1024 ** 3
-
-# HBM per chip in GiB by TPU generation (the topology name's prefix): the Cloud TPU system
-# architecture figures (v4 32, v5e 16, v5p 95, v6e/Trillium 32), read as GiB. Where a figure is
-# meant as 10^9 bytes the chip has ~7% less (v5p: 88.5 GiB); a total near the limit is no proof.
-HBM_PER_CHIP_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32}
+GiB = hardware.GiB
 
 COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'ragged-all-to-all',
                'collective-permute')
@@ -75,12 +55,12 @@ def hbm_bytes_per_device(topology: str, devices) -> tuple:
   topology description shows its two TensorCores as two devices.
   """
   generation = topology.split(':')[0]
-  if generation not in HBM_PER_CHIP_GIB:
+  if generation not in hardware.HBM_PER_CHIP_GIB:
     raise ValueError(f'--topology={topology!r}: HBM size unknown for {generation!r}; known: '
-                     f'{sorted(HBM_PER_CHIP_GIB)}')
+                     f'{sorted(hardware.HBM_PER_CHIP_GIB)}')
   chips = len({tuple(d.coords) for d in devices})
   per_chip = len(devices) // chips
-  return HBM_PER_CHIP_GIB[generation] * GiB // per_chip, per_chip
+  return hardware.HBM_PER_CHIP_GIB[generation] * GiB // per_chip, per_chip
 
 
 def check_batch(config, mesh, batch_size: int) -> int:
@@ -99,7 +79,7 @@ def check_batch(config, mesh, batch_size: int) -> int:
 def abstract_batch(config, mesh, batch_size: int, seq_len: int) -> dict:
   """ShapeDtypeStructs of one training batch, with the shardings the train step expects."""
   m = config.model
-  nv = config_defaults.vision_tokens(m)
+  nv = config_lib.vision_tokens(m)
   text_len = seq_len - nv
   if text_len < 2:
     raise ValueError(f'--seq_len={seq_len} must hold the {nv} image tokens and at least 2 text '
@@ -107,16 +87,8 @@ def abstract_batch(config, mesh, batch_size: int, seq_len: int) -> dict:
   if seq_len > m.llm.max_seq_len:
     raise ValueError(f'--seq_len={seq_len} exceeds config.model.llm.max_seq_len='
                      f'{m.llm.max_seq_len}')
-  size = m.vision.image_size
-  shapes = {
-      'images': ((batch_size, size, size, 3), jnp.float32),
-      'tokens': ((batch_size, text_len), jnp.int32),
-      'token_mask': ((batch_size, text_len), jnp.bool_),
-      'loss_mask': ((batch_size, text_len), jnp.bool_),
-      'task_id': ((batch_size,), jnp.int32),
-      'granularity_id': ((batch_size,), jnp.int32),
-  }
-  sh = sharded_state.batch_shardings(mesh, config)
+  shapes = batch_lib.shapes(config, batch_size, batch_lib.train_fields(config), text_len)
+  sh = sharding.batch_shardings(mesh, config)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh[k])
           for k, (shape, dtype) in shapes.items()}
 
@@ -127,8 +99,7 @@ def scan_trip_counts(config) -> dict:
   if not m.scan_layers:
     return {'decoder_scanned_blocks': 0, 'decoder_layers_per_block': 0,
             'vision_scanned_layers': 0}
-  moe = sorted(m.moe.layers) if m.moe.num_experts > 0 else []
-  period = decoder_lib.block_period(m.llm.num_layers, moe)
+  period = layout.decoder_period(m)
   return {'decoder_scanned_blocks': m.llm.num_layers // period,
           'decoder_layers_per_block': period,
           'vision_scanned_layers': num_feature_layers(m.vision.depth, m.vision.feature_layer)}
@@ -221,11 +192,11 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
   mesh = mesh_lib.create_mesh(config, devices=devices)
   check_batch(config, mesh, batch_size)
   tx = optax.adamw(LEARNING_RATE)
-  abstract_state, state_sh = sharded_state.state_shardings(config, model, tx, mesh)
+  abstract_state, state_sh = state_lib.state_shardings(config, model, tx, mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        abstract_state, state_sh)
   batch = abstract_batch(config, mesh, batch_size, seq_len)
-  step = sharded_state.make_train_step(config, model, tx, mesh)
+  step = step_lib.make_train_step(config, model, tx, mesh)
 
   start = time.perf_counter()
   with mesh_lib.activate(mesh, config):
@@ -236,7 +207,7 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
 
   cost = _cost(compiled)
   hlo_text = compiled.as_text()
-  flops = model_flops(config, batch_size, seq_len)
+  flops = flops_lib.model_flops(config, batch_size, seq_len)
   xla_flops = float(cost.get('flops', 0.0))
   trips = scan_trip_counts(config)
   report = {
@@ -249,7 +220,7 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
       'batch_axes': list(mesh_lib.batch_axes(config)),
       'batch_size': batch_size,
       'seq_len': seq_len,
-      'text_len': seq_len - config_defaults.vision_tokens(m),
+      'text_len': seq_len - config_lib.vision_tokens(m),
       'remat_policy': m.remat_policy,
       'dtype': m.dtype,
       'moe': {'backend': m.moe.backend, 'ep_strategy': m.moe.ep_strategy,
@@ -279,25 +250,3 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
                            'the loop conditions)'),
   }
   return (report, hlo_text) if with_hlo else report
-
-
-def define_flags():
-  """The command line; defined only when run as a script, so importing this module is free."""
-  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-  flags.DEFINE_string('topology', None, 'TPU topology, e.g. v5p:4x4x4.')
-  flags.DEFINE_integer('batch_size', 144, 'Global batch size.')
-  flags.DEFINE_integer('seq_len', 0, 'Sequence length (image + text tokens); 0 = '
-                       'config.model.llm.max_seq_len.')
-  flags.mark_flags_as_required(['config', 'topology'])
-
-
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  name = config_flags.get_config_filename(f['config'])
-  print(json.dumps(aot_compile(f.config, f.topology, f.batch_size, f.seq_len, name=name)))
-
-
-if __name__ == '__main__':
-  define_flags()
-  app.run(main)

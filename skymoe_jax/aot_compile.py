@@ -1,0 +1,41 @@
+"""python -m skymoe_jax.aot_compile --config=FILE[:ARG] --topology=v5p:4x4x4 [--batch_size=144]
+                                  [--seq_len=2048] [--config.FIELD=VALUE ...]
+
+Compiles the full sharded train step ahead of time for a TPU topology on a CPU-only machine
+(profiling/aot.py) and prints one JSON object (the last line of stdout): memory per device,
+XLA's FLOP count, the model's FLOPs, and the bytes moved by each kind of collective.
+"""
+import json
+import os
+
+# Before jax is imported: plain CPU jax for everything but the topology (with libtpu installed and
+# JAX_PLATFORMS unset, jax would try to open a TPU backend), and no libtpu lockfile: while another
+# process holds /tmp/libtpu_lockfile (any jax process started with JAX_PLATFORMS unset), the
+# topology call fails with "ABORTED: Internal error when accessing libtpu multi-process lockfile".
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from skymoe_jax import cli  # noqa: E402
+from skymoe_jax.profiling import aot  # noqa: E402
+
+cli.define_config_flag()
+flags.DEFINE_string('topology', None, 'TPU topology, e.g. v5p:4x4x4.')
+flags.DEFINE_integer('batch_size', 144, 'Global batch size.')
+flags.DEFINE_integer('seq_len', 0, 'Sequence length (image + text tokens); 0 = '
+                     'config.model.llm.max_seq_len.')
+flags.mark_flags_as_required(['topology'])
+
+
+def main(argv):
+  cli.check_no_arguments(argv)
+  f = flags.FLAGS
+  name = config_flags.get_config_filename(f['config'])
+  print(json.dumps(aot.aot_compile(f.config, f.topology, f.batch_size, f.seq_len, name=name)))
+
+
+if __name__ == '__main__':
+  app.run(main)

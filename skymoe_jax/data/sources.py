@@ -1,0 +1,40 @@
+"""The config's data sources on disk: generated ones made when missing, every one checked early.
+
+config.data.sources maps a name to {data_dir, split, weight, generate}; generate='synthetic'
+renders the synthetic scenes (data/synthetic.py) into a cache folder named by their settings.
+"""
+import os
+import pathlib
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+
+from skymoe_jax.data import records, synthetic
+
+
+def sync(name: str) -> None:
+  """All processes wait here (no-op in one process): files process 0 wrote are then ready."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def synthetic_dir(config) -> pathlib.Path:
+  s = config.data.synthetic
+  return (pathlib.Path(os.path.expanduser(s.cache_dir)) /
+          f'synthetic-n{s.num_images}-s{s.seed}-i{s.image_size}-v{s.val_fraction}')
+
+
+def resolve_sources(config) -> None:
+  """Fills in data_dir of generated sources (making the data if missing); checks the rest."""
+  for name, source in config.data.sources.items():
+    if source.get('generate', '') == 'synthetic':
+      s = config.data.synthetic
+      path = synthetic_dir(config)
+      if jax.process_index() == 0:
+        synthetic.ensure(path, s.num_images, s.seed, s.image_size, s.val_fraction)
+      sync('synthetic data')
+      source.data_dir = str(path)
+    records.read_info(source.data_dir)  # fails early, naming the folder, if there is no data
+    logging.info('data source %s: %s split %s weight %s', name, source.data_dir, source.split,
+                 source.weight)
