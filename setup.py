@@ -1,7 +1,7 @@
 """SkyMoE-JAX: a JAX/Flax reimplementation of SkyMoE (arXiv 2512.02517)."""
 from setuptools import find_packages, setup
 
-# Versions known to install together on Python 3.11 (see README).
+# Versions known to install together on Python 3.11 (docs/design.md, Environment).
 INSTALL_REQUIRES = [
     'jax==0.10.2',
     'jaxlib==0.10.2',
@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     'ml_collections==1.1.0',
     'clu==0.0.12',
     'einops==0.8.2',
+    'safetensors==0.8.0',      # checkpoint import and export (interop/)
     'numpy==2.4.6',
     'pillow==13.0.0',          # image decoding and resizing in the input pipeline
     'matplotlib==3.11.2',      # routing heatmaps
@@ -26,11 +27,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0'],
+    # import-linter: the package's layer contract (.importlinter), checked by tests/test_layers.py.
+    'test': ['pytest==9.2.0', 'import-linter==2.16'],
     # PyTorch export and the parity tests against HF transformers.
     # gguf + accelerate: the GGUF reader and transformers' GGUF loading in the parity test.
-    'export': ['torch==2.13.0', 'safetensors==0.8.0', 'transformers==5.24.0', 'gguf==0.19.0',
-               'accelerate==1.15.0'],
+    'export': ['torch==2.13.0', 'transformers==5.24.0', 'gguf==0.19.0', 'accelerate==1.15.0'],
     'tpu': ['jax[tpu]==0.10.2'],
     'gpu': ['jax[cuda12]==0.10.2'],
 }

@@ -33,10 +33,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from skymoe_jax.evaluation import evaluators  # the task registry alone: no jax
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Headline metric per task (as evaluation/runner.HEADLINE; copied to keep this free of jax).
-HEADLINE = {'scene_classification': 'accuracy', 'vqa': 'accuracy', 'counting': 'accuracy',
-            'grounding': 'acc@0.5', 'captioning': 'cider'}
+# Headline metric per task, as each evaluator declares it; the report's columns in this order.
+TASK_COLUMNS = ('scene_classification', 'vqa', 'counting', 'grounding', 'captioning')
+HEADLINE = {task: evaluators.get_evaluator(task).headline for task in TASK_COLUMNS}
 ACCURACY_TASKS = ('scene_classification', 'vqa', 'counting', 'grounding')
 SHORT = {'scene_classification': 'scene', 'vqa': 'vqa', 'counting': 'count',
          'grounding': 'ground', 'captioning': 'caption'}
@@ -331,7 +333,7 @@ def _signed(x: Optional[float], digits: int = 3) -> str:
 
 def score_columns(agg: Dict) -> List[str]:
   cols = {c for a in agg.values() for c in a['scores']}
-  order = [t for t in HEADLINE if t in cols]
+  order = [t for t in TASK_COLUMNS if t in cols]
   out = []
   for t in order:
     out.append(t)

@@ -38,12 +38,6 @@ NEVER_EOS = -1  # no token id equals it: the while_loop always runs max_new_toke
 PAD_ID = 0
 
 
-def load_config(spec: str):
-  """'path[:arg]' -> the config file's get_config(arg)."""
-  path, _, arg = spec.partition(':')
-  return config_lib.load_config_file(path, arg or None)
-
-
 def init_model(config, seed: int = 0):
   """(model, unboxed fresh parameters) for `config`."""
   model = factory.create_model(config)
@@ -157,7 +151,7 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--out', default='generation.json')
   args = parser.parse_args()
-  config = load_config(args.config)
+  config = config_lib.load(args.config)
   model, params = init_model(config)
   device = str(jax.devices()[0].device_kind)
   print(f'{args.config} on {device}: {config_lib.vision_tokens(config.model)} image + '

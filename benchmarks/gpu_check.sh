@@ -9,10 +9,12 @@
 # The machine's image has CUDA jax/jaxlib, flax, optax, torch and transformers, and reaches no
 # package index. The `gpu` extra (jax[cuda12], ~1 GB of CUDA wheels) is more than a run may
 # carry, so the image's jax is used and its version is printed; the pure-Python wheels the image
-# lacks travel in .whl/ (ml_collections), the baseline backends.py in .gpu/:
+# lacks travel in .whl/ (ml_collections), the baseline backends.py in .gpu/ (the package is not
+# installed there: PYTHONPATH below puts the repository root on the path):
 #   mkdir -p .whl .gpu
 #   pip download --no-deps -d .whl ml_collections==1.1.0
-#   git show REV:skymoe_jax/moe/backends.py > .gpu/baseline_backends.py
+#   git show REV:skymoe_jax/model/moe/backends.py > .gpu/baseline_backends.py
+#   (skymoe_jax/moe/backends.py for a REV before the package's layers)
 # Usage (repo root, on that machine): bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}

@@ -9,9 +9,10 @@ Each host builds its share of the global batch (data.batch_size / num_hosts rows
 num_hosts via BatchBuilder's process_count); batches/s is timed through pipeline.DataIterator
 after a warm-up, for each data.num_parallel_batches. images/s counts both views of a row.
 
-Need: step time = trainer.flops_per_step (global batch 144, seq 2048) / (chips x peak bf16 x MFU);
-samples/s per host = global batch / step time / hosts (v5p: 4 chips per host). An estimate, not a
-measurement: MFU is assumed. The ratio capacity / need > 1 means this machine keeps up.
+Need: step time = training/loop.py's flops_per_step (global batch 144, seq 2048) / (chips x peak
+bf16 x MFU); samples/s per host = global batch / step time / hosts (v5p: 4 chips per host; both
+figures from parallel/hardware.py). An estimate, not a measurement: MFU is assumed. The ratio
+capacity / need > 1 means this machine keeps up.
 """
 import argparse
 import json
@@ -26,17 +27,14 @@ import time
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # only the FLOP count uses jax (abstractly)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from skymoe_jax import config_defaults  # noqa: E402
+from skymoe_jax import config as config_lib  # noqa: E402
 from skymoe_jax.data import pipeline, records, synthetic  # noqa: E402
 from skymoe_jax.data import tokenizer as tokenizer_lib  # noqa: E402
-from skymoe_jax.train import trainer  # noqa: E402
+from skymoe_jax.parallel import hardware  # noqa: E402
+from skymoe_jax.training import loop  # noqa: E402
 
-V5P_PEAK_BF16 = 459e12  # FLOP/s per v5p chip (Cloud TPU docs)
-V5P_CHIPS_PER_HOST = 4
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+V5P = hardware.CHIPS['v5p']
 
 
 def _cpu_model() -> str:
@@ -59,7 +57,7 @@ def make_data(cache: pathlib.Path, num_images: int, image_size: int, vocab: int)
 
 
 def make_config(config_file: str, data_dir, global_batch: int):
-  c = config_lib.load_config_file(config_file)
+  c = config_lib.load(config_file)
   c.data.sources.synthetic = dict(data_dir=str(data_dir), split='train', weight=1.0,
                                   generate='')
   c.data.batch_size = global_batch
@@ -108,15 +106,15 @@ def measure(config, tok, num_hosts: int, parallel: int, warmup: int, steps: int)
 def needed_rate(config_file: str, global_batch: int, seq_len: int, num_chips: int,
                 chips_per_host: int, peak: float, mfu: float) -> dict:
   """Samples/s one host must deliver at the estimated step rate."""
-  c = config_lib.load_config_file(config_file)
+  c = config_lib.load(config_file)
   c.data.batch_size = global_batch
   c.data.text_len = seq_len - config_lib.vision_tokens(c.model)
-  flops = trainer.flops_per_step(c)
+  flops = loop.flops_per_step(c)
   step_seconds = flops / (num_chips * peak * mfu)
   hosts = num_chips // chips_per_host
   per_host = global_batch / step_seconds / hosts
-  return {'flops_per_step': flops, 'flops_source': 'trainer.flops_per_step', 'global_batch':
-          global_batch, 'seq_len': seq_len, 'num_chips': num_chips,
+  return {'flops_per_step': flops, 'flops_source': 'training.loop.flops_per_step',
+          'global_batch': global_batch, 'seq_len': seq_len, 'num_chips': num_chips,
           'chips_per_host': chips_per_host, 'num_hosts': hosts, 'peak_flops_per_chip': peak,
           'mfu': mfu, 'step_seconds': step_seconds, 'samples_per_s_per_host': per_host,
           'images_per_s_per_host': 2 * per_host}
@@ -137,8 +135,9 @@ def main():
   p.add_argument('--global_batch', type=int, default=144)
   p.add_argument('--seq_len', type=int, default=2048)
   p.add_argument('--num_chips', type=int, default=64, help='v5p chips (4x4x4 slice = 64)')
-  p.add_argument('--chips_per_host', type=int, default=V5P_CHIPS_PER_HOST)
-  p.add_argument('--peak', type=float, default=V5P_PEAK_BF16)
+  p.add_argument('--chips_per_host', type=int, default=V5P.chips_per_host)
+  p.add_argument('--peak', type=float, default=V5P.peak_bf16_flops_per_s,
+                 help='peak bf16 FLOP/s per chip (default: v5p, parallel/hardware.py)')
   p.add_argument('--mfu', type=float, default=0.4)
   args = p.parse_args()
   num_hosts = args.num_chips // args.chips_per_host

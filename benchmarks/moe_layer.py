@@ -30,6 +30,7 @@ import numpy as np
 
 from skymoe_jax.model.mlp import swiglu
 from skymoe_jax.model.moe import backends, router
+from skymoe_jax.parallel import hardware
 
 SHAPES = {
     # tokens, model dim, ffn dim, experts, top-k
@@ -53,15 +54,6 @@ def _median_seconds(fn, repeats):
   return float(np.median(times))
 
 
-def matmul_peak(dtype, n=None, repeats=10):
-  """Measured FLOP/s of one large square matmul (the ceiling for everything else here): n=4096
-  on CPU, 8192 on an accelerator (4096 leaves an H200 well short of its peak)."""
-  n = n or (4096 if jax.default_backend() == 'cpu' else 8192)
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a: a @ a)
-  return 2 * n ** 3 / _median_seconds(lambda: jax.block_until_ready(f(a)), repeats)
-
-
 def make_weights(shape, seed=0):
   """fp32 numpy weights shared by both frameworks: x [N, D], experts, router [D, E]."""
   n, d, f, e, _ = shape
@@ -74,7 +66,7 @@ def make_weights(shape, seed=0):
 
 def jax_moe(shape, w, backend, dtype, ragged_impl='auto', backends_module=None):
   """(forward fn, fwd+bwd step fn, args) of our layer: routing in fp32, experts in `dtype`.
-  backends_module: skymoe_jax.moe.backends unless another version is given."""
+  backends_module: skymoe_jax.model.moe.backends unless another version is given."""
   n, d, f, e, k = shape
   valid = jnp.ones((n,), bool)
   dispatch = (backends_module or backends).get_backend(backend, capacity_factor=1.25,
@@ -140,8 +132,9 @@ def torch_moe(shape, w, dtype_name, impl, device):
 
 
 def load_backends(path):
-  """A backends.py from elsewhere (e.g. `git show REV:skymoe_jax/moe/backends.py > old.py`), to
-  time an earlier version of the dispatch code next to the current one in the same run."""
+  """A backends.py from elsewhere (e.g. `git show REV:skymoe_jax/model/moe/backends.py > old.py`;
+  skymoe_jax/moe/backends.py before the package's layers), to time an earlier version of the
+  dispatch code next to the current one in the same run."""
   spec = importlib.util.spec_from_file_location('baseline_backends', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -217,7 +210,8 @@ def main():
     torch.manual_seed(0)
   results = []
   for dtype_name in args.dtypes.split(','):
-    peak = matmul_peak(jnp.dtype(dtype_name))
+    # The ceiling for everything else here: one large square matmul, measured.
+    peak = hardware.matmul_flops_per_second(jnp.dtype(dtype_name))
     print(f'{dtype_name}: measured matmul peak {peak / 1e12:.2f} TFLOP/s', flush=True)
     for shape in args.shapes.split(','):
       for backend in args.backends.split(','):

@@ -4,7 +4,7 @@ against the machine's matmul peak, and where the time goes, from a profile.
   python benchmarks/train_step.py --out=train_step.json [--configs=demo,large] [--steps=5]
       [--warmup=1] [--profile_steps=2]
 
-The step is the project's own: sharded_state.make_train_step with the trainer's optimizer
+The step is the project's own: training/step.py's make_train_step with the trainer's optimizer
 (optimizer.for_run), compiled once ahead of time from its jitted function and fed as the
 trainer feeds it (each step puts a host batch on the device with the step's batch shardings).
 Batches are random arrays of the trainer's shapes and dtypes; every text position is a real token,
@@ -16,24 +16,22 @@ Configs: `demo` is configs/demo.py:stage2 (the MoE stage of the README's main jo
 same stage with the overrides in LARGE (why that size: see there).
 
 Per config the JSON holds the median step time after compilation and warm-up, tokens/s, model
-FLOP/s (summary.model_flops, the project's one FLOP count) and `fraction_of_peak` (model FLOP/s /
-an fp32 square matmul's FLOP/s, measured in the same run by benchmarks/moe_layer.py's
-matmul_peak). `profile` holds the time shares of the step's components: a few steps run under
-jax.profiler.trace; XLA's CPU runtime records one event per executed HLO instruction (thunk)
-with its name, and the compiled module's text gives each instruction's metadata (the Flax
-module path in op_name, and the Python source line) and, for dots, the FLOPs. See
-component_shares.
+FLOP/s (model/flops.py's model_flops, the project's one FLOP count) and `fraction_of_peak` (model
+FLOP/s / an fp32 square matmul's FLOP/s, measured in the same run by parallel/hardware.py's
+matmul_flops_per_second, as benchmarks/moe_layer.py measures its peak). `profile` holds the time
+shares of the step's components: a few steps run under jax.profiler.trace; XLA's CPU runtime
+records one event per executed HLO instruction (thunk) with its name, and the compiled module's
+text gives each instruction's metadata (the Flax module path in op_name, and the Python source
+line) and, for dots, the FLOPs. See component_shares.
 """
 import argparse
 import collections
 import gzip
-import importlib.util
 import json
 import os
 import pathlib
 import re
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -42,16 +40,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from skymoe_jax import config as config_lib
-from skymoe_jax import summary
+from skymoe_jax.data import batch as batch_lib
 from skymoe_jax.model import factory
+from skymoe_jax.model import flops as flops_lib
+from skymoe_jax.parallel import hardware
 from skymoe_jax.parallel import mesh as mesh_lib
-from skymoe_jax.parallel import sharded_state
+from skymoe_jax.parallel import sharding
+from skymoe_jax.profiling import hlo
 from skymoe_jax.training import optimizer as optimizer_lib
+from skymoe_jax.training import state as state_lib
+from skymoe_jax.training import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-from skymoe_jax.profiling import hlo  # noqa: E402  (reading the compiled HLO text)
 
 # The demo's layout (4 decoder layers, MoE in 0 and 2, 64 image + 64 text tokens) at 2.7x its
 # width: the decoder's matmuls become [1024 tokens x 512] @ [512 x 1376] and the ViT's
@@ -75,31 +75,21 @@ COMPONENTS = ('vision', 'attention', 'moe', 'dense_ffn', 'optimizer', 'other', '
 def make_config(name: str):
   """One of CONFIGS, with its overrides applied and checked like a command-line config."""
   path, arg, overrides = CONFIGS[name]
-  config = config_lib.load_config_file(REPO / path, arg)
-  for field, value in overrides.items():
-    *parents, leaf = field.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config = config_lib.load(f'{REPO / path}:{arg}', overrides)
   config_lib.validate(config)
   return config
 
 
-PEAK_SIZE = 4096  # benchmarks/moe_layer.py's peak: an fp32 [4096 x 4096] @ [4096 x 4096]
+PEAK_SIZE = 4096  # benchmarks/moe_layer.py's peak on CPU: an fp32 [4096 x 4096] @ [4096 x 4096]
 
 
 def matmul_rates(sizes=(1024, 2048, PEAK_SIZE), dtype=jnp.float32) -> dict:
-  """FLOP/s of a square matmul per size, measured by benchmarks/moe_layer.py's matmul_peak.
+  """FLOP/s of a square matmul per size (hardware.matmul_flops_per_second, moe_layer's peak).
 
   PEAK_SIZE gives `fraction_of_peak`; the smaller sizes show how far that ceiling is from the
   best this machine's matmul kernels do (smaller operands stay in cache).
   """
-  spec = importlib.util.spec_from_file_location('moe_layer', pathlib.Path(__file__).with_name(
-      'moe_layer.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return {n: float(module.matmul_peak(dtype, n=n)) for n in sizes}
+  return {n: hardware.matmul_flops_per_second(dtype, n=n) for n in sizes}
 
 
 def random_batch(config, seed: int = 0) -> dict:
@@ -118,7 +108,7 @@ def random_batch(config, seed: int = 0) -> dict:
       'local_images': image,
       'pair_index': lambda: np.full((b,), -1, np.int32),
   }
-  return {name: fields[name]() for name in sharded_state.batch_fields(config)}
+  return {name: fields[name]() for name in batch_lib.train_fields(config)}
 
 
 # --- The compiled module: what each instruction is -----------------------------------------------
@@ -165,7 +155,8 @@ def parse_hlo(hlo_text: str) -> dict:
       return ''
     path = tables['FileNames'].get(int(file_id.group(1)), '').strip('"')
     fn = tables['FunctionNames'].get(int(fn_id.group(1)), '').strip('"') if fn_id else ''
-    # Keep the package part of the path: 'skymoe_jax/moe/backends.py', 'optax/_src/transform.py'.
+    # Keep the package part of the path: 'skymoe_jax/model/moe/backends.py',
+    # 'optax/_src/transform.py'.
     short = re.sub(r'^.*?/(skymoe_jax|optax|flax|jax)/', r'\1/', path)
     return f'{short}:{fn}'
 
@@ -229,7 +220,7 @@ def component(info: dict) -> str:
   source = info['source']
   if 'vision' in parts or source.startswith('skymoe_jax/model/vit.py'):
     return 'vision'
-  if 'moe' in parts or source.startswith(('skymoe_jax/moe/', 'skymoe_jax/parallel/expert_')):
+  if 'moe' in parts or source.startswith('skymoe_jax/model/moe/'):
     return 'moe'
   if 'attn' in parts or source.startswith(('skymoe_jax/model/attention.py',
                                             'skymoe_jax/model/rope.py')):
@@ -238,9 +229,8 @@ def component(info: dict) -> str:
     return 'dense_ffn'
   # Everything the step does after the gradients: optax, its gradient norm, the finite guard
   # (the step's own lines, outside the differentiated loss).
-  if source.startswith(('optax/', 'skymoe_jax/train/optimizer.py')) or (
-      source.startswith('skymoe_jax/parallel/sharded_state.py') and 'jvp(' not in
-      info['op_name']):
+  if source.startswith(('optax/', 'skymoe_jax/training/optimizer.py')) or (
+      source.startswith('skymoe_jax/training/step.py') and 'jvp(' not in info['op_name']):
     return 'optimizer'
   if info['op_name'] or source:
     return 'other'
@@ -480,9 +470,9 @@ def bench(config, steps: int = 5, warmup: int = 1, profile_steps: int = 2,
   mesh = mesh_lib.create_mesh(config, jax.devices()[:1])
   model = factory.create_model(config)
   tx = optimizer_lib.for_run(config)  # the trainer's; importing the trainer would need tensorflow
-  state = sharded_state.create_train_state(config, model, tx, mesh, jax.random.key(config.seed))
-  step_fn = sharded_state.make_train_step(config, model, tx, mesh)
-  batch_sh = sharded_state.batch_shardings(mesh, config)
+  state = state_lib.create_train_state(config, model, tx, mesh, jax.random.key(config.seed))
+  step_fn = step_lib.make_train_step(config, model, tx, mesh)
+  batch_sh = sharding.batch_shardings(mesh, config)
   host_batch = random_batch(config)
 
   def put(batch):  # what step_fn does before calling its jitted function
@@ -513,7 +503,7 @@ def bench(config, steps: int = 5, warmup: int = 1, profile_steps: int = 2,
   m, d = config.model, config.data
   vision_tokens = config_lib.vision_tokens(m)
   seq = vision_tokens + d.text_len
-  flops = summary.model_flops(config, d.batch_size, seq)
+  flops = flops_lib.model_flops(config, d.batch_size, seq)
   # An accelerator needs a bigger matmul to come near its peak: add 8192 there.
   sizes = (1024, 2048, PEAK_SIZE) + ((8192,) if jax.default_backend() != 'cpu' else ())
   rates = (matmul_rates(sizes, dtype=jnp.dtype(m.dtype)) if peak_flops is None

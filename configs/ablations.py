@@ -24,8 +24,10 @@ get_sweep() lists VARIANTS in priority order, all of seed 0 first, then seed 1, 
 short still covers the most important comparisons. Every run of one seed shares the stage-I
 model; seeds change the stage-II router initialisation and the batch order.
 """
-import importlib.util
 import pathlib
+
+from skymoe_jax import config as config_lib
+from skymoe_jax.registry import ConfigError
 
 STAGE1_DIR = '/tmp/skymoe_ablations/stage1'   # the shared stage-I workdir (absolute)
 STAGE2_STEPS = 60          # sized for ~2 minutes per run on a 2-core CPU, evaluation included
@@ -70,31 +72,25 @@ CLAIM_VARIANTS = ('full (MoE-8, adaptive, CDA both)', 'dense (equal active)', 'p
 
 
 def parse_arg(arg):
-  """'stage1,seeds=3,init=/x' -> {'stage': 'stage1', 'seeds': 3, 'init': '/x', ...}."""
-  out = {'stage': 'stage2', 'seeds': 1, 'init': STAGE1_DIR, 'steps': STAGE2_STEPS,
-         'eval': EVAL_SAMPLES, 'claims': False}
-  for item in filter(None, (arg or '').split(',')):
-    key, eq, value = item.partition('=')
-    if not eq and key in ('stage1', 'stage2'):
-      out['stage'] = key
-    elif not eq and key == 'claims':
-      out['claims'] = True
-    elif key in ('seeds', 'steps', 'eval') and value.isdigit() and int(value) > 0:
-      out[key] = int(value)
-    elif key == 'init' and value.startswith('/'):
-      out['init'] = value
-    else:
-      raise ValueError(f'configs/ablations.py argument {item!r}: expected stage1, stage2, '
-                       'claims, seeds=N, steps=N, eval=N or init=/absolute/path')
-  return out
+  """'stage1,seeds=3,init=/x' -> fields stage ('stage1' | 'stage2'), seeds, init, steps, eval,
+  claims (config.parse_arg reads the items; the checks here are this file's own)."""
+  a = config_lib.parse_arg(arg, stage1=False, stage2=False, claims=False, seeds=1,
+                           init=STAGE1_DIR, steps=STAGE2_STEPS, eval=EVAL_SAMPLES)
+  if a.stage1 and a.stage2:
+    raise ConfigError(f'configs/ablations.py argument {arg!r}: stage1 or stage2, not both')
+  for name in ('seeds', 'steps', 'eval'):
+    if a[name] < 1:
+      raise ConfigError(f"configs/ablations.py argument '{name}={a[name]}': must be >= 1")
+  if not a.init.startswith('/'):
+    raise ConfigError(f"configs/ablations.py argument 'init={a.init}': give an absolute path "
+                      '(the stage-I workdir)')
+  a.stage = 'stage1' if a.stage1 else 'stage2'
+  return a
 
 
 def _demo_config(stage):
-  path = pathlib.Path(__file__).resolve().parent / 'demo.py'
-  spec = importlib.util.spec_from_file_location('skymoe_config_demo_for_ablations', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(stage)
+  """configs/demo.py:<stage>, read as every command reads a config file."""
+  return config_lib.load(f'{pathlib.Path(__file__).resolve().parent / "demo.py"}:{stage}')
 
 
 def get_config(arg=None):
@@ -121,11 +117,10 @@ def get_sweep(arg=None):
 
 
 def variant_of(overrides):
-  """The VARIANTS name whose overrides (seed aside) equal these, compared as override text."""
-  def text(v):
-    return repr(tuple(v)) if isinstance(v, (list, tuple)) else v if isinstance(v, str) else repr(v)
-  given = {k: text(v) for k, v in overrides.items() if k != 'seed'}
+  """The VARIANTS name whose overrides (seed aside) equal these, compared as the
+  --config.FIELD=VALUE flags they make (values or their text alike)."""
+  given = set(config_lib.override_flags({k: v for k, v in overrides.items() if k != 'seed'}))
   for name, variant in VARIANTS.items():
-    if {k: text(v) for k, v in variant.items()} == given:
+    if set(config_lib.override_flags(variant)) == given:
       return name
   return None

@@ -6,6 +6,7 @@
 Data: a small synthetic dataset, generated into data.synthetic.cache_dir when missing.
 """
 from skymoe_jax import config as config_lib
+from skymoe_jax.jobs.grid import product
 
 
 def get_config(arg=None):
@@ -35,5 +36,4 @@ def get_sweep(arg=None):
   learning rate would be a constant in the program and cost a compile per run.
   """
   del arg
-  from launch.sweep import product  # pylint: disable=g-import-not-at-top
   return product(seed=[0, 1, 2])

@@ -12,7 +12,7 @@ vocabulary. Named choices (MoE backend, expert-parallel strategy, remat policy, 
 by the registries that own them (model.factory.validate checks the model's).
 """
 import re
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 from absl import flags
 import jax.numpy as jnp
@@ -235,8 +235,14 @@ def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:
       out[name] = True
     elif isinstance(default, bool):
       out[name] = value.lower() in ('1', 'true', 'yes')
+    elif default is None:
+      out[name] = value
     else:
-      out[name] = type(default)(value) if default is not None else value
+      try:
+        out[name] = type(default)(value)
+      except ValueError:
+        raise ConfigError(f'config argument {item!r}: {name} must be {type(default).__name__}, '
+                          f'like its default {default!r}') from None
   return out
 
 

@@ -4,7 +4,8 @@
 Exports a training workdir's checkpoint (default the latest) as a Hugging Face-style folder:
 OUT/model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json),
 OUT/config.json (LlavaConfig for dense models + our `skymoe` section) and OUT/tokenizer.model.
-LoRA is merged; tensors are streamed one at a time (interop/to_torch.py). Load OUT with
+LoRA is merged; the files are written one shard at a time with the safetensors library, so the
+host holds about one --max_shard_size of tensors (interop/to_torch.py). Load OUT with
 skymoe_jax.interop.torch_model.SkyMoEForConditionalGeneration.from_pretrained(OUT), or, dense,
 with transformers.LlavaForConditionalGeneration.from_pretrained(OUT). --verify runs that
 PyTorch model and ours on the same random inputs and prints the max abs logit difference.

@@ -1,5 +1,4 @@
 """Test setup: 8 forced CPU devices (set before jax is imported) and shared fixtures."""
-import importlib.util
 import os
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -9,23 +8,12 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_DEFAULT_PRNG_IMPL', 'rbg')
 
 import pathlib  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 from skymoe_jax import config as config_lib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_module(path: str, name: str):
-  """The Python file REPO/path (a script outside the package) as module `name`, loaded once."""
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
 
 
 def load_config(name: str, arg=None):

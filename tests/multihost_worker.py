@@ -13,14 +13,12 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 
 if __name__ == '__main__':  # before jax is imported; the test's own process is set by conftest
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_force_host_platform_device_count=4').strip()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   os.environ.setdefault('JAX_DEFAULT_PRNG_IMPL', 'rbg')  # as conftest: compiles faster
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -9,9 +9,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, load_config, load_module
+from benchmarks import ablation_report as report_lib
+from configs import ablations
+from conftest import REPO, load_config
+from skymoe_jax.jobs import sweep
 
-report_lib = load_module('benchmarks/ablation_report.py', 'ablation_report')
 ABLATIONS = REPO / 'configs/ablations.py'
 
 # Layer 0: vqa/local all on expert 0, vqa/mixed split evenly, counting/local all on expert 1.
@@ -144,7 +146,6 @@ def test_one_seed_binomial_spread():
 
 
 def test_sweep_lists_variants_seed_major():
-  ablations = load_module('configs/ablations.py', 'ablations_config')
   runs = ablations.get_sweep('seeds=3')
   n = len(ablations.VARIANTS)
   assert len(runs) == 3 * n and [r['seed'] for r in runs[::n]] == [0, 1, 2]
@@ -170,9 +171,8 @@ def test_sweep_lists_variants_seed_major():
 
 @pytest.mark.slow  # ~10 min: stage I and the seven claim variants, a few steps each
 def test_ablation_sweep_and_report_end_to_end(tmp_path, capfd, monkeypatch):
-  """README's Results commands at toy length: stage I, the claims sweep, the report; every
+  """docs/results.md's commands at toy length: stage I, the claims sweep, the report; every
   claim gets a measured effect from real runs."""
-  from launch import sweep  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device per run, as on the command line
   data = [f'--config.data.synthetic.cache_dir={tmp_path / "data"}',
           '--config.data.synthetic.num_images=60']
@@ -186,7 +186,6 @@ def test_ablation_sweep_and_report_end_to_end(tmp_path, capfd, monkeypatch):
   assert sweep.main([f'--config={ABLATIONS}:claims,steps=2,eval=12,init={stage1}',
                      f'--workdir_root={root}', '--local', *data]) == 0
   result = report_lib.report(root, tmp_path / 'out', str(ABLATIONS))
-  ablations = load_module('configs/ablations.py', 'ablations_config')
   assert sorted(result['variants']) == sorted(ablations.CLAIM_VARIANTS)
   assert all(r['evaluated'] and r['total_steps'] == 2 for r in result['runs'])
   rows = {row['claim'][:3]: row for row in result['claims']}
@@ -198,12 +197,12 @@ def test_ablation_sweep_and_report_end_to_end(tmp_path, capfd, monkeypatch):
   assert (tmp_path / 'out' / 'routing_mi.png').stat().st_size > 0
 
 
-def test_readme_claims_rows_come_from_the_reports():
-  """README's Results tables are copied from the generated reports, never typed in."""
+def test_results_claims_rows_come_from_the_reports():
+  """docs/results.md's claims tables are copied from the generated reports, never typed in."""
   generated = set()
   for path in (REPO / 'benchmarks/results').glob('ablations*/ablations.md'):
     generated |= set(path.read_text().splitlines())
-  rows = [line for line in (REPO / 'README.md').read_text().splitlines()
+  rows = [line for line in (REPO / 'docs' / 'results.md').read_text().splitlines()
           if re.match(r'\| (1|1b|2a|2b|3a|3b|3c|3d)\. ', line)]
   assert len(rows) >= 8
   for row in rows:

@@ -1,14 +1,13 @@
-"""launch/aot_compile.py: the sharded train step compiled ahead of time for a TPU topology.
+"""profiling/aot.py: the sharded train step compiled ahead of time for a TPU topology.
 
 The compile tests need libtpu (`pip install "jax[tpu]"`) and are skipped without it; the FLOP
 formula and the HLO collective parser are checked everywhere.
 """
 import pytest
 
-from conftest import load_config, load_module
-from skymoe_jax import summary
-
-aot = load_module('launch/aot_compile.py', 'aot_compile')
+from conftest import load_config
+from skymoe_jax.model import flops
+from skymoe_jax.profiling import aot, roofline
 
 TOPOLOGY = 'v5p:2x2x1'  # 4 chips
 BATCH, SEQ = 8, 32      # tiny: 16 image tokens + 16 text tokens
@@ -87,7 +86,7 @@ def test_model_flops_by_hand():
   nv = 16
   weights = 6 * BATCH * (SEQ * n_llm + nv * (n_proj + n_patch) + (nv + 1) * n_vit)
   attention = 12 * BATCH * (4 * SEQ ** 2 * 4 * 16 + 2 * (nv + 1) ** 2 * 32)
-  got = summary.model_flops(load_config('tiny'), BATCH, SEQ)
+  got = flops.model_flops(load_config('tiny'), BATCH, SEQ)
   assert got['llm_active_params_no_embed'] == n_llm == 217856
   assert got['weight_flops'] == weights
   assert got['attention_flops'] == attention
@@ -134,7 +133,8 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 
 def test_collective_bytes_from_hlo_text():
-  got = aot.collective_bytes(HLO)
+  """The AOT report's collectives_per_device (roofline.collective_bytes)."""
+  got = roofline.collective_bytes(HLO)
   assert got['all-gather'] == {'count': 1, 'bytes': 64, 'bytes_per_step': 5 * 64}
   assert got['all-reduce'] == {'count': 1, 'bytes': 32, 'bytes_per_step': 32}
   assert got['reduce-scatter'] == {'count': 1, 'bytes': 8, 'bytes_per_step': 8}

@@ -5,17 +5,15 @@ import json
 
 import pytest
 
-from conftest import REPO, load_config, load_module
+from benchmarks import generation, moe_layer, summary, tpu_projection, train_step
+from conftest import REPO, load_config
 
-
-def _load(name):
-  return load_module(f'benchmarks/{name}.py', f'bench_{name}')
+BACKENDS = REPO / 'skymoe_jax' / 'model' / 'moe' / 'backends.py'
 
 
 def test_moe_layer_case_agrees_with_hf_mixtral_and_times_the_baseline(monkeypatch):
-  moe_layer = _load('moe_layer')
   monkeypatch.setitem(moe_layer.SHAPES, 'test', (64, 16, 24, 4, 2))
-  baseline = moe_layer.load_backends(REPO / 'skymoe_jax' / 'moe' / 'backends.py')
+  baseline = moe_layer.load_backends(BACKENDS)
   for backend, impl in (('ragged', 'blocks'), ('ragged', 'batched'), ('capacity', 'auto')):
     r = moe_layer.bench_case('test', backend, 'float32', ['eager'], 'cpu', repeats=1,
                              ragged_impl=impl, baseline=baseline)
@@ -25,9 +23,8 @@ def test_moe_layer_case_agrees_with_hf_mixtral_and_times_the_baseline(monkeypatc
 
 
 def test_moe_layer_refuses_a_layer_that_disagrees_with_hf_mixtral(monkeypatch):
-  moe_layer = _load('moe_layer')
   monkeypatch.setitem(moe_layer.SHAPES, 'test', (64, 16, 24, 4, 2))
-  broken = moe_layer.load_backends(REPO / 'skymoe_jax' / 'moe' / 'backends.py')
+  broken = moe_layer.load_backends(BACKENDS)
   real = broken.get_backend('ragged', ragged_impl='blocks')
   monkeypatch.setattr(moe_layer, 'backends', broken)
   monkeypatch.setattr(broken, 'get_backend', lambda *a, **k: (
@@ -37,16 +34,14 @@ def test_moe_layer_refuses_a_layer_that_disagrees_with_hf_mixtral(monkeypatch):
 
 
 def test_generation_kv_cache_matches_recompute():
-  generation = _load('generation')
   r = generation.bench(load_config('tiny'), batch=2, prompt_len=6, max_new_tokens=4, repeats=1)
   assert r['tokens_match'] and r['all_rows_full_length']
   assert r['kv_tokens_per_second'] > 0 and r['recompute_tokens_per_second'] > 0
 
 
 def test_hlo_flop_counter_counts_loop_bodies_per_iteration():
-  projection = _load('tpu_projection')
   rows = {name: (expected, counted, cost) for name, expected, counted, cost in
-          projection.self_check()}
+          tpu_projection.self_check()}
   for name, (expected, counted, _) in rows.items():
     assert counted == expected, name
   expected, _, cost = rows['matmul in lax.scan x5']
@@ -54,7 +49,6 @@ def test_hlo_flop_counter_counts_loop_bodies_per_iteration():
 
 
 def test_train_step_profile_attributes_the_time():
-  train_step = _load('train_step')
   r = train_step.bench(load_config('tiny'), steps=1, warmup=1, profile_steps=1,
                        peak_flops=1e12)
   assert r['model_flops_per_second'] > 0 and r['fraction_of_peak'] > 0
@@ -66,7 +60,6 @@ def test_train_step_profile_attributes_the_time():
 
 
 def test_summary_traces_every_row_to_a_results_file(tmp_path):
-  summary = _load('summary')
   text = summary.table(REPO / 'benchmarks' / 'results')
   rows = [line for line in text.splitlines()[2:] if line.startswith('|')]
   assert rows

@@ -1,4 +1,4 @@
-"""launch/hlo.py on hand-written HLO text: computations, instructions, bytes, loop counts."""
+"""profiling/hlo.py on hand-written HLO text: computations, instructions, bytes, loop counts."""
 import pytest
 
 from skymoe_jax.profiling import hlo

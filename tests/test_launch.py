@@ -17,14 +17,15 @@ import time
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the launch/ package
-
-from launch import common  # noqa: E402
-from launch import local  # noqa: E402
-from launch import slurm  # noqa: E402
-from launch import sweep  # noqa: E402
-from launch import tpu_pod  # noqa: E402
+from conftest import REPO
+from skymoe_jax import config as config_lib
+from skymoe_jax.jobs import common
+from skymoe_jax.jobs import grid
+from skymoe_jax.jobs import local
+from skymoe_jax.jobs import prepare
+from skymoe_jax.jobs import slurm
+from skymoe_jax.jobs import sweep
+from skymoe_jax.jobs import tpu_pod
 
 TINY = str(REPO / 'configs' / 'tiny.py')
 OVERRIDES = ['--config.mesh.fsdp=2', "--config.data.sources.geo.data_dir=/data/geo chat's"]
@@ -45,24 +46,41 @@ def _flag(argv, name):
 # -- sweep helpers and names --------------------------------------------------------------------
 
 def test_product_and_zip():
-  runs = sweep.product({'optimizer.learning_rate': [1e-3, 3e-4]}, seed=[0, 1])
+  runs = grid.product({'optimizer.learning_rate': [1e-3, 3e-4]}, seed=[0, 1])
   assert runs == [{'optimizer.learning_rate': 1e-3, 'seed': 0},
                   {'optimizer.learning_rate': 1e-3, 'seed': 1},
                   {'optimizer.learning_rate': 3e-4, 'seed': 0},
                   {'optimizer.learning_rate': 3e-4, 'seed': 1}]
-  assert sweep.zip_({'optimizer.learning_rate': [1e-3, 3e-4]}, seed=[0, 1]) == [
+  assert grid.zip_({'optimizer.learning_rate': [1e-3, 3e-4]}, seed=[0, 1]) == [
       {'optimizer.learning_rate': 1e-3, 'seed': 0}, {'optimizer.learning_rate': 3e-4, 'seed': 1}]
   # Nested: a zip of two fields, crossed with a third; a tuple value inside a list.
-  nested = sweep.product(sweep.zip_({'a': [1, 2], 'b': [3, 4]}), {'model.moe.layers': [(0, 2)]})
+  nested = grid.product(grid.zip_({'a': [1, 2], 'b': [3, 4]}), {'model.moe.layers': [(0, 2)]})
   assert nested == [{'a': 1, 'b': 3, 'model.moe.layers': (0, 2)},
                     {'a': 2, 'b': 4, 'model.moe.layers': (0, 2)}]
-  assert sweep.product() == [{}]
+  assert grid.product() == [{}]
   with pytest.raises(ValueError, match='different lengths'):
-    sweep.zip_(a=[1, 2], b=[1])
+    grid.zip_(a=[1, 2], b=[1])
   with pytest.raises(ValueError, match="'a' is set twice"):
-    sweep.product(sweep.product(a=[1]), a=[2])
+    grid.product(grid.product(a=[1]), a=[2])
   with pytest.raises(ValueError, match="'model.moe.layers': give a list"):
-    sweep.product({'model.moe.layers': (0, 2)})
+    grid.product({'model.moe.layers': (0, 2)})
+
+
+LIGHT_IMPORTS = """
+import sys
+import skymoe_jax.jobs.grid
+assert 'jax' not in sys.modules, 'jobs.grid (config files import it) imports jax'
+from skymoe_jax.jobs import local, slurm, tpu_pod
+heavy = sorted({'tensorflow', 'orbax', 'sentencepiece'} & set(sys.modules))
+assert not heavy, f'printing a launch plan imports {heavy}'
+"""
+
+
+def test_config_files_and_launchers_import_light():
+  """Config files import jobs.grid: it stays standard library only; the launchers' plans need
+  config, not the data libraries."""
+  r = subprocess.run([sys.executable, '-c', LIGHT_IMPORTS], capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
 
 
 def test_run_names_are_readable_safe_and_distinct():
@@ -88,12 +106,12 @@ def test_expand_rejects_a_field_both_given_and_swept(tmp_path):
 
 
 def test_overrides_reach_the_config_as_the_trainer_reads_them():
-  config = common.load_config(TINY + ':stage1', {'model.moe.layers': (0,), 'seed': 3,
+  config = config_lib.load(TINY + ':stage1', {'model.moe.layers': (0,), 'seed': 3,
                                                  'optimizer.learning_rate': '0.5',
                                                  'data.template': 'llava_v1'})
   assert config.model.moe.layers == (0,) and config.seed == 3
   assert config.optimizer.learning_rate == 0.5 and config.train.stage == 'stage1'
-  assert common.config_hash(config) != common.config_hash(common.load_config(TINY))
+  assert prepare.config_hash(config) != prepare.config_hash(config_lib.load(TINY))
 
 
 # -- TPU pods -----------------------------------------------------------------------------------
@@ -253,17 +271,17 @@ def test_local_sweep_runs_skips_and_summarizes(tmp_path, capfd, monkeypatch):
   assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ['.jax_cache', *names]
   for seed, name in enumerate(names):
     workdir = root / name
-    assert common.checkpoint_steps(workdir) == [2]
+    assert sweep.checkpoint_steps(workdir) == [2]
     prov = json.loads((workdir / 'provenance.json').read_text())
     assert prov['overrides']['seed'] == str(seed) and prov['swept'] == ['seed']
     assert prov['total_steps'] == 2 and prov['packages']['jax']
     assert prov['data_manifest']['sources']['synthetic']['info_sha256']
-    assert prov['config'] == config and prov['config_hash'] == common.config_hash(
-        common.load_config(config, {**common.split_override_args(argv)[0], 'seed': seed}))
+    assert prov['config'] == config and prov['config_hash'] == prepare.config_hash(
+        config_lib.load(config, {**common.split_override_args(argv)[0], 'seed': seed}))
     # The trainer saw the same config: its config.json agrees on the swept and given fields.
     trained = json.loads((workdir / 'config.json').read_text())
     assert trained['seed'] == seed and trained['train']['total_steps'] == 2
-    assert trained['train']['stage'] == 'I'
+    assert trained['train']['stage'] == 'stage1'
   manifests = {json.loads((root / n / 'provenance.json').read_text())['data_manifest']['hash']
                for n in names}
   assert len(manifests) == 1  # the same data for every seed
@@ -288,7 +306,7 @@ def test_local_sweep_runs_skips_and_summarizes(tmp_path, capfd, monkeypatch):
     table = list(csv.DictReader(f))
   assert [r['run'] for r in table] == names and [r['seed'] for r in table] == ['0', '1', '2']
   for r, name in zip(table, names):
-    last = common.last_metrics(root / name)
+    last = sweep.last_metrics(root / name)
     assert float(r['loss']) == pytest.approx(last['loss'])
     assert float(r['ce_loss']) == pytest.approx(last['ce_loss'])
 
@@ -303,7 +321,7 @@ def test_two_local_processes_train_like_one(tmp_path, capsys):
                      f'--config={TINY}', f'--workdir={two}', *base]) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary['step'] == 2 and not summary['preempted']
-  assert common.checkpoint_steps(two) == [2]
+  assert sweep.checkpoint_steps(two) == [2]
   for i in range(2):  # both processes joined one job of 8 devices and trained both steps
     log = (two / 'logs' / f'process_{i}.log').read_text()
     assert 'step 2/2' in log

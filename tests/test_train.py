@@ -210,8 +210,7 @@ def test_preempted_run_resumes_exactly(runs):
 # -- 4. preemption of a real process -------------------------------------------------------------
 
 _WORKER = """
-import json, sys
-sys.path.insert(0, {tests!r})
+import json
 import conftest  # the CPU/XLA environment, set before jax is imported
 from test_train import _config
 from skymoe_jax.training import loop
@@ -223,10 +222,10 @@ print('SUMMARY', json.dumps(loop.train(config, {workdir!r})), flush=True)
 @pytest.mark.slow
 def test_sigterm_saves_and_rerun_resumes(runs, tmp_path, compilation_cache_dir):
   workdir = tmp_path / 'stage1'
-  code = _WORKER.format(tests=str(REPO / 'tests'), cache=str(runs['root'] / 'cache'),
-                        workdir=str(workdir))
-  # The worker shares the compilation cache: its executables serve the rerun here too.
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
+  code = _WORKER.format(cache=str(runs['root'] / 'cache'), workdir=str(workdir))
+  # The worker imports the test modules (PYTHONPATH) and shares the compilation cache: its
+  # executables serve the rerun here too.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO / 'tests'),
              **{name.upper(): str(value) for name, value in compilation_cache_dir.items()})
   proc = subprocess.Popen([sys.executable, '-c', code], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)

@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from skymoe_jax.data import batch as batch_lib
 from skymoe_jax.data import cda, image_ops, records, tasks, template as template_lib
 from skymoe_jax.data import tokenizer as tokenizer_lib
 
@@ -248,18 +249,11 @@ class BatchBuilder:
     return batch
 
   def output_signature(self) -> Dict[str, tf.TensorSpec]:
-    rows, s, t = self.num_originals + self.num_edits, self.image_size, self.text_len
-    spec = {
-        'images': tf.TensorSpec((rows, s, s, 3), tf.float32),
-        'tokens': tf.TensorSpec((rows, t), tf.int32),
-        'token_mask': tf.TensorSpec((rows, t), tf.bool),
-        'loss_mask': tf.TensorSpec((rows, t), tf.bool),
-        'task_id': tf.TensorSpec((rows,), tf.int32),
-        'granularity_id': tf.TensorSpec((rows,), tf.int32),
-    }
-    if self.config.data.local_views:
-      spec['local_images'] = tf.TensorSpec((rows, s, s, 3), tf.float32)
-    spec['pair_index'] = tf.TensorSpec((rows,), tf.int32)
+    """The batch contract's fields (data/batch.py) plus this batch's skip counters."""
+    rows = self.num_originals + self.num_edits
+    shapes = batch_lib.shapes(self.config, rows, batch_lib.pipeline_fields(self.config),
+                              self.text_len)
+    spec = {name: tf.TensorSpec(shape, tf.as_dtype(dtype)) for name, (shape, dtype) in shapes.items()}
     spec['counters'] = tf.TensorSpec((len(COUNTERS),), tf.int32)
     return spec
 

@@ -36,10 +36,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from skymoe_jax import config as config_lib
-from skymoe_jax.model import factory
 from skymoe_jax.model.skymoe import SkyMoE, positions_from_mask
 from skymoe_jax.parallel import mesh as mesh_lib
+from skymoe_jax.parallel import sharding
 
 DROPLESS_BACKEND = 'ragged'
 # PRNG implementations whose draws under vmap equal the per-key draws.
@@ -217,10 +216,7 @@ def make_generate_fn(model: SkyMoE, config, max_new_tokens: int, eos_id: int, pa
                            keys, options, **static)
     return generate
 
-  config_lib.validate_for_mesh(config, dict(mesh.shape))
-  boxed = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), *factory.example_inputs(config))['params'])
-  param_sh = mesh_lib.logical_to_sharding(boxed, mesh, config)
+  _, param_sh = sharding.param_shardings(config, mesh, model)
   batch_sh = lambda ndim: mesh_lib.batch_sharding(mesh, config, ndim)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   in_sh = (param_sh, batch_sh(4), batch_sh(2), batch_sh(2), batch_sh(1), batch_sh(1), batch_sh(1),

@@ -26,6 +26,7 @@ from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.data import records, tasks, template as template_lib
 from skymoe_jax.data import tokenizer as tokenizer_lib
 from skymoe_jax.evaluation import evaluators, generate as generate_lib, prompts
+from skymoe_jax.evaluation import routing as routing_lib
 from skymoe_jax.model import factory, layout
 from skymoe_jax.parallel import mesh as mesh_lib
 
@@ -48,65 +49,6 @@ def eval_questions(config) -> List[Dict]:
 
 def _reference_answers(r: records.Record) -> List[str]:
   return list(r.meta.get('references') or [r.conversations[-1]['value']])
-
-
-class RoutingStats:
-  """Accumulates the routing analytics over batches."""
-
-  def __init__(self):
-    self.counts = None        # [layers, tasks, granularities, E]
-    self.entropy = collections.defaultdict(list)  # (task, granularity) -> [layers] per batch
-    self.dropped, self.routed = 0, 0
-
-  def add(self, moe_aux, task: str, granularity: str):
-    if moe_aux is None:
-      return
-    counts = np.asarray(moe_aux['counts_by_condition'], np.float64)
-    self.counts = counts if self.counts is None else self.counts + counts
-    self.entropy[(task, granularity)].append(np.asarray(moe_aux['entropy'], np.float64))
-    self.dropped += int(np.sum(moe_aux['num_dropped']))
-    self.routed += int(np.sum(moe_aux['num_routed']))
-
-  def report(self, moe_layers) -> Optional[Dict]:
-    if self.counts is None:
-      return None
-    layers = {}
-    for li, layer in enumerate(moe_layers):
-      cells = {}
-      for ti, task in enumerate(tasks.TASKS):
-        for gi, gran in enumerate(tasks.GRANULARITIES):
-          c = self.counts[li, ti, gi]
-          if c.sum() == 0:
-            continue
-          cells[f'{task}/{gran}'] = {
-              'load': (c / c.sum()).round(5).tolist(), 'routed': int(c.sum()),
-              'entropy': float(np.mean([e[li] for e in self.entropy[(task, gran)]]))}
-      total = self.counts[li].sum(axis=(0, 1))
-      layers[f'layer_{layer}'] = {'load': (total / max(total.sum(), 1)).round(5).tolist(),
-                                  'by_condition': cells}
-    return {'layers': layers, 'token_drop_rate': self.dropped / max(self.routed, 1),
-            'num_experts': int(self.counts.shape[-1])}
-
-
-def plot_routing(routing: Dict, path: pathlib.Path) -> None:
-  """One heatmap per MoE layer: rows task/granularity cells, columns experts."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  layers = routing['layers']
-  fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers) + 1, 3.5), squeeze=False)
-  for ax, (name, layer) in zip(axes[0], layers.items()):
-    cells = sorted(layer['by_condition'])
-    grid = np.asarray([layer['by_condition'][c]['load'] for c in cells])
-    im = ax.imshow(grid, vmin=0, vmax=max(grid.max(), 1e-6), cmap='viridis', aspect='auto')
-    ax.set_title(name)
-    ax.set_xlabel('expert')
-    ax.set_xticks(range(grid.shape[1]))
-    ax.set_yticks(range(len(cells)))
-    ax.set_yticklabels(cells if ax is axes[0][0] else [''] * len(cells), fontsize=7)
-  fig.colorbar(im, ax=axes[0].tolist(), label='share of routed tokens')
-  fig.savefig(path, dpi=100, bbox_inches='tight')
-  plt.close(fig)
 
 
 def _load_answers(path: pathlib.Path) -> Dict[str, Dict]:
@@ -142,7 +84,7 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
   groups = collections.defaultdict(list)
   for q in questions:
     groups[(q['record'].task, q['record'].granularity)].append(q)
-  routing = RoutingStats()
+  routing = routing_lib.RoutingStats()
   rng = jax.random.key(config.seed)
   text_len = config.data.text_len
   with open(answers_path, 'a') as answers_file:
@@ -196,7 +138,7 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
   routing_report = routing.report(layout.moe_layers(config.model))
   if routing_report is not None:
     (out / 'routing.json').write_text(json.dumps(routing_report, indent=1) + '\n')
-    plot_routing(routing_report, out / 'routing.png')
+    routing_lib.plot_routing(routing_report, out / 'routing.png')
   logging.info('evaluation of step %s written to %s', step, out)
   report['dir'] = str(out)
   return report

@@ -14,24 +14,25 @@ Names follow the LLaVA checkpoint convention that LlavaForConditionalGeneration 
 `block_sparse_moe.{task_embed, granularity_embed, condition_proj}.weight`.
 
 Input: a state dict as name -> numpy array, or `open_checkpoint(path)` for a folder or file
-(safetensors, sharded with an index, or torch .bin loaded with weights_only=True; GGUF lives in
-gguf.py). Output: plain nested dicts of numpy arrays, laid out exactly as `nn.unbox(model.init)`:
+(safetensors, read tensor by tensor through the safetensors library, one file or sharded with an
+index; or torch .bin loaded with weights_only=True; GGUF lives in gguf.py). Output: plain nested
+dicts of numpy arrays, laid out exactly as `nn.unbox(model.init)`:
 - `clip_vision_params`: HF CLIPVisionModel -> params['vision'] (VisionTower);
 - `llama_params`: HF LlamaForCausalLM -> params['decoder'] of a dense decoder (stage I);
 - `llava_params`: our own export (or any LLaVA checkpoint of the same shapes) -> all params.
-A missing tensor, one of the wrong shape, or a damaged file raises an error naming the tensor
-(and the file).
+A missing tensor or one of the wrong shape raises an error naming the tensor; a damaged file,
+a CheckpointFileError naming the file (and the tensor, where the reader can tell).
 """
 import json
 import math
 import os
 import pathlib
-import struct
 from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors
 
 from skymoe_jax.config import num_feature_layers
 from skymoe_jax.model import layout
@@ -317,83 +318,58 @@ def llava_params(state_dict, model_cfg, dtype=None) -> Dict:
 
 # ------------------------------------------------------------------------ checkpoint files
 
-SAFETENSORS_DTYPES = {
-    'F64': np.dtype(np.float64), 'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
-    'BF16': np.dtype(ml_dtypes.bfloat16), 'I64': np.dtype(np.int64), 'I32': np.dtype(np.int32),
-    'I16': np.dtype(np.int16), 'I8': np.dtype(np.int8), 'U8': np.dtype(np.uint8),
-    'BOOL': np.dtype(np.bool_)}
-MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+# The safetensors library's header errors, as what they usually mean for a file on disk.
+_SAFETENSORS_HINTS = {'file not fully covered': 'truncated, or not a safetensors file',
+                      'invalid header length': 'truncated, or not a safetensors file',
+                      'header too large': 'not a safetensors file',
+                      'header too small': 'too short for a safetensors file'}
+
+
+def safetensors_error(path, error, name: Optional[str] = None) -> CheckpointFileError:
+  """The library's SafetensorError as a CheckpointFileError naming the file (and tensor)."""
+  reason = str(error)
+  hint = next((h for key, h in _SAFETENSORS_HINTS.items() if key in reason), None)
+  where = f'{path}: tensor {name!r}' if name is not None else str(path)
+  return CheckpointFileError(f'{where}: {reason}' + (f' ({hint})' if hint else ''))
 
 
 class SafetensorsFile(Mapping):
-  """A .safetensors file read without any library: the JSON header is validated against the
-  file size up front (a truncated file fails here, naming the first tensor whose bytes are not
-  all there), and each tensor is read from disk only when asked for."""
+  """A .safetensors file read lazily through the safetensors library.
+
+  `safe_open` validates the header against the file size when the file is opened (a truncated or
+  malformed file fails here, before any conversion starts); each tensor is then read from disk
+  only when asked for, so the file is never held as a whole. The pread backend rather than a
+  memory map: a file cut short after opening raises an error naming the tensor instead of
+  killing the process with SIGBUS. bfloat16 tensors come back as ml_dtypes.bfloat16 arrays, bit
+  for bit.
+  """
 
   def __init__(self, path):
     self.path = pathlib.Path(path)
-    size = self.path.stat().st_size
-    with open(self.path, 'rb') as f:
-      head = f.read(8)
-      if len(head) < 8:
-        raise CheckpointFileError(f'{self.path}: {size} bytes, too short for a safetensors file')
-      (n,) = struct.unpack('<Q', head)
-      if n > min(MAX_HEADER_BYTES, size - 8):
-        raise CheckpointFileError(f'{self.path}: header length {n} does not fit the file of '
-                                  f'{size} bytes (truncated, or not a safetensors file)')
-      try:
-        header = json.loads(f.read(n))
-      except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFileError(f'{self.path}: the safetensors header is not JSON ({e})') \
-            from None
-    if not isinstance(header, dict):
-      raise CheckpointFileError(f'{self.path}: the safetensors header is not a JSON object')
-    self.metadata = header.pop('__metadata__', None) or {}
-    self._start, self._data_bytes = 8 + n, size - 8 - n
-    self._info = {}
-    for name, info in sorted(header.items(), key=lambda kv: _offsets(kv[1])):
-      self._info[name] = self._check(name, info)
-
-  def _check(self, name, info):
-    where = f'{self.path}: tensor {name!r}'
     try:
-      dtype = SAFETENSORS_DTYPES[info['dtype']]
-      shape = tuple(int(s) for s in info['shape'])
-      begin, end = (int(o) for o in info['data_offsets'])
-    except (KeyError, TypeError, ValueError):
-      raise CheckpointFileError(f'{where}: malformed header entry {info!r}') from None
-    if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-      raise CheckpointFileError(f'{where}: data_offsets {[begin, end]} do not hold a '
-                                f'{info["dtype"]} tensor of shape {list(shape)}')
-    if end > self._data_bytes:
-      raise CheckpointFileError(f'{where}: needs bytes {begin}..{end} of the data section, the '
-                                f'file holds only {self._data_bytes} (truncated?)')
-    return dtype, shape, begin
+      self._file = safetensors.safe_open(self.path, framework='numpy', backend='pread')
+      self._names = self._file.offset_keys()
+      self.metadata = self._file.metadata() or {}
+    except safetensors.SafetensorError as e:
+      raise safetensors_error(self.path, e) from None
+    self._known = frozenset(self._names)
 
   def __getitem__(self, name) -> np.ndarray:
-    dtype, shape, begin = self._info[name]
-    with open(self.path, 'rb') as f:
-      f.seek(self._start + begin)
-      out = np.fromfile(f, dtype=dtype, count=math.prod(shape))
-    if out.size != math.prod(shape):
-      raise CheckpointFileError(f'{self.path}: tensor {name!r} is cut short (file changed?)')
-    return out.reshape(shape)
+    if name not in self._known:
+      raise KeyError(name)
+    try:
+      return self._file.get_tensor(name)
+    except safetensors.SafetensorError as e:
+      raise safetensors_error(self.path, e, name) from None
 
-  def shape(self, name):
-    return self._info[name][1]
+  def __contains__(self, name) -> bool:  # without reading the tensor, as Mapping's would
+    return name in self._known
 
   def __iter__(self) -> Iterator[str]:
-    return iter(self._info)
+    return iter(self._names)
 
   def __len__(self):
-    return len(self._info)
-
-
-def _offsets(info):
-  try:
-    return tuple(int(o) for o in info['data_offsets'])
-  except (KeyError, TypeError, ValueError):
-    return (-1, -1)  # reported by _check
+    return len(self._names)
 
 
 def _torch_to_numpy(t) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Export: our parameters -> a Hugging Face-style folder (safetensors + config.json), streamed.
+"""Export: our parameters -> a Hugging Face-style folder (safetensors + config.json), by shards.
 
   export_params(params, model_cfg, out)      any parameter tree (device or numpy arrays)
   export_workdir(workdir, out, step=None)    a training workdir's checkpoint (params only)
@@ -8,12 +8,15 @@ model.safetensors.index.json above `max_shard_bytes`), config.json and, when the
 one, tokenizer.model. Tensor names come from from_hf.llava_table, the table the importers read
 with, so export followed by import is an exact round trip.
 
-Memory: LoRA is merged first (only the adapted kernels get new arrays), then the safetensors
-header is written from the table's shapes alone and the tensors follow one at a time: each is
-sliced out of its (possibly scanned and sharded) parameter on device, copied to the host,
-transposed to torch's layout, cast, written and dropped. The host never holds more than a
-couple of copies of the largest single tensor, and a workdir restore reads the parameters only
-(not the optimizer state).
+Memory: LoRA is merged first (only the adapted kernels get new arrays). The files are written
+one shard at a time with the safetensors library, which takes a whole file's arrays at once: the
+shards are planned from the table's shapes alone, then each shard's tensors are sliced out of
+their (possibly scanned and sharded) parameters on device, copied to the host, transposed to
+torch's layout and cast, saved together and dropped before the next shard's are fetched. The
+host holds about one shard (max_shard_bytes, default 5 GB as transformers' save_pretrained; a
+single larger tensor makes its own shard) plus transient copies of the tensor being fetched, so
+a smaller max_shard_bytes lowers the peak. A workdir restore reads the parameters only (not the
+optimizer state).
 
 config.json is LlavaConfig-compatible for dense models (LlavaForConditionalGeneration loads the
 folder); an MoE model gets model_type 'skymoe_llava' so that transformers refuses it rather than
@@ -27,13 +30,13 @@ import json
 import os
 import pathlib
 import shutil
-import struct
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import jax
 import ml_collections
 import numpy as np
+from safetensors.numpy import save_file
 
 from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.config import num_feature_layers
@@ -41,9 +44,8 @@ from skymoe_jax.interop import from_hf
 from skymoe_jax.model import factory, layout, lora
 
 FORMAT_VERSION = 1
-DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
+DEFAULT_MAX_SHARD_BYTES = 5 * 10 ** 9  # '5GB', transformers' save_pretrained default
 DTYPES = {'fp32': 'float32', 'float32': 'float32', 'bf16': 'bfloat16', 'bfloat16': 'bfloat16'}
-_SAFETENSORS_CODE = {np.dtype(v): k for k, v in from_hf.SAFETENSORS_DTYPES.items()}
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
@@ -54,44 +56,37 @@ class ExportError(ValueError):
 
 
 class Tensor(NamedTuple):
+  """One tensor of the export, known by shape before its data exists: shards are planned (and
+  the index written) from these, and a shard's arrays are fetched only when it is written."""
   name: str
   shape: tuple
   dtype: np.dtype
-  fetch: Callable[[], np.ndarray]  # produces the array only when it is written
+  fetch: Callable[[], np.ndarray]  # produces the array only when its shard is written
 
   @property
   def nbytes(self) -> int:
     return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-def write_safetensors(path, tensors: List[Tensor], metadata: Optional[Dict[str, str]] = None):
-  """Writes a .safetensors file holding one tensor in memory at a time.
+def write_shard(path, tensors: List[Tensor], metadata: Optional[Dict[str, str]] = None):
+  """Writes one .safetensors file of `tensors` with the safetensors library.
 
-  The header (names, dtypes, shapes, offsets) is known before any data exists, so it goes
-  first; each tensor's bytes follow in header order. Written under a temporary name and renamed
-  at the end, so a crash never leaves a file that looks complete.
+  The library serialises a dict of whole arrays, so every tensor of the file is fetched first
+  (checked against the shape and dtype the shard plan and the index were made from), saved, and
+  dropped on return: the host holds this one file's arrays. Written under a temporary name and
+  renamed at the end, so a crash never leaves a file that looks complete.
   """
   path = pathlib.Path(path)
-  header, offset = {}, 0
+  arrays = {}
   for t in tensors:
-    header[t.name] = {'dtype': _SAFETENSORS_CODE[t.dtype], 'shape': list(t.shape),
-                      'data_offsets': [offset, offset + t.nbytes]}
-    offset += t.nbytes
-  header['__metadata__'] = dict(metadata or {'format': 'pt'})
-  raw = json.dumps(header, separators=(',', ':')).encode()
-  raw += b' ' * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the library does
+    a = t.fetch()
+    if a.shape != tuple(t.shape) or a.dtype != t.dtype:
+      raise ExportError(f'tensor {t.name}: produced {a.dtype}{list(a.shape)}, the shard plan '
+                        f'says {t.dtype}{list(t.shape)}')
+    arrays[t.name] = np.ascontiguousarray(a)  # the library writes the raw buffer as it is
   partial = path.with_name(path.name + '.partial')
   try:
-    with open(partial, 'wb') as f:
-      f.write(struct.pack('<Q', len(raw)))
-      f.write(raw)
-      for t in tensors:
-        a = t.fetch()
-        if a.shape != tuple(t.shape) or a.dtype != t.dtype:
-          raise ExportError(f'tensor {t.name}: produced {a.dtype}{list(a.shape)}, the header '
-                            f'says {t.dtype}{list(t.shape)}')
-        f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-        del a
+    save_file(arrays, partial, metadata=dict(metadata or {'format': 'pt'}))
   except BaseException:
     partial.unlink(missing_ok=True)
     raise
@@ -246,11 +241,11 @@ def export_params(params, model_cfg, out, dtype: str = 'float32',
   meta = {'format': 'pt', 'producer': 'skymoe_jax'}
   if len(shards) == 1:
     files = [WEIGHTS_FILE]
-    write_safetensors(out / WEIGHTS_FILE, shards[0], meta)
+    write_shard(out / WEIGHTS_FILE, shards[0], meta)
   else:
     files = [shard_name(i, len(shards)) for i in range(len(shards))]
     for fname, shard in zip(files, shards):
-      write_safetensors(out / fname, shard, meta)
+      write_shard(out / fname, shard, meta)
     index = {'metadata': {'total_size': sum(t.nbytes for t in tensors)},
              'weight_map': {t.name: fname for fname, shard in zip(files, shards) for t in shard}}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + '\n')

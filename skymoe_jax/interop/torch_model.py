@@ -1,8 +1,9 @@
 """SkyMoE in plain PyTorch: loads an exported folder (to_torch.py) and runs it.
 
-Self-contained on purpose: this file needs torch only (no jax, no transformers, no safetensors
-package), so it can be copied next to an export and used anywhere. Module names mirror the
-export's tensor names, so loading is one strict load_state_dict:
+It needs torch and the safetensors package (no transformers), and of this project only
+model/layout.py, which says which decoder layers are MoE for every caller. Module names mirror the
+export's tensor names, so loading copies each file's tensors, one at a time, into the parameter
+of the same name (every parameter must be filled, every tensor used):
 
   vision_tower.vision_model.*        CLIP ViT (quick-GELU, pre-LN); features = the output of the
                                      last block, CLS dropped; other input sizes resize the
@@ -24,59 +25,58 @@ the batch.
 import json
 import math
 import pathlib
-import struct
 from types import SimpleNamespace
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
+import safetensors
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
-           'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16,
-           'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
+from skymoe_jax.model import layout
 
 
 class LoadError(ValueError):
   """An export folder or file is missing, truncated or malformed (the message names it)."""
 
 
-def read_safetensors(path) -> Dict[str, torch.Tensor]:
-  """All tensors of a .safetensors file; the header is checked against the file size first, so
-  a truncated file fails naming the first tensor whose bytes are missing."""
+def _load_error(path, error, name: Optional[str] = None) -> LoadError:
+  """The safetensors library's error as a LoadError naming the file (and tensor)."""
+  reason = str(error)
+  hint = (' (truncated, or not a safetensors file)'
+          if 'not fully covered' in reason or 'invalid header length' in reason else '')
+  where = f'{path}: tensor {name!r}' if name is not None else str(path)
+  return LoadError(f'{where}: {reason}{hint}')
+
+
+def iter_safetensors(path) -> Iterator[Tuple[str, torch.Tensor]]:
+  """(name, tensor) of a .safetensors file, read one at a time through the safetensors library.
+
+  safe_open checks the header against the file size up front, so a truncated file fails before
+  the first tensor; pread rather than a memory map, so a file cut short later raises instead of
+  killing the process.
+  """
   path = pathlib.Path(path)
-  size = path.stat().st_size
-  with open(path, 'rb') as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise LoadError(f'{path}: {size} bytes, too short for a safetensors file')
-    (n,) = struct.unpack('<Q', head)
-    if n > size - 8:
-      raise LoadError(f'{path}: header length {n} does not fit the file of {size} bytes')
-    try:
-      header = json.loads(f.read(n))
-      header.pop('__metadata__', None)
-      entries = sorted(((int(i['data_offsets'][0]), int(i['data_offsets'][1]), name,
-                         _DTYPES[i['dtype']], [int(s) for s in i['shape']])
-                        for name, i in header.items()), key=lambda e: e[0])
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-      raise LoadError(f'{path}: malformed safetensors header ({type(e).__name__}: {e})') \
-          from None
-    data_bytes = size - 8 - n
-    out = {}
-    for begin, end, name, dtype, shape in entries:
-      if end - begin != math.prod(shape) * dtype.itemsize or end > data_bytes:
-        raise LoadError(f'{path}: tensor {name!r} needs bytes {begin}..{end} of the data '
-                        f'section ({data_bytes} present): truncated or malformed')
-      f.seek(8 + n + begin)
-      buf = bytearray(f.read(end - begin))
-      out[name] = (torch.frombuffer(buf, dtype=dtype) if buf else
-                   torch.empty(0, dtype=dtype)).reshape(shape)
-  return out
+  try:
+    with safetensors.safe_open(path, framework='pt', backend='pread') as f:
+      names = f.offset_keys()
+      for name in names:
+        try:
+          tensor = f.get_tensor(name)
+        except safetensors.SafetensorError as e:
+          raise _load_error(path, e, name) from None
+        yield name, tensor
+  except safetensors.SafetensorError as e:
+    raise _load_error(path, e) from None
 
 
-def load_folder(folder) -> Tuple[dict, Dict[str, torch.Tensor]]:
-  """(config.json, state dict) of an export folder, single file or sharded with an index."""
+def read_safetensors(path) -> Dict[str, torch.Tensor]:
+  """All tensors of a .safetensors file (errors as iter_safetensors)."""
+  return dict(iter_safetensors(path))
+
+
+def export_files(folder) -> Tuple[dict, List[pathlib.Path]]:
+  """(config.json, its safetensors files) of an export folder, single file or sharded."""
   folder = pathlib.Path(folder)
   if not (folder / 'config.json').exists():
     raise LoadError(f'{folder}: no config.json')
@@ -92,12 +92,10 @@ def load_folder(folder) -> Tuple[dict, Dict[str, torch.Tensor]]:
     files = [folder / name for name in sorted(set(weight_map.values()))]
   else:
     raise LoadError(f'{folder}: neither model.safetensors nor {index.name}')
-  state = {}
   for path in files:
     if not path.exists():
       raise LoadError(f'{path}: listed in the index but missing')
-    state.update(read_safetensors(path))
-  return config, state
+  return config, files
 
 
 def _namespace(d):
@@ -368,7 +366,7 @@ class LlamaModel(nn.Module):
   def __init__(self, cfg):
     super().__init__()
     llm = cfg.llm
-    moe = set(cfg.moe.layers) if cfg.moe.num_experts > 0 else set()
+    moe = set(layout.moe_layers(cfg))
     self.embed_tokens = nn.Embedding(llm.vocab_size, llm.embed_dim)
     self.layers = nn.ModuleList(DecoderLayer(cfg, i in moe) for i in range(llm.num_layers))
     self.norm = RMSNorm(llm.embed_dim, llm.norm_eps)
@@ -411,11 +409,26 @@ class SkyMoEForConditionalGeneration(nn.Module):
 
   @classmethod
   def from_pretrained(cls, folder, dtype=torch.float32, device='cpu'):
-    config, state = load_folder(folder)
+    """The model of an export folder. Tensors are read one at a time and copied into their
+    parameters, so the host holds the model plus one tensor, never a second state dict."""
+    config, files = export_files(folder)
     if 'skymoe' not in config:
       raise LoadError(f'{folder}/config.json has no skymoe section: not a SkyMoE export')
     model = cls(config['skymoe']['model'], config['vision_config'])
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    filled, unexpected = set(), []
+    with torch.no_grad():
+      for path in files:
+        for name, tensor in iter_safetensors(path):
+          if name not in own:
+            unexpected.append(name)
+            continue
+          if tuple(tensor.shape) != tuple(own[name].shape):
+            raise LoadError(f'{path}: tensor {name!r} has shape {list(tensor.shape)}, the '
+                            f'config makes it {list(own[name].shape)}')
+          own[name].copy_(tensor)
+          filled.add(name)
+    missing = set(own) - filled
     if missing or unexpected:
       raise LoadError(f'{folder}: tensors missing {sorted(missing)[:5]}, unexpected '
                       f'{sorted(unexpected)[:5]}')

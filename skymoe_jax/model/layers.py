@@ -6,6 +6,7 @@ Every parameter is created through `param` so that it carries logical axis names
 from typing import Any, Sequence
 
 import flax.linen as nn
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,15 +107,14 @@ def attend(q, k, v, mask):
   q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] with H a multiple of Hkv; mask: bool, broadcastable
   to [B, T, S] (True = may attend). Returns [B, T, H, Dh] in q's dtype.
   """
-  b, t, h, dh = q.shape
-  hkv = k.shape[2]
-  q = q.reshape(b, t, hkv, h // hkv, dh)
+  dh = q.shape[-1]
+  q = einops.rearrange(q, 'b t (k g) d -> b t k g d', k=k.shape[2])  # g query heads per kv head
   logits = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
   logits = logits / np.sqrt(dh).astype(np.float32)
   logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
-  return out.reshape(b, t, h, dh)
+  return einops.rearrange(out, 'b t k g d -> b t (k g) d')
 
 
 REMAT_POLICIES = {

@@ -8,6 +8,7 @@ are not built. Position embeddings are stored at the configured grid and resized
 """
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -105,14 +106,14 @@ class VisionTower(nn.Module):
   @nn.compact
   def __call__(self, images):
     """images: [B, H, W, 3] normalised pixels -> [B, (H/p)*(W/p), width] patch features."""
-    b, h, w, c = images.shape
+    b, h, w, _ = images.shape
     p = self.patch_size
     if h != w or h % p:
       raise ValueError(f'images must be square multiples of the patch size {p}, got {h}x{w}')
     grid = h // p
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    patches = images.reshape(b, grid, p, grid, p, c).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(b, grid * grid, p, p, c)
+    # Row-major patches, each [p, p, c]: the order of CLIP's conv patch embedding.
+    patches = einops.rearrange(images, 'b (gh ph) (gw pw) c -> b (gh gw) ph pw c', ph=p, pw=p)
     x = layers.Linear((self.width,), ('patch_h', 'patch_w', 'channels'), ('embed',),
                       name='patch_embed', **kw)(patches)
     x = nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))

@@ -167,7 +167,7 @@ def make_global_batch(local_batch: dict, mesh, config) -> dict:
   out = {}
   for name, value in local_batch.items():
     value = np.asarray(value)
-    sharding = shardings.get(name) or mesh_lib.batch_sharding(mesh, config, value.ndim)
-    out[name] = jax.make_array_from_process_local_data(sharding, value,
+    target = shardings.get(name) or mesh_lib.batch_sharding(mesh, config, value.ndim)
+    out[name] = jax.make_array_from_process_local_data(target, value,
                                                        (global_size,) + value.shape[1:])
   return out

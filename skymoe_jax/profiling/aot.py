@@ -6,7 +6,7 @@ Needs libtpu (`pip install "jax[tpu]==0.10.2"`): jax.experimental.topologies the
 pod's devices without any TPU attached, and XLA's TPU compiler builds the real executable for it.
 Nothing is allocated: state and batch are ShapeDtypeStructs that carry their shardings. The
 report holds memory per device, XLA's FLOP count, the model's FLOPs, and the bytes moved by each
-kind of collective (read from the compiled HLO, profiling/hlo.py). The command is
+kind of collective (read from the compiled HLO, profiling/roofline.py). The command is
 `python -m skymoe_jax.aot_compile`.
 """
 import copy
@@ -24,14 +24,11 @@ from skymoe_jax.config import num_feature_layers
 from skymoe_jax.parallel import hardware
 from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.parallel import sharding
-from skymoe_jax.profiling import hlo
+from skymoe_jax.profiling import roofline
 from skymoe_jax.training import state as state_lib
 from skymoe_jax.training import step as step_lib
 
 GiB = hardware.GiB
-
-COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'ragged-all-to-all',
-               'collective-permute')
 
 # Adam's learning rate does not change what compiles; the optimizer state (mu, nu) does.
 LEARNING_RATE = 2e-5
@@ -55,12 +52,14 @@ def hbm_bytes_per_device(topology: str, devices) -> tuple:
   topology description shows its two TensorCores as two devices.
   """
   generation = topology.split(':')[0]
-  if generation not in hardware.HBM_PER_CHIP_GIB:
+  chip = hardware.CHIPS.get(generation)
+  if chip is None or chip.hbm_bytes is None:
+    known = sorted(g for g, c in hardware.CHIPS.items() if c.hbm_bytes is not None)
     raise ValueError(f'--topology={topology!r}: HBM size unknown for {generation!r}; known: '
-                     f'{sorted(hardware.HBM_PER_CHIP_GIB)}')
+                     f'{known}')
   chips = len({tuple(d.coords) for d in devices})
   per_chip = len(devices) // chips
-  return hardware.HBM_PER_CHIP_GIB[generation] * GiB // per_chip, per_chip
+  return chip.hbm_bytes // per_chip, per_chip
 
 
 def check_batch(config, mesh, batch_size: int) -> int:
@@ -103,40 +102,6 @@ def scan_trip_counts(config) -> dict:
   return {'decoder_scanned_blocks': m.llm.num_layers // period,
           'decoder_layers_per_block': period,
           'vision_scanned_layers': num_feature_layers(m.vision.depth, m.vision.feature_layer)}
-
-
-# --- Collectives in the compiled HLO -------------------------------------------------------------
-
-def collective_bytes(hlo_text: str) -> dict:
-  """Per collective kind: the ops in the compiled HLO, and the bytes of their results.
-
-  An async pair (`all-gather-start` / `all-gather-done`) counts once, at its `-done` (whose
-  result is the collective's output); a synchronous op counts at itself. Bytes are one device's
-  result buffers. `count` and `bytes`: each op once, as written (an op in a loop body once);
-  `bytes_per_step`: each op times the runs of its computation, loop bodies x the trip count
-  read from the loop's `i < N` condition (None if some loop's count could not be read).
-  """
-  comps, entry = hlo.computations(hlo_text)
-  runs = hlo.executions(comps, entry) if entry else {}
-  out = {k: {'count': 0, 'bytes': 0, 'bytes_per_step': 0} for k in COLLECTIVES}
-  for name, lines in comps.items():
-    for line in lines:
-      instr = hlo.parse_instruction(line)
-      if not instr:
-        continue
-      opcode = instr.opcode
-      kind = opcode[:-len('-done')] if opcode.endswith('-done') else opcode
-      if kind not in out:
-        continue
-      size = hlo.nbytes(hlo.arrays(instr.shape), hbm_only=False)
-      out[kind]['count'] += 1
-      out[kind]['bytes'] += size
-      times = runs.get(name, 0)  # 0: never called from ENTRY
-      if times is None or out[kind]['bytes_per_step'] is None:
-        out[kind]['bytes_per_step'] = None
-      else:
-        out[kind]['bytes_per_step'] += size * times
-  return out
 
 
 # --- The compile ---------------------------------------------------------------------------------
@@ -243,7 +208,7 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
           'xla_flops_per_device: with scan_layers the XLA figure undercounts the step and the '
           'ratio is no measure of overhead (remat recomputation, padding, dispatch); '
           'model_flops excludes remat recomputation'),
-      'collectives_per_device': collective_bytes(hlo_text),
+      'collectives_per_device': roofline.collective_bytes(hlo_text),
       'collectives_note': ('one device; count / bytes: each collective op in the compiled HLO '
                            'once, as written (an op in a scanned loop body once); '
                            'bytes_per_step: times the runs of its loop (trip counts read from '

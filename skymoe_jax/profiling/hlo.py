@@ -1,9 +1,9 @@
 """Reading XLA's optimized HLO text (`compiled.as_text()`): computations, instructions, array
 shapes, and how often each computation runs per call of the module.
 
-Plain text, no jax: one reader for launch/aot_compile.py (bytes of collectives),
-benchmarks/tpu_projection.py (FLOPs and HBM bytes) and benchmarks/train_step.py (which model part
-each profiled op belongs to).
+Plain text, no jax: one reader for profiling/roofline.py (FLOPs, HBM and collective bytes of a
+compiled step: the AOT report's collectives, benchmarks/tpu_projection.py's roofline) and
+benchmarks/train_step.py (which model part each profiled op belongs to).
 """
 import collections
 import math

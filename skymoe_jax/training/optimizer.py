@@ -28,7 +28,6 @@ from typing import Callable, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from skymoe_jax.model.layout import param_path

@@ -20,6 +20,7 @@ Expert weights sharded over `fsdp` (their `embed` dim) are all-gathered inside; 
 import functools
 import math
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -81,7 +82,6 @@ def _all_to_all(x, ids, weights, valid, experts, *, expert_axes, mlp_axes, num_t
                 backend, capacity_factor, backend_options):
   del backend, backend_options  # always capacity buffers
   n, k = ids.shape
-  d = x.shape[1]
   num_local = experts['w_gate'].shape[0]
   groups = num_total_experts // num_local
   capacity = backends.expert_capacity(n, k, num_total_experts, capacity_factor)
@@ -90,10 +90,10 @@ def _all_to_all(x, ids, weights, valid, experts, *, expert_axes, mlp_axes, num_t
   if expert_axes:
     # Send expert e's buffer to the device holding it: [E, C, D] -> [groups(source), E_l, C, D].
     xin = jax.lax.all_to_all(xin, expert_axes, 0, 0, tiled=True)
-  xin = xin.reshape(groups, num_local, capacity, d).transpose(1, 0, 2, 3)
-  out = backends.experts_on_buffers(xin.reshape(num_local, groups * capacity, d), experts)
-  out = out.reshape(num_local, groups, capacity, d).transpose(1, 0, 2, 3)
-  out = out.reshape(num_total_experts, capacity, d)
+  # Each local expert runs once over the buffers that every source group sent it.
+  xin = einops.rearrange(xin, '(g e) c d -> e (g c) d', g=groups)
+  out = backends.experts_on_buffers(xin, experts)
+  out = einops.rearrange(out, 'e (g c) d -> (g e) c d', g=groups)
   if expert_axes:
     out = jax.lax.all_to_all(out, expert_axes, 0, 0, tiled=True)  # back to the tokens' device
   combine = jnp.einsum('knec,nk->nec', dispatch.astype(weights.dtype), weights).astype(x.dtype)

@@ -1,0 +1,1 @@
+"""The benchmark scripts, importable as `benchmarks.<name>` from the repository root (tests)."""
