@@ -124,11 +124,6 @@ def _split(prompt: str):
   return prefix, m.group(1), rest[m.end():]
 
 
-def find_tag(prompt: str) -> Optional[str]:
-  """The bracketed tag at the start of the human turn (after `<image>\\n`), or None."""
-  return _split(prompt)[1]
-
-
 def strip_tag(prompt: str) -> str:
   """The prompt without its leading task tag (and the spaces after it); the image line stays."""
   prefix, tag, rest = _split(prompt)

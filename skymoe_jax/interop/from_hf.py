@@ -413,9 +413,6 @@ class Checkpoint(Mapping):
   def __init__(self, files: Dict[str, pathlib.Path], opener, opened: Optional[Dict] = None):
     self._where, self._open, self._cache = files, opener, dict(opened or {})
 
-  def file_of(self, name) -> pathlib.Path:
-    return self._where[name]
-
   def _file(self, path):
     if path not in self._cache:
       self._cache[path] = self._open(path)
