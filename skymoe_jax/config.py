@@ -234,7 +234,9 @@ def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:
     if not eq:
       out[name] = True
     elif isinstance(default, bool):
-      out[name] = value.lower() in ('1', 'true', 'yes')
+      if value.lower() not in ('true', 'false'):
+        raise ConfigError(f'config argument {item!r}: {name} must be true or false')
+      out[name] = value.lower() == 'true'
     elif default is None:
       out[name] = value
     else:

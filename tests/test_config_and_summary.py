@@ -73,3 +73,26 @@ def test_bad_field_is_named(field, value, message):
 @pytest.mark.parametrize('name', ['tiny', 'demo', 'skymoe_7b'])
 def test_shipped_configs_are_valid(name):
   factory.validate(load_config(name))
+
+
+def test_parse_arg_types_items_like_their_defaults():
+  a = config_lib.parse_arg('claims,seeds=4,init=/abs/s1', claims=False, seeds=1, init='',
+                           stage2=False)
+  assert (a.claims, a.seeds, a.init, a.stage2) == (True, 4, '/abs/s1', False)
+  with pytest.raises(config_lib.ConfigError, match="'seed=4'.*expected one of"):
+    config_lib.parse_arg('seed=4', seeds=1)
+  with pytest.raises(config_lib.ConfigError, match="'seeds=x': seeds must be int"):
+    config_lib.parse_arg('seeds=x', seeds=1)
+  with pytest.raises(config_lib.ConfigError, match='must be true or false'):
+    config_lib.parse_arg('claims=maybe', claims=False)
+
+
+def test_load_reads_overrides_as_the_command_line_does():
+  config = load_config('tiny')
+  loaded = config_lib.load(f'{REPO}/configs/tiny.py', {
+      'model.moe.num_experts': '2', 'model.moe.layers': (0,), 'data.template': 'geochat'})
+  assert (loaded.model.moe.num_experts, tuple(loaded.model.moe.layers)) == (2, (0,))
+  assert loaded.data.template == 'geochat' and config.data.template == 'llava_v1'
+  config.model.moe.update(num_experts=2, layers=(0,))
+  config.data.template = 'geochat'
+  assert loaded.to_json() == config.to_json()
