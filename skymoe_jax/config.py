@@ -11,6 +11,8 @@ This module is plain data: it imports nothing of the project but the data layer'
 vocabulary. Named choices (MoE backend, expert-parallel strategy, remat policy, ...) are checked
 by the registries that own them (model.factory.validate checks the model's).
 """
+import importlib.util
+import pathlib
 import re
 from typing import Dict, Optional
 
@@ -217,6 +219,25 @@ def load(config_arg: str, overrides: Optional[Dict] = None) -> ml_collections.Co
                                   lock_config=False, sys_argv=argv)
   values(argv)
   return values.config
+
+
+def load_sweep(config_arg: str) -> list:
+  """get_sweep(ARG) of `FILE[:ARG]`: the runs of a sweep as [{field: value}, ...], checked to be
+  dicts of field names. (load reads get_config through ml_collections; get_sweep is read from
+  the file itself, the one other function a config file may define.)"""
+  path, _, arg = config_arg.partition(':')
+  spec = importlib.util.spec_from_file_location(f'skymoe_sweep_{pathlib.Path(path).stem}', path)
+  if spec is None or not pathlib.Path(path).is_file():
+    raise ConfigError(f'--config={config_arg}: no config file {path}')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_sweep'):
+    raise ConfigError(f'{path} defines no get_sweep(): nothing to sweep')
+  runs = module.get_sweep(arg) if arg else module.get_sweep()
+  if not isinstance(runs, (list, tuple)) or not all(
+      isinstance(r, dict) and all(isinstance(k, str) for k in r) for r in runs):
+    raise ConfigError(f'{path}: get_sweep() must return a list of {{field: value}} dicts')
+  return [dict(r) for r in runs]
 
 
 def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:

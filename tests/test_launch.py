@@ -102,7 +102,7 @@ def test_expand_rejects_a_field_both_given_and_swept(tmp_path):
   assert runs[0].job.workdir == str(tmp_path / 'seed=1') and runs[0].job.swept == ('seed',)
   with pytest.raises(SystemExit, match='seed: given on the command line and swept'):
     sweep.expand(TINY, str(tmp_path), [{'seed': 1}], {'seed': '2'})
-  assert sweep.load_sweep(TINY) == [{'seed': 0}, {'seed': 1}, {'seed': 2}]
+  assert config_lib.load_sweep(TINY) == [{'seed': 0}, {'seed': 1}, {'seed': 2}]
 
 
 def test_overrides_reach_the_config_as_the_trainer_reads_them():

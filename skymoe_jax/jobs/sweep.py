@@ -32,7 +32,6 @@ of its metrics.jsonl) and writes all of it to WORKDIR_ROOT/summary.csv.
 import argparse
 import csv
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -90,26 +89,6 @@ class Run:
   name: str
   swept: Dict          # this run's own overrides
   job: common.Job      # every override: the command line's, then the run's
-
-
-def load_sweep(config: str) -> List[Dict]:
-  """get_sweep(arg) of the config file (arg as for get_config); checked: dicts, distinct runs.
-
-  (config.load reads only get_config: get_sweep is read from the file itself.)
-  """
-  path, _, arg = config.partition(':')
-  spec = importlib.util.spec_from_file_location(f'skymoe_sweep_{pathlib.Path(path).stem}', path)
-  if spec is None or not pathlib.Path(path).is_file():
-    raise SystemExit(f'--config={config}: no config file {path}')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_sweep'):
-    raise SystemExit(f'{path} defines no get_sweep(): nothing to sweep')
-  runs = module.get_sweep(arg) if arg else module.get_sweep()
-  if not isinstance(runs, (list, tuple)) or not all(
-      isinstance(r, dict) and all(isinstance(k, str) for k in r) for r in runs):
-    raise SystemExit(f'{path}: get_sweep() must return a list of {{field: value}} dicts')
-  return [dict(r) for r in runs]
 
 
 def expand(config: str, workdir_root: str, sweep: List[Dict], base_overrides: Dict) -> List[Run]:
@@ -292,7 +271,11 @@ def main(argv=None) -> int:
     parser.error(f'unrecognized arguments: {" ".join(target_argv)}')
   if target != 'tpu':  # local and SLURM: a path on this machine (or the shared filesystem)
     root = root.absolute()
-  runs = expand(args.config, str(root), load_sweep(args.config), overrides)
+  try:
+    grid = config_lib.load_sweep(args.config)
+  except config_lib.ConfigError as e:
+    raise SystemExit(str(e)) from None
+  runs = expand(args.config, str(root), grid, overrides)
   print(f'# {len(runs)} runs of {args.config} under {root}', flush=True)
   if target != 'local':
     return run_remote(runs, target, target_argv, args.dry_run)
