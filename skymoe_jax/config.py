@@ -19,6 +19,7 @@ from typing import Dict, Optional
 from absl import flags
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from ml_collections import config_flags
 
 from skymoe_jax.data.tasks import GRANULARITIES, TASKS
@@ -118,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer_vocab_size=0,     # when training one: 0 = model.llm.vocab_size
       template='llava_v1',
       pad_to_square=True,         # LLaVA's pad before resizing (boxes.parse undoes it)
+      max_image_pixels=8192 * 8192,  # larger images are refused when decoded (and converted)
       local_views=False,          # a local crop per row (local_images) for the contrastive loss
       object_centred_prob=0.7,    # local crop around an object when the record has boxes
       local_scale=(0.25, 0.5),    # random local crop side, fraction of the short side
@@ -320,6 +322,8 @@ def validate(config) -> None:
          f'{sorted(bad)} not among query, key, value')
 
   moe = m.moe
+  _check(moe.num_experts >= 0, 'model.moe.num_experts', moe.num_experts,
+         'must be >= 0 (0 = a dense model)')
   if moe.num_experts > 0:
     _check(1 <= moe.top_k <= moe.num_experts, 'model.moe.top_k', moe.top_k,
            f'must be in [1, model.moe.num_experts={moe.num_experts}]')
@@ -345,6 +349,10 @@ def _validate_train(config) -> None:
   _check(t.total_steps > 0, 'train.total_steps', t.total_steps, 'must be > 0')
   o = config.optimizer
   _check(o.learning_rate > 0, 'optimizer.learning_rate', o.learning_rate, 'must be > 0')
+  with np.errstate(over='ignore'):  # 1e39 is inf in float32: the step would make NaN params
+    in_dtype = np.asarray(o.learning_rate, jnp.dtype(config.model.param_dtype))
+  _check(bool(np.isfinite(in_dtype)), 'optimizer.learning_rate', o.learning_rate,
+         f'is not finite in model.param_dtype={config.model.param_dtype}')
   _check(0 <= o.warmup_fraction < 1, 'optimizer.warmup_fraction', o.warmup_fraction,
          'must be in [0, 1)')
   _check(o.grad_accum_steps >= 1, 'optimizer.grad_accum_steps', o.grad_accum_steps,
@@ -376,6 +384,7 @@ def _validate_eval(config) -> None:
 def _validate_data(config) -> None:
   d = config.data
   _check(d.batch_size > 0, 'data.batch_size', d.batch_size, 'must be > 0')
+  _check(d.max_image_pixels > 0, 'data.max_image_pixels', d.max_image_pixels, 'must be > 0')
   room = config.model.llm.max_seq_len - vision_tokens(config.model)
   _check(0 < d.text_len <= room, 'data.text_len', d.text_len,
          f'must be in [1, {room}]: model.llm.max_seq_len={config.model.llm.max_seq_len} minus '
