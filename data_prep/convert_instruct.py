@@ -1,18 +1,23 @@
 """Converts LLaVA/GeoChat instruction data (JSON list or jsonl) into sharded records.
 
   python data_prep/convert_instruct.py --input=FILE.json|.jsonl --images=DIR --out=DIR \
-      [--split=train] [--box_dialect=geochat] [--source=NAME] [--licence=...] [--pad_to_square]
+      [--split=train] [--box_dialect=geochat] [--source=NAME] [--licence=...] [--pad_to_square] \
+      [--max_image_pixels=67108864]
 
 Bad samples are skipped, each with a warning on stderr naming the file, the sample and the field.
 The last stdout line is the JSON summary ({"written", "skipped": {reason: count}, ...}), so
 scripts can read it with `tail -n 1`. Converting another split into the same --out keeps the
-splits already there.
+splits already there, and the split converted replaces its old version only once it is complete.
+Images outside --images (by `..`, an absolute path or a symlink) are skipped, and so are images
+of more than --max_image_pixels pixels (skipped rather than downscaled: boxes in pixels would no
+longer match).
 """
 import argparse
 import json
 import logging
 
 from skymoe_jax.data import boxes
+from skymoe_jax.data import image_ops
 from skymoe_jax.data.convert import instruct
 
 
@@ -28,12 +33,16 @@ def main(argv=None):
   parser.add_argument('--pad_to_square', action='store_true',
                       help='boxes are relative to the image padded to a square (LLaVA style)')
   parser.add_argument('--records_per_shard', type=int, default=1000)
+  parser.add_argument('--max_image_pixels', type=int, default=image_ops.MAX_IMAGE_PIXELS,
+                      help='skip images with more pixels (default 8192*8192, as '
+                           'config.data.max_image_pixels)')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
   summary = instruct.convert(args.input, args.images, args.out, split=args.split,
                              box_dialect=args.box_dialect, source=args.source,
                              licence=args.licence, pad_to_square=args.pad_to_square,
-                             records_per_shard=args.records_per_shard)
+                             records_per_shard=args.records_per_shard,
+                             max_image_pixels=args.max_image_pixels)
   print(json.dumps(summary, sort_keys=True), flush=True)
 
 

@@ -4,9 +4,12 @@
       --vocab_size=N [--split=train] [--template=llava_v1]
 
 Writes PREFIX.model (see skymoe_jax/data/tokenizer.py for what the model holds) and prints one
-JSON object as the last line of stdout: vocab size, number of texts, model path and hash.
+JSON object as the last line of stdout: vocab size, number of texts, model path and hash, and
+`skipped` ({reason: count}): records left out because the pipeline would skip them too
+(unreadable, or a conversation the template rejects), each also a warning on stderr naming it.
 """
 import json
+import logging
 
 from absl import app
 from absl import flags
@@ -27,16 +30,17 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   template = tmpl.get_template(FLAGS.template)
-  texts = []
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+  texts, skipped = [], {}
   for data_dir in FLAGS.data_dir:
-    texts += tokenizer.texts_from_records(data_dir, FLAGS.split, template)
+    texts += tokenizer.texts_from_records(data_dir, FLAGS.split, template, skipped=skipped)
   tok = tokenizer.train(texts, FLAGS.out, FLAGS.vocab_size)
   print(json.dumps({
       'model': tok.path, 'vocab_size': tok.vocab_size, 'requested_vocab_size': FLAGS.vocab_size,
       'texts': len(texts), 'data_dirs': FLAGS.data_dir, 'split': FLAGS.split,
       'template': template.name, 'template_hash': tmpl.template_hash(template),
       'model_hash': tok.model_hash,
-      'byte_fallback': tok.byte_fallback}))
+      'byte_fallback': tok.byte_fallback, 'skipped': dict(sorted(skipped.items()))}))
 
 
 if __name__ == '__main__':

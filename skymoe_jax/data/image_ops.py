@@ -13,18 +13,51 @@ CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
+# The most pixels an image may have, at conversion (the converters' --max_image_pixels) and when
+# decoded for training (config.data.max_image_pixels, the same default). A 12000x12000 PNG can be
+# a few hundred KB on disk yet take seconds and gigabytes to decode, every time it is drawn.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
 class ImageDecodeError(ValueError):
   """Encoded image bytes that PIL cannot decode."""
 
 
-def decode(data: bytes) -> np.ndarray:
-  """Encoded PNG/JPEG/TIFF bytes -> uint8 [H, W, 3] RGB."""
+class ImageTooLargeError(ImageDecodeError):
+  """An image with more pixels than allowed, refused from its header before any pixel is decoded."""
+
+
+def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+  """The image of `data`, opened but not decoded, once its header says it has at most
+  `max_pixels` pixels; the one home of the pixel rule (conversion and training use it).
+
+  Why here and not PIL's Image.MAX_IMAGE_PIXELS: PIL's check is process-global and only a
+  warning below twice its limit; this one is per call and refuses before `load` decodes.
+  Raises ImageTooLargeError above the limit and ImageDecodeError when the header is unreadable.
+  """
   try:
-    with Image.open(io.BytesIO(data)) as image:
-      image.load()
-      return np.asarray(image.convert('RGB'))
+    image = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:  # PIL's own limit, far above ours by default
+    raise ImageTooLargeError(f'image too large ({e})') from None
   except Exception as e:  # PIL raises a zoo of exception types for bad bytes
     raise ImageDecodeError(f'cannot decode image ({type(e).__name__}: {e})') from None
+  w, h = image.size
+  if w * h > max_pixels:
+    image.close()
+    raise ImageTooLargeError(f'image of {w}x{h} = {w * h} pixels, more than the limit of '
+                             f'{max_pixels} (max_image_pixels)')
+  return image
+
+
+def decode(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+  """Encoded PNG/JPEG/TIFF bytes -> uint8 [H, W, 3] RGB; ImageTooLargeError (a subclass of
+  ImageDecodeError) above `max_pixels`, before decoding."""
+  with open_image(data, max_pixels) as image:
+    try:
+      image.load()
+      return np.asarray(image.convert('RGB'))
+    except Exception as e:  # PIL raises a zoo of exception types for bad bytes
+      raise ImageDecodeError(f'cannot decode image ({type(e).__name__}: {e})') from None
 
 
 def encode_png(image: np.ndarray) -> bytes:

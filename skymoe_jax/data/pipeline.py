@@ -17,7 +17,8 @@ epoch. Host h of H builds rows [h B/H, (h+1) B/H) of global batch `step` from it
 Batch layout (per host, B rows): the first rows are originals; with CDA on, the last
 round(B x cda.edit_fraction) rows are edited copies of originals of the same batch
 (`pair_index` = the row of the original, -1 for originals), so each unedited original sits in
-the same batch as its edit. Bad records (unreadable, undecodable image, malformed conversation)
+the same batch as its edit. Bad records (unreadable, undecodable image, an image of more than
+data.max_image_pixels pixels, refused from its header before decoding, malformed conversation)
 are replaced by a seeded random record of the same source; every replacement, truncation and
 CDA fallback is counted in the batch's `counters` (see COUNTERS), which the trainer logs.
 """
@@ -34,7 +35,7 @@ from skymoe_jax.data import tokenizer as tokenizer_lib
 MIXTURE_BLOCK = 1000
 MAX_REPLACEMENTS = 16  # bad records in a row before the pipeline gives up on a source
 COUNTERS = ('unreadable_record', 'undecodable_image', 'malformed_conversation', 'truncated',
-            'cda_not_applicable')
+            'cda_not_applicable', 'image_too_large')
 
 
 class DataError(RuntimeError):
@@ -128,6 +129,7 @@ class BatchBuilder:
     self.image_size = config.model.vision.image_size
     self.text_len = d.text_len
     self.template = template_lib.get_template(d.template)
+    self.max_image_pixels = int(d.max_image_pixels)
     self.palette = palette
     names = sorted(d.sources)
     if not names:
@@ -153,7 +155,10 @@ class BatchBuilder:
     except records.RecordError as e:
       raise _Skip('unreadable_record', str(e)) from None
     try:
-      image = image_ops.decode(r.image)
+      image = image_ops.decode(r.image, self.max_image_pixels)
+    except image_ops.ImageTooLargeError as e:
+      raise _Skip('image_too_large', f'{reader.where(index)} (id {r.id!r}): field image: {e}'
+                  ) from None
     except image_ops.ImageDecodeError as e:
       raise _Skip('undecodable_image', f'{reader.where(index)}: field image: {e}') from None
     return cda.Sample(id=r.id, image=image, conversations=r.conversations, task=r.task,

@@ -66,6 +66,8 @@ def _turns(conversations: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
   for i, turn in enumerate(conversations):
     if not isinstance(turn, Mapping) or 'from' not in turn or 'value' not in turn:
       raise ConversationError(f'turn {i} is not a {{"from", "value"}} object: {turn!r}')
+    if not isinstance(turn['from'], str):  # a list or dict is unhashable: no TypeError below
+      raise ConversationError(f'turn {i} speaker ("from") is not a string: {turn["from"]!r}')
     speaker = SPEAKERS.get(turn['from'])
     if speaker is None:
       raise ConversationError(

@@ -25,15 +25,18 @@ model file wherever it is written.
 """
 import hashlib
 import io
+import logging
 import os
 import pathlib
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import numpy as np
 import sentencepiece as spm
 
 from skymoe_jax.data import tasks
 from skymoe_jax.data import template as tmpl
+
+log = logging.getLogger(__name__)
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3   # of the models `train` writes
 NUM_BYTES = 256
@@ -279,20 +282,35 @@ def conversation_texts(template: tmpl.Template, conversations: Sequence[Mapping[
 
 
 def texts_from_records(data_dir, split: str = 'train',
-                       template: tmpl.Template = tmpl.LLAVA_V1) -> List[str]:
+                       template: tmpl.Template = tmpl.LLAVA_V1,
+                       skipped: Optional[MutableMapping[str, int]] = None) -> List[str]:
   """The template's fixed strings, then each record's pieces as encode_conversation sees them
   (all turns, tags kept, placeholder cut), so the system prompt and role names count as often
-  as they occur in training."""
+  as they occur in training.
+
+  A record the pipeline would skip is skipped here too, not fatal: an unreadable one
+  (`unreadable_record`) or one whose conversation the template rejects (`malformed_conversation`,
+  the pipeline's counter names). Each is logged as a warning naming the shard, the record and the
+  field, and counted into `skipped` ({reason: count}, updated in place) when it is given.
+  """
   from skymoe_jax.data import records  # tensorflow, only needed here
   texts = template_texts(template)
+  counts = skipped if skipped is not None else {}
   reader = records.ShardReader(data_dir, split)
   try:
     for i in range(len(reader)):
-      record = reader.record(i)
+      try:
+        record = reader.record(i)
+      except records.RecordError as e:  # its message names the file, the record and the field
+        log.warning('tokenizer texts: skipped unreadable_record: %s', e)
+        counts['unreadable_record'] = counts.get('unreadable_record', 0) + 1
+        continue
       try:
         texts += conversation_texts(template, record.conversations)
-      except ValueError as e:
-        raise TokenizeError(f'{reader.where(i)} (id {record.id!r}): {e}') from None
+      except ValueError as e:  # ConversationError, TokenizeError
+        log.warning('tokenizer texts: skipped malformed_conversation: %s (id %r): field '
+                    'conversations: %s', reader.where(i), record.id, e)
+        counts['malformed_conversation'] = counts.get('malformed_conversation', 0) + 1
   finally:
     reader.close()
   return texts

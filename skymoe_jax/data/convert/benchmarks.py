@@ -36,8 +36,11 @@ type is also the last part of the record id, `rsvqa_lr/<split>/<question id>/<ty
 UCM-Captions {"references": [all captions, the answer first]}.
 
 A file of the layout that is missing raises LayoutError naming the expected path and the layout;
-a broken sample is skipped and counted (convert/__init__.py). A DIOR-RSVG annotation file that does
-not parse raises too: its object count is unknown, so every later split index would shift.
+a broken sample is skipped and counted (convert/__init__.py), and so is an image of more than
+max_image_pixels pixels or an image file name (DIOR-RSVG <filename>, UCM-Captions "filename") that
+resolves outside its images folder. A DIOR-RSVG annotation file that does not parse raises too:
+its object count is unknown, so every later split index would shift. The splits a conversion
+writes replace the old ones only once they are complete (convert.Output).
 """
 import functools
 import json
@@ -49,9 +52,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from skymoe_jax.data import boxes as boxes_lib
+from skymoe_jax.data import image_ops
 from skymoe_jax.data import records
 from skymoe_jax.data import template
-from skymoe_jax.data.convert import Skip, Skips, clear_split, finish, load_image
+from skymoe_jax.data.convert import Output, Skip, Skips, finish, image_path, load_image
 
 log = logging.getLogger(__name__)
 
@@ -118,35 +122,16 @@ def _root(manual_dir, folders, marker: str, name: str, layout: str) -> pathlib.P
   raise _layout_error(name, manual_dir / folders[0] / marker, layout)
 
 
-class _Output:
-  """Per-split shard writers, opened on a split's first record."""
-
-  def __init__(self, out_dir, records_per_shard: int):
-    self.out_dir = pathlib.Path(out_dir)
-    self.out_dir.mkdir(parents=True, exist_ok=True)
-    self.records_per_shard = records_per_shard
-    self.writers: Dict[str, records.ShardWriter] = {}
-
-  def write(self, split: str, record: records.Record) -> None:
-    if split not in self.writers:
-      clear_split(self.out_dir, split)
-      self.writers[split] = records.ShardWriter(self.out_dir, split, self.records_per_shard)
-    self.writers[split].write(record)
-
-  def close(self) -> Dict[str, Dict]:
-    return {s: w.close() for s, w in sorted(self.writers.items())}
-
-
-def _cached_loader():
+def _cached_loader(max_pixels: int):
   # Several samples share an image (RSVQA: ~100 questions each; DIOR-RSVG: a few objects each).
-  return functools.lru_cache(maxsize=64)(load_image)
+  return functools.lru_cache(maxsize=64)(functools.partial(load_image, max_pixels=max_pixels))
 
 
 # One sample: (split, input file, record name for the log, make() -> record).
 _Sample = Tuple[str, object, str, Callable[[], records.Record]]
 
 
-def _run(samples: Iterable[_Sample], out: _Output, skips: Skips) -> None:
+def _run(samples: Iterable[_Sample], out: Output, skips: Skips) -> None:
   """Writes each sample; a Skip from its `make` is counted and logged instead."""
   for split, file, where, make in samples:
     try:
@@ -204,7 +189,8 @@ def _list_splits(manual_dir: pathlib.Path, prefix: str) -> Optional[Dict[str, st
 
 def _convert_classification(name: str, image_root: pathlib.Path, manual_dir: pathlib.Path,
                             classes: Sequence[str], list_prefix: str, out_dir, seed: int,
-                            licence: str, records_per_shard: int) -> Dict:
+                            licence: str, records_per_shard: int,
+                            max_image_pixels: int) -> Dict:
   skips = Skips()
   files_by_class: Dict[str, List[pathlib.Path]] = {}
   for folder in sorted(p for p in image_root.iterdir() if p.is_dir()):
@@ -226,7 +212,7 @@ def _convert_classification(name: str, image_root: pathlib.Path, manual_dir: pat
   split_of = (None if listed is not None else stratified_split(files_by_class, seed))
   # The prompt lists the benchmark's vocabulary, whatever subset of it is on disk.
   prompt = classification_prompt(sorted(set(classes) | found))
-  out = _Output(out_dir, records_per_shard)
+  out = Output(out_dir, records_per_shard)
 
   def samples():
     for cls, files in sorted(files_by_class.items()):
@@ -241,7 +227,7 @@ def _convert_classification(name: str, image_root: pathlib.Path, manual_dir: pat
           split = split_of[path]
 
         def make(path=path, cls=cls):
-          image = load_image(path)
+          image = load_image(path, max_pixels=max_image_pixels)
           return records.Record(
               id=f'{name}/{cls}/{path.stem}', image=image.data,
               conversations=[{'from': 'human', 'value': prompt},
@@ -250,25 +236,27 @@ def _convert_classification(name: str, image_root: pathlib.Path, manual_dir: pat
               licence=licence)
         yield split, path, path.name, make
 
-  _run(samples(), out, skips)
-  return finish(out_dir, name=name, licence=licence, splits=out.close(), skips=skips,
-                classes=sorted(files_by_class),
-                split_rule=(f'lists {list_prefix}-*.txt' if listed is not None else
-                            f'stratified {dict(STRATIFIED_SPLIT)} seed {seed}'))
+  with out:
+    _run(samples(), out, skips)
+    return finish(out, name=name, licence=licence, skips=skips, classes=sorted(files_by_class),
+                  split_rule=(f'lists {list_prefix}-*.txt' if listed is not None else
+                              f'stratified {dict(STRATIFIED_SPLIT)} seed {seed}'))
 
 
 def convert_ucmerced(manual_dir, out_dir, seed: int = 0, licence: Optional[str] = None,
-                     records_per_shard: int = 1000) -> Dict:
+                     records_per_shard: int = 1000,
+                     max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS) -> Dict:
   layout = 'UCMerced_LandUse/Images/<class>/<class>NN.tif'
   manual_dir = pathlib.Path(manual_dir)
   root = _root(manual_dir, 'UCMerced_LandUse', 'Images', 'ucmerced', layout)
   return _convert_classification('ucmerced', root / 'Images', manual_dir, UCMERCED_CLASSES,
                                  'uc_merced', out_dir, seed, licence or LICENCES['ucmerced'],
-                                 records_per_shard)
+                                 records_per_shard, max_image_pixels)
 
 
 def convert_nwpu_resisc45(manual_dir, out_dir, seed: int = 0, licence: Optional[str] = None,
-                          records_per_shard: int = 1000) -> Dict:
+                          records_per_shard: int = 1000,
+                          max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS) -> Dict:
   layout = 'NWPU-RESISC45/<class>/<class>_NNN.jpg'
   manual_dir = pathlib.Path(manual_dir)
   # The class folders sit directly in the root: look for a published class name as the marker.
@@ -281,7 +269,7 @@ def convert_nwpu_resisc45(manual_dir, out_dir, seed: int = 0, licence: Optional[
     raise _layout_error('nwpu_resisc45', manual_dir / 'NWPU-RESISC45' / '<class>', layout)
   return _convert_classification('nwpu_resisc45', root, manual_dir, RESISC45_CLASSES, 'resisc45',
                                  out_dir, seed, licence or LICENCES['nwpu_resisc45'],
-                                 records_per_shard)
+                                 records_per_shard, max_image_pixels)
 
 
 # ------------------------------------------------------------------------------------ RSVQA-LR
@@ -301,7 +289,8 @@ def _need(obj: Dict, key: str, types):
 
 
 def convert_rsvqa_lr(manual_dir, out_dir, seed: int = 0, licence: Optional[str] = None,
-                     records_per_shard: int = 1000) -> Dict:
+                     records_per_shard: int = 1000,
+                     max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS) -> Dict:
   del seed  # official splits
   name, licence = 'rsvqa_lr', licence or LICENCES['rsvqa_lr']
   layout = ('LR_split_{train,val,test}_{questions,answers,images}.json + Images_LR/<img_id>.tif')
@@ -316,8 +305,8 @@ def convert_rsvqa_lr(manual_dir, out_dir, seed: int = 0, licence: Optional[str] 
       if not path.exists():
         raise _layout_error(name, path, layout)
   skips = Skips()
-  out = _Output(out_dir, records_per_shard)
-  loader = _cached_loader()
+  out = Output(out_dir, records_per_shard)
+  loader = _cached_loader(max_image_pixels)
 
   def samples():
     for split in present:
@@ -355,8 +344,9 @@ def convert_rsvqa_lr(manual_dir, out_dir, seed: int = 0, licence: Optional[str] 
         qid = q.get('id') if isinstance(q, dict) else None
         yield split, files[split]['questions'], f'question {qid!r} (index {n})', make
 
-  _run(samples(), out, skips)
-  return finish(out_dir, name=name, licence=licence, splits=out.close(), skips=skips)
+  with out:
+    _run(samples(), out, skips)
+    return finish(out, name=name, licence=licence, skips=skips)
 
 
 # ----------------------------------------------------------------------------------- DIOR-RSVG
@@ -384,7 +374,8 @@ def dior_objects(annotations: pathlib.Path) -> List[Tuple[pathlib.Path, ET.Eleme
 
 
 def convert_dior_rsvg(manual_dir, out_dir, seed: int = 0, licence: Optional[str] = None,
-                      records_per_shard: int = 1000) -> Dict:
+                      records_per_shard: int = 1000,
+                      max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS) -> Dict:
   del seed  # official splits
   name, licence = 'dior_rsvg', licence or LICENCES['dior_rsvg']
   layout = 'DIOR_RSVG/{Annotations/*.xml, JPEGImages/*.jpg, train.txt, val.txt, test.txt}'
@@ -407,8 +398,8 @@ def convert_dior_rsvg(manual_dir, out_dir, seed: int = 0, licence: Optional[str]
     skips.add(Skip('index_not_found', 'index', f'only {len(objects)} objects'),
               split_files[split_of[index]], f'index {index}', split_of[index])
   skips.count('not_in_split', len(set(range(len(objects))) - set(split_of)))
-  out = _Output(out_dir, records_per_shard)
-  loader = _cached_loader()
+  out = Output(out_dir, records_per_shard)
+  loader = _cached_loader(max_image_pixels)
 
   def samples():
     for index, (path, xml_root, obj) in enumerate(objects):
@@ -428,7 +419,7 @@ def convert_dior_rsvg(manual_dir, out_dir, seed: int = 0, licence: Optional[str]
         except (TypeError, ValueError):
           raise Skip('missing_field', 'bndbox', 'absent or not numbers') from None
         filename = _text(xml_root, 'filename') or path.stem + '.jpg'
-        image = loader(root / 'JPEGImages' / filename)
+        image = loader(image_path(root / 'JPEGImages', filename))
         x1, y1, x2, y2 = box
         if not (0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height):
           raise Skip('bad_box', 'bndbox', f'{box} in a {image.width}x{image.height} image')
@@ -441,14 +432,16 @@ def convert_dior_rsvg(manual_dir, out_dir, seed: int = 0, licence: Optional[str]
             licence=licence)
       yield split, path, f'object {index}', make
 
-  _run(samples(), out, skips)
-  return finish(out_dir, name=name, licence=licence, splits=out.close(), skips=skips)
+  with out:
+    _run(samples(), out, skips)
+    return finish(out, name=name, licence=licence, skips=skips)
 
 
 # -------------------------------------------------------------------------------- UCM-Captions
 
 def convert_ucm_captions(manual_dir, out_dir, seed: int = 0, licence: Optional[str] = None,
-                         records_per_shard: int = 1000) -> Dict:
+                         records_per_shard: int = 1000,
+                         max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS) -> Dict:
   del seed  # official splits
   name, licence = 'ucm_captions', licence or LICENCES['ucm_captions']
   layout = 'dataset.json (Karpathy style) + imgs/<filename>'
@@ -458,7 +451,7 @@ def convert_ucm_captions(manual_dir, out_dir, seed: int = 0, licence: Optional[s
     raise _layout_error(name, root / 'imgs', layout)
   entries = _json_list(root / 'dataset.json', 'images')
   skips = Skips()
-  out = _Output(out_dir, records_per_shard)
+  out = Output(out_dir, records_per_shard)
 
   def samples():
     for n, entry in enumerate(entries):
@@ -475,7 +468,7 @@ def convert_ucm_captions(manual_dir, out_dir, seed: int = 0, licence: Optional[s
         captions = [c for c in captions if c]
         if not captions:
           raise Skip('missing_field', 'sentences', 'no caption with a "raw" text')
-        image = load_image(root / 'imgs' / filename)
+        image = load_image(image_path(root / 'imgs', filename), max_pixels=max_image_pixels)
         key = entry.get('imgid', pathlib.Path(filename).stem)
         return records.Record(
             id=f'{name}/{split}/{key}', image=image.data,
@@ -485,8 +478,9 @@ def convert_ucm_captions(manual_dir, out_dir, seed: int = 0, licence: Optional[s
             meta=dict(references=captions))
       yield split, root / 'dataset.json', where, make
 
-  _run(samples(), out, skips)
-  return finish(out_dir, name=name, licence=licence, splits=out.close(), skips=skips)
+  with out:
+    _run(samples(), out, skips)
+    return finish(out, name=name, licence=licence, skips=skips)
 
 
 CONVERTERS: Dict[str, Callable[..., Dict]] = {

@@ -17,11 +17,14 @@ Checks per entry, first failure wins (the reason is the summary key):
   missing_field           id / image / conversations absent (id, image: empty or of the wrong type)
   duplicate_id            the id of a record already written (a bad record never shadows a later
                           good one with its id: only written ids count)
-  malformed_conversation  template.render rejects it (empty, unknown speaker, not alternating
+  malformed_conversation  template.render rejects it (empty, a turn that is not an object or whose
+                          `from` / `value` is not a string, unknown speaker, not alternating
                           human/assistant), it does not end on an answer, or `<image>` is not
                           exactly once in the conversation, in the first human turn
   unknown_task_tag        the first human turn starts with a tag tasks.py does not know
+  image_outside_images_dir  the image path, resolved (`..`, symlinks), is not inside images_dir
   missing_image, undecodable_image
+  image_too_large         more than max_image_pixels pixels (from the header; not decoded)
   unparsable_box          grounding: a box-like string in an answer that the dialect cannot parse
                           (e.g. `{<10><20><50>}`, values out of range, x2 < x1)
 """
@@ -34,11 +37,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from skymoe_jax.data import boxes as boxes_lib
+from skymoe_jax.data import image_ops
 from skymoe_jax.data import records
 from skymoe_jax.data import tasks
 from skymoe_jax.data import template
-from skymoe_jax.data.convert import (EncodedImage, Skip, Skips, check_merge, clear_split, finish,
-                                     load_image)
+from skymoe_jax.data.convert import (EncodedImage, Output, Skip, Skips, check_merge, finish,
+                                     image_path, load_image)
 
 IMAGE = template.LLAVA_V1.image_placeholder
 
@@ -153,7 +157,7 @@ def to_record(entry, images_dir, box_dialect: str = 'geochat', source: str = '',
   except tasks.UnknownTagError as e:
     raise Skip('unknown_task_tag', 'conversations', str(e)) from None
   task, granularity = tasks.TASKS[task_id], tasks.GRANULARITIES[granularity_id]
-  image: EncodedImage = image_loader(pathlib.Path(images_dir) / image_name)
+  image: EncodedImage = image_loader(image_path(images_dir, image_name))
   box_list, labels = [], []
   if task == 'grounding':
     for q, a in zip(conv[0::2], conv[1::2]):
@@ -169,34 +173,37 @@ def to_record(entry, images_dir, box_dialect: str = 'geochat', source: str = '',
 
 def convert(input_path, images_dir, out_dir, split: str = 'train', box_dialect: str = 'geochat',
             source: Optional[str] = None, licence: str = 'unknown', pad_to_square: bool = False,
-            records_per_shard: int = 1000) -> Dict:
+            records_per_shard: int = 1000,
+            max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS) -> Dict:
   """Converts one instruction file into split `split` of out_dir; returns the summary.
 
   Other splits already in out_dir (same dataset name) are kept, so train and test files can be
-  converted into one dataset by two calls.
+  converted into one dataset by two calls. The old `split` is replaced only when the new one is
+  complete (convert.Output): an error or a crash mid-way leaves out_dir as it was.
   """
   input_path = pathlib.Path(input_path)
   boxes_lib.get_dialect(box_dialect)  # an unknown dialect is a usage error, before any work
   source = source or input_path.stem
   skips = Skips()
   # Consecutive samples often share an image (multi-task data of one scene): decode it once.
-  loader = functools.lru_cache(maxsize=64)(load_image)
+  loader = functools.lru_cache(maxsize=64)(
+      functools.partial(load_image, max_pixels=max_image_pixels))
   seen = set()
   entries = iter_entries(input_path)
   check_merge(out_dir, source)
-  clear_split(out_dir, split)
-  writer = records.ShardWriter(out_dir, split, records_per_shard)
-  for where, entry in entries:
-    try:
-      record = to_record(entry, images_dir, box_dialect, source, licence, pad_to_square, seen,
-                         loader)
-    except Skip as skip:
-      label = where
-      if isinstance(entry, dict) and entry.get('id') is not None:
-        label = f'{where} (id {entry["id"]!r})'
-      skips.add(skip, input_path, label, split)
-      continue
-    writer.write(record)
-    seen.add(record.id)
-  return finish(out_dir, name=source, licence=licence, splits={split: writer.close()},
-                skips=skips, merge=True, input=str(input_path), box_dialect=box_dialect)
+  with Output(out_dir, records_per_shard) as out:
+    writer = out.writer(split)
+    for where, entry in entries:
+      try:
+        record = to_record(entry, images_dir, box_dialect, source, licence, pad_to_square, seen,
+                           loader)
+      except Skip as skip:
+        label = where
+        if isinstance(entry, dict) and entry.get('id') is not None:
+          label = f'{where} (id {entry["id"]!r})'
+        skips.add(skip, input_path, label, split)
+        continue
+      writer.write(record)
+      seen.add(record.id)
+    return finish(out, name=source, licence=licence, skips=skips, merge=True,
+                  input=str(input_path), box_dialect=box_dialect)

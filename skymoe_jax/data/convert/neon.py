@@ -24,6 +24,9 @@ and, when it has 1..MAX_GROUNDING_BOXES trees, a grounding record ("[refer] give
 all trees" -> the GeoChat boxes in reading order). Both carry the kept boxes in crop pixels with the
 annotation's label (Tree, or Alive/Dead for SOAP_061). Split by tile, so overlapping crops never
 straddle splits: TEST_TILES -> test, the rest -> train.
+
+A tile image named by an annotation must lie inside data_dir (image_outside_images_dir) and have at
+most max_image_pixels pixels (image_too_large); either is a counted skip of the whole tile.
 """
 import csv
 import dataclasses
@@ -39,10 +42,11 @@ import numpy as np
 from PIL import Image
 
 from skymoe_jax.data import boxes as boxes_lib
+from skymoe_jax.data import image_ops
 from skymoe_jax.data import records
 from skymoe_jax.data import template
-from skymoe_jax.data.convert import (KEPT_FORMATS, Skip, Skips, clear_split, encode_array,
-                                     encode_image, finish, load_image)
+from skymoe_jax.data.convert import (KEPT_FORMATS, Output, Skip, Skips, encode_array,
+                                     encode_image, finish, image_path, load_image)
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +175,8 @@ def _reading_order(boxes: np.ndarray) -> np.ndarray:
 
 def convert(out_dir, data_dir=None, crop_size: int = CROP_SIZE, min_visible: float = MIN_VISIBLE,
             max_grounding_boxes: int = MAX_GROUNDING_BOXES,
-            test_tiles: Sequence[str] = TEST_TILES, records_per_shard: int = 1000) -> Dict:
+            test_tiles: Sequence[str] = TEST_TILES, records_per_shard: int = 1000,
+            max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS) -> Dict:
   """Converts the NEON tiles of data_dir (default: the installed deepforest's); the summary has
   `tiles`, `crops`, `boxes` (in the chosen annotations), `boxes_kept` (summed over crops)."""
   if data_dir is None:
@@ -182,16 +187,21 @@ def convert(out_dir, data_dir=None, crop_size: int = CROP_SIZE, min_visible: flo
   data_dir = pathlib.Path(data_dir)
   skips = Skips()
   tiles = choose_tiles(read_annotations(data_dir, skips))
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  writers: Dict[str, records.ShardWriter] = {}
+  with Output(out_dir, records_per_shard) as out:
+    return _convert(out, data_dir, skips, tiles, crop_size, min_visible, max_grounding_boxes,
+                    test_tiles, max_image_pixels)
+
+
+def _convert(out: Output, data_dir: pathlib.Path, skips: Skips, tiles: Dict[str, Annotation],
+             crop_size: int, min_visible: float, max_grounding_boxes: int,
+             test_tiles: Sequence[str], max_image_pixels: int) -> Dict:
   stats = dict(tiles=0, crops=0, boxes=0, boxes_kept=0, boxes_dropped_at_crop_edge=0,
                grounding_not_made_no_trees=0, grounding_not_made_too_many_trees=0)
   sources = {}
   for tile, ann in tiles.items():
     split = 'test' if tile in test_tiles else 'train'
     try:
-      encoded = load_image(ann.image)
+      encoded = load_image(image_path(data_dir, ann.image), max_pixels=max_image_pixels)
     except Skip as skip:
       skips.add(skip, ann.file, f'tile {tile}', split)
       continue
@@ -212,9 +222,7 @@ def convert(out_dir, data_dir=None, crop_size: int = CROP_SIZE, min_visible: flo
     stats['boxes'] += len(tile_boxes)
     sources[tile] = ann.file.name
     whole = len(crop_starts(width, crop_size)) == 1 and len(crop_starts(height, crop_size)) == 1
-    if split not in writers:
-      clear_split(out_dir, split)
-      writers[split] = records.ShardWriter(out_dir, split, records_per_shard)
+    writer = out.writer(split)
     for y0 in crop_starts(height, crop_size):
       for x0 in crop_starts(width, crop_size):
         w, h = min(crop_size, width), min(crop_size, height)
@@ -239,7 +247,7 @@ def convert(out_dir, data_dir=None, crop_size: int = CROP_SIZE, min_visible: flo
         base = dict(image=image.data, boxes=kept, labels=kept_labels, source=NAME,
                     licence=LICENCE)
         crop_id = f'{NAME}/{tile}/{x0}_{y0}'
-        writers[split].write(records.Record(
+        writer.write(records.Record(
             id=f'{crop_id}/count', task='counting', granularity='local',
             conversations=[{'from': 'human', 'value': f'{IMAGE}\n{COUNT_PROMPT}'},
                            {'from': 'gpt', 'value': str(len(kept))}], **base))
@@ -249,12 +257,11 @@ def convert(out_dir, data_dir=None, crop_size: int = CROP_SIZE, min_visible: flo
           stats['grounding_not_made_too_many_trees'] += 1
         else:
           answer = boxes_lib.format('geochat', [boxes_lib.Box(*b) for b in kept.tolist()], w, h)
-          writers[split].write(records.Record(
+          writer.write(records.Record(
               id=f'{crop_id}/refer', task='grounding', granularity='local',
               conversations=[{'from': 'human', 'value': f'{IMAGE}\n{REFER_PROMPT}'},
                              {'from': 'gpt', 'value': answer}], **base))
   log.info('%s: %s', NAME, stats)
-  splits = {s: w.close() for s, w in sorted(writers.items())}
-  return finish(out_dir, name=NAME, licence=LICENCE, splits=splits, skips=skips,
+  return finish(out, name=NAME, licence=LICENCE, skips=skips,
                 data_dir=str(data_dir), crop_size=crop_size, min_visible=min_visible,
                 annotation_files=sources, **stats)
