@@ -1,5 +1,6 @@
 """python -m skymoe_jax.export --workdir=DIR --out=OUT [--step=N] [--dtype=bf16|fp32]
                               [--max_shard_size=5GB] [--image_token_index=ID] [--verify]
+                              [--overwrite]
 
 Exports a training workdir's checkpoint (default the latest) as a Hugging Face-style folder:
 OUT/model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json),
@@ -9,6 +10,11 @@ host holds about one --max_shard_size of tensors (interop/to_torch.py). Load OUT
 skymoe_jax.interop.torch_model.SkyMoEForConditionalGeneration.from_pretrained(OUT), or, dense,
 with transformers.LlavaForConditionalGeneration.from_pretrained(OUT). --verify runs that
 PyTorch model and ours on the same random inputs and prints the max abs logit difference.
+
+OUT must be new or empty; it appears only once complete (written next to it, then renamed).
+--overwrite replaces an earlier export of ours there, and nothing else: a folder holding files
+an export does not write, or a training workdir (DIR itself, a folder inside or around it, any
+folder with a training config.json or checkpoints/), is refused with or without it.
 """
 import re
 import resource
@@ -41,6 +47,8 @@ def define_flags():
   flags.DEFINE_integer('image_token_index', None, 'config.json image_token_index (HF LLaVA); '
                        'default the tokenizer\'s <image> piece, else its unk id.')
   flags.DEFINE_bool('verify', False, 'Compare PyTorch and JAX logits on random inputs.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an earlier export of ours in --out (never '
+                    'anything else: other files, a training workdir).')
   flags.mark_flags_as_required(['workdir', 'out'])
 
 
@@ -49,7 +57,7 @@ def main(argv):
   cli.quiet_library_logs()
   f = flags.FLAGS
   info = to_torch.export_workdir(f.workdir, f.out, f.step, f.dtype, parse_size(f.max_shard_size),
-                                 f.image_token_index)
+                                 f.image_token_index, overwrite=f.overwrite)
   print(f'exported step {info["step"]}: {info["num_tensors"]} tensors, '
         f'{info["total_bytes"] / 1e6:.1f} MB in {len(info["files"])} file(s), '
         f'{info["seconds"]:.1f} s -> {f.out}')

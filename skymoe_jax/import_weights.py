@@ -14,6 +14,13 @@ Makes a stage-I training workdir from pretrained Hugging Face weights, which
 bicubically to the configured resolution). --llm: a LlamaForCausalLM folder, or a LLaMA GGUF
 file (dequantised to float32). Either may be left out to keep that part randomly initialised.
 Files are never unpickled beyond torch.load(weights_only=True).
+
+Nothing is adopted silently: what the tensor shapes cannot show (RoPE base, RMSNorm epsilon,
+the head split, tied embeddings, extra layers) is read from the checkpoint's config.json (or the
+GGUF metadata) and a disagreement with the config is refused, naming both values and the
+--config.model.llm.* / --config.model.vision.* override that imports the checkpoint as it is
+(from_hf.check_fields); without a config.json a warning says what went unchecked. Tensors with
+NaN / inf values are logged by name; tensors sharing bytes in a file are refused.
 """
 import pathlib
 import shutil
@@ -46,12 +53,27 @@ def read_llm(path):
   return sd, prefix, head + 'lm_head.weight'
 
 
+def check_llm_config(path, sd, model_cfg) -> None:
+  """Refuses an LLM whose own config (GGUF metadata, else the config.json next to it) disagrees
+  with config.model.llm where the tensor shapes cannot tell (from_hf.check_fields)."""
+  if isinstance(sd, gguf.GGUFStateDict):
+    fields, fixed = sd.checked_fields()
+    from_hf.check_fields(sd.path, 'model.llm', model_cfg.llm, fields, fixed,
+                         only_more=('num_layers',))
+  else:
+    from_hf.check_hf_config(path, 'model.llm', model_cfg.llm, from_hf.llama_fields, 'LLaMA',
+                            only_more=('num_layers',))
+
+
 def convert_pretrained(model_cfg, clip=None, llm=None) -> dict:
   """{'vision': ..., 'decoder': ...} (numpy, our layout) of the parts given; the decoder has no
-  LoRA adapters (they stay freshly initialised in the workdir)."""
+  LoRA adapters (they stay freshly initialised in the workdir). Each checkpoint's own config is
+  checked against ours before any tensor is converted."""
   out = {}
   if clip:
     sd = from_hf.open_checkpoint(clip)
+    from_hf.check_hf_config(clip, 'model.vision', model_cfg.vision, from_hf.clip_fields,
+                            'CLIP vision')
     prefix = from_hf.find_prefix(sd, 'embeddings.patch_embedding.weight', 'CLIP vision')
     out['vision'] = from_hf.clip_vision_params(sd, model_cfg, prefix)
   if llm:
@@ -60,6 +82,7 @@ def convert_pretrained(model_cfg, clip=None, llm=None) -> dict:
           f'config.model.moe.num_experts={model_cfg.moe.num_experts}: pretrained weights go '
           'into a dense stage-I workdir (use the config\'s :stage1); stage II upcycles it')
     sd, prefix, head = read_llm(llm)
+    check_llm_config(llm, sd, model_cfg)
     dense = ml_collections.ConfigDict(model_cfg.to_dict())
     dense.lora.rank = 0
     out['decoder'] = from_hf.llama_params(sd, dense, prefix, head)

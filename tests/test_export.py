@@ -492,7 +492,8 @@ def test_import_refuses_an_moe_config_and_names_missing_tensors(tmp_path):
   llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
       vocab_size=llm.vocab_size, hidden_size=llm.embed_dim, num_hidden_layers=llm.num_layers - 1,
       num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
-      head_dim=llm.head_dim, intermediate_size=llm.mlp_dim))
+      head_dim=llm.head_dim, intermediate_size=llm.mlp_dim,
+      rms_norm_eps=llm.norm_eps))  # as the config: a different one is refused (config.json)
   llama.save_pretrained(tmp_path / 'short')
   with pytest.raises(from_hf.ConversionError, match=r'model\.layers\.3\.'):
     import_weights.convert_pretrained(config.model, llm=tmp_path / 'short')

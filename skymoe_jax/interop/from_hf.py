@@ -21,7 +21,14 @@ dicts of numpy arrays, laid out exactly as `nn.unbox(model.init)`:
 - `llama_params`: HF LlamaForCausalLM -> params['decoder'] of a dense decoder (stage I);
 - `llava_params`: our own export (or any LLaVA checkpoint of the same shapes) -> all params.
 A missing tensor or one of the wrong shape raises an error naming the tensor; a damaged file,
-a CheckpointFileError naming the file (and the tensor, where the reader can tell).
+a CheckpointFileError naming the file (and the tensor, where the reader can tell): the library
+validates a safetensors header on opening, tensors whose byte ranges overlap (two names, one
+set of weights) included. A tensor with NaN or infinite values is read but logged by name.
+
+What the tensor shapes cannot show - the RoPE base, the norm epsilon, how the width splits into
+heads, tied embeddings, extra layers - comes from the checkpoint's config.json (`llama_fields`,
+`clip_fields`; GGUF metadata in gguf.py) and `check_fields` refuses a disagreement with the
+config, naming both values and the config field to set: an import adopts nothing silently.
 """
 import json
 import math
@@ -29,12 +36,14 @@ import os
 import pathlib
 from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
+from absl import logging
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import safetensors
 
 from skymoe_jax.config import num_feature_layers
+from skymoe_jax.interop import export_format
 from skymoe_jax.model import layout
 from skymoe_jax.model.vit import resize_position_embedding
 
@@ -45,6 +54,11 @@ class ConversionError(ValueError):
 
 class CheckpointFileError(ConversionError):
   """A checkpoint file is truncated or malformed; the message names the file (and tensor)."""
+
+
+class ConfigMismatchError(ConversionError):
+  """The checkpoint's own config (config.json, GGUF metadata) disagrees with ours; the message
+  names the checkpoint's value, the config field and its value."""
 
 
 # ------------------------------------------------------------------------------- name table
@@ -241,7 +255,9 @@ class _Reader:
     if len(value.shape) != len(shape) or any(
         want is not None and got != want for got, want in zip(value.shape, shape)):
       raise ConversionError(f'tensor {key!r} has shape {value.shape}, expected {tuple(shape)}')
-    return value.astype(self.dtype)
+    value = value.astype(self.dtype)
+    warn_non_finite(key, value)
+    return value
 
   def entry(self, e: Entry, any_rows: bool = False) -> np.ndarray:
     """Our array of an entry; any_rows accepts any leading size (position grids)."""
@@ -249,6 +265,17 @@ class _Reader:
     if any_rows:
       want = (None,) + want[1:]
     return from_hf_array(e, self(e.name, want))
+
+
+def warn_non_finite(name: str, value: np.ndarray) -> None:
+  """Logs a warning naming a tensor that holds NaN or infinite values (after the cast to the
+  param dtype, which can overflow): a damaged checkpoint would otherwise train on silently."""
+  finite = np.isfinite(value)
+  if not finite.all():
+    bad = int(value.size - np.count_nonzero(finite))
+    logging.warning('tensor %r: %d of %d values are not finite (NaN or inf) in %s: the '
+                    'checkpoint is damaged, or was cast to a dtype that cannot hold it', name,
+                    bad, value.size, value.dtype)
 
 
 def read_table(state_dict, table: List[Entry], dtype, prefix: str = '',
@@ -322,7 +349,9 @@ def llava_params(state_dict, model_cfg, dtype=None) -> Dict:
 _SAFETENSORS_HINTS = {'file not fully covered': 'truncated, or not a safetensors file',
                       'invalid header length': 'truncated, or not a safetensors file',
                       'header too large': 'not a safetensors file',
-                      'header too small': 'too short for a safetensors file'}
+                      'header too small': 'too short for a safetensors file',
+                      'invalid offset': "tensors' byte ranges overlap or leave gaps: a damaged "
+                                        'or hand-made header'}
 
 
 def safetensors_error(path, error, name: Optional[str] = None) -> CheckpointFileError:
@@ -483,3 +512,116 @@ def find_prefix(names, suffix: str, what: str) -> str:
   if not hits:
     raise ConversionError(f'no tensor named *{suffix}: not a {what} checkpoint')
   return min(hits, key=len)
+
+
+# ------------------------------------------------------------------ the checkpoint's own config
+
+
+def hf_config_path(path) -> Optional[pathlib.Path]:
+  """config.json of a checkpoint folder, or the one next to a checkpoint file; None if absent."""
+  path = pathlib.Path(os.path.expanduser(str(path)))
+  candidate = (path if path.is_dir() else path.parent) / export_format.CONFIG_FILE
+  return candidate if candidate.is_file() else None
+
+
+def read_hf_config(path) -> dict:
+  """A config.json as a dict; CheckpointFileError naming the file when it is not one."""
+  config = export_format.read_json(path, CheckpointFileError)
+  if not isinstance(config, dict):
+    raise CheckpointFileError(f'{path}: holds a JSON {type(config).__name__}, not a config')
+  return config
+
+
+Fields = Dict[str, Tuple[str, object]]  # our field -> (the checkpoint's name for it, its value)
+
+
+def llama_fields(hf: dict) -> Tuple[Fields, Fields]:
+  """(fields, fixed) of a LlamaConfig config.json, for check_fields: what the tensor shapes
+  cannot show, with LlamaConfig's defaults for what the file leaves out (transformers reads it
+  so). The RoPE base is read from `rope_parameters` (transformers 5) or the top-level
+  `rope_theta` (earlier files); a LLaVA config.json's `text_config` is the LLaMA's. fixed: what
+  our decoder has one value of (default RoPE, SiLU)."""
+  if isinstance(hf.get('text_config'), dict):
+    hf = hf['text_config']
+  heads = hf.get('num_attention_heads')
+  rope = hf.get('rope_parameters') if isinstance(hf.get('rope_parameters'), dict) else {}
+  scaling = hf.get('rope_scaling') if isinstance(hf.get('rope_scaling'), dict) else {}
+  head_dim = hf.get('head_dim')
+  if head_dim is None and heads and hf.get('hidden_size'):
+    head_dim = hf['hidden_size'] // heads
+  fields = {
+      'num_heads': ('num_attention_heads', heads),
+      'num_kv_heads': ('num_key_value_heads', hf.get('num_key_value_heads', heads)),
+      'head_dim': ('head_dim', head_dim),
+      'rope_theta': ('rope_theta', rope.get('rope_theta', hf.get('rope_theta', 10000.0))),
+      'norm_eps': ('rms_norm_eps', hf.get('rms_norm_eps', 1e-6)),
+      'tie_embeddings': ('tie_word_embeddings', hf.get('tie_word_embeddings', False)),
+      'num_layers': ('num_hidden_layers', hf.get('num_hidden_layers')),
+  }
+  rope_type = rope.get('rope_type') or scaling.get('rope_type') or scaling.get('type')
+  fixed = {'rope_type': ('default', rope_type or 'default'),
+           'hidden_act': ('silu', hf.get('hidden_act', 'silu'))}
+  return fields, fixed
+
+
+def clip_fields(hf: dict) -> Tuple[Fields, Fields]:
+  """(fields, fixed) of a CLIPVisionConfig config.json (or a CLIPModel's, its vision_config),
+  with CLIPVisionConfig's defaults: the head split and the norm epsilon; quick-GELU fixed."""
+  if isinstance(hf.get('vision_config'), dict):
+    hf = hf['vision_config']
+  fields = {'num_heads': ('num_attention_heads', hf.get('num_attention_heads', 12)),
+            'norm_eps': ('layer_norm_eps', hf.get('layer_norm_eps', 1e-5))}
+  return fields, {'hidden_act': ('quick_gelu', hf.get('hidden_act', 'quick_gelu'))}
+
+
+def _same(theirs, ours) -> bool:
+  if isinstance(theirs, bool) or isinstance(ours, bool):
+    return bool(theirs) == bool(ours) and isinstance(theirs, (bool, int))
+  if isinstance(theirs, (int, float)) and isinstance(ours, (int, float)):
+    return math.isclose(float(theirs), float(ours), rel_tol=1e-6)  # float32 metadata (GGUF)
+  return theirs == ours
+
+
+def check_fields(source, section: str, cfg, fields: Fields, fixed: Optional[Fields] = None,
+                 only_more: Tuple[str, ...] = ()) -> None:
+  """Refuses a checkpoint whose own config disagrees with config.<section> (ConfigMismatchError
+  naming the checkpoint's value, the config field and its value, and the override that would
+  import it as it is): adopting such a value silently (RoPE base, norm epsilon, head split)
+  would give a model that loads and computes something else.
+
+  fields: {our field: (their name, value)}, None values unknown (skipped); fixed: {name:
+  (the one value we support, theirs)}; only_more: fields refused only when the checkpoint has
+  more (extra layers would be dropped; fewer are a missing tensor, which the reader names).
+  """
+  problems = []
+  for ours, (theirs, value) in fields.items():
+    if value is None:
+      continue
+    want = cfg[ours]
+    if ours in only_more:
+      if isinstance(value, int) and value > want:
+        problems.append(f'{theirs} is {value} where config.{section}.{ours} is {want} (the '
+                        f'extra ones would be dropped; set --config.{section}.{ours}={value})')
+    elif not _same(value, want):
+      problems.append(f'{theirs} is {value!r} where config.{section}.{ours} is {want!r} (set '
+                      f'--config.{section}.{ours}={value!r} to import it as it is)')
+  for name, (supported, value) in (fixed or {}).items():
+    if value != supported:
+      problems.append(f'{name} {value!r} is not supported (the model computes {supported!r} '
+                      'only)')
+  if problems:
+    raise ConfigMismatchError(f'{source}: ' + '; '.join(problems))
+
+
+def check_hf_config(path, section: str, cfg, read_fields, what: str, **kwargs) -> None:
+  """check_fields against the config.json of the checkpoint at `path` (read_fields: llama_fields
+  or clip_fields); without one, a warning that says what could not be checked."""
+  source = hf_config_path(path)
+  if source is None:
+    fields, _ = read_fields({})
+    logging.warning('%s: no config.json next to the %s checkpoint: its %s cannot be checked; '
+                    'assuming config.%s\'s', path, what, ', '.join(n for n, _ in fields.values()),
+                    section)
+    return
+  fields, fixed = read_fields(read_hf_config(source))
+  check_fields(source, section, cfg, fields, fixed, **kwargs)

@@ -1,15 +1,18 @@
 """GGUF (llama.cpp) LLaMA-architecture files -> a HF LlamaForCausalLM-named state dict.
 
 The `gguf` package (pin gguf==0.19.0) parses the file by memory-mapping it: no pickle, nothing
-executed. We add a check it lacks: every tensor's byte range is compared with the file size
-before any tensor is built, so a truncated file fails naming the file and the first tensor cut
-off (the package alone fails with an anonymous reshape error).
+executed. We add checks it lacks, on every tensor's byte range before any tensor is built: a
+range past the end of the file (truncated) fails naming the file and the first tensor cut off
+(the package alone fails with an anonymous reshape error), and two ranges that overlap (two
+names reading one set of weights: layer 1 silently a copy of layer 0) fail naming both.
 
 Tensors are dequantised to float32 one at a time, when the converter asks for them
 (`GGUFStateDict` is a lazy Mapping), and renamed to LLaMA's names so that from_hf's table (and
 so from_hf.llama_params) reads them. llama.cpp's converter permutes the rows of attn_q / attn_k
 (its RoPE pairs adjacent dims; LLaMA's HF layout rotates halves); `unpermute_rows` undoes it.
-`GGUFStateDict.llm_config()` gives the decoder fields of our config.
+`GGUFStateDict.llm_config()` gives the decoder fields of our config, and `checked_fields()`
+the ones the import compares with the config (from_hf.check_fields: a RoPE base or norm
+epsilon that disagrees is refused, not adopted).
 """
 import pathlib
 import re
@@ -61,6 +64,7 @@ def _reader(path: pathlib.Path):
   class CheckedReader(gguf.GGUFReader):
     def _build_tensors(self, start_offs, fields):
       size = len(self.data)
+      ranges = []
       for field in fields:
         _, name, _, dims, raw_type, offset = field.parts
         name = bytes(name).decode('utf-8', 'replace')
@@ -73,6 +77,13 @@ def _reader(path: pathlib.Path):
         if end > size:
           raise CheckpointFileError(f'{path}: tensor {name!r} needs bytes up to {end}, the file '
                                     f'has {size} (truncated?)')
+        ranges.append((int(start_offs + offset[0]), end, name))
+      ranges.sort()
+      for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+        if start < end:
+          raise CheckpointFileError(f'{path}: tensors {first!r} and {second!r} overlap (bytes '
+                                    f'{start}-{end} belong to both): a damaged or hand-made '
+                                    'file')
       super()._build_tensors(start_offs, fields)
 
   try:
@@ -102,7 +113,7 @@ class GGUFStateDict(Mapping):
     arch = self.meta.get('general.architecture')
     if arch != 'llama':
       raise CheckpointFileError(f'{self.path}: architecture {arch!r}, only llama is supported')
-    self._heads = int(self.meta['llama.attention.head_count'])
+    self._heads = int(self._required('llama.attention.head_count'))
     self._kv_heads = int(self.meta.get('llama.attention.head_count_kv', self._heads))
     self._tensors = {}
     for t in reader.tensors:
@@ -110,6 +121,13 @@ class GGUFStateDict(Mapping):
       if name is not None:
         self._tensors[name] = t
     self._dequantize = gguf.quants.dequantize
+
+  def _required(self, key: str):
+    """A metadata value the conversion needs; its absence names the file and the key."""
+    if key not in self.meta:
+      raise CheckpointFileError(f'{self.path}: metadata {key!r} is missing (not a complete '
+                                'LLaMA GGUF file)')
+    return self.meta[key]
 
   def __getitem__(self, name) -> np.ndarray:
     t = self._tensors[name]
@@ -128,15 +146,33 @@ class GGUFStateDict(Mapping):
     """Fields of config.model.llm: from the metadata, the vocabulary from the embedding's shape,
     tied embeddings when there is no output matrix."""
     meta, heads = self.meta, self._heads
-    d = int(meta['llama.embedding_length'])
+    d = int(self._required('llama.embedding_length'))
+    if 'model.embed_tokens.weight' not in self._tensors:
+      raise CheckpointFileError(f'{self.path}: no token_embd.weight tensor')
     return dict(
         vocab_size=int(self._tensors['model.embed_tokens.weight'].shape[-1]), embed_dim=d,
-        num_layers=int(meta['llama.block_count']), num_heads=heads, num_kv_heads=self._kv_heads,
+        num_layers=int(self._required('llama.block_count')), num_heads=heads,
+        num_kv_heads=self._kv_heads,
         head_dim=int(meta.get('llama.rope.dimension_count', d // heads)),
-        mlp_dim=int(meta['llama.feed_forward_length']),
+        mlp_dim=int(self._required('llama.feed_forward_length')),
         rope_theta=float(meta.get('llama.rope.freq_base', 10000.0)),
-        norm_eps=float(meta['llama.attention.layer_norm_rms_epsilon']),
+        norm_eps=float(self._required('llama.attention.layer_norm_rms_epsilon')),
         tie_embeddings='lm_head.weight' not in self._tensors)
+
+  def checked_fields(self):
+    """(fields, fixed) for from_hf.check_fields: the metadata the tensor shapes cannot show,
+    by its GGUF key (float32 values shown at float32 precision: 1e-05, not 9.99999975e-06)."""
+    cfg = self.llm_config()
+    keys = {'num_heads': 'llama.attention.head_count',
+            'num_kv_heads': 'llama.attention.head_count_kv',
+            'head_dim': 'llama.rope.dimension_count', 'rope_theta': 'llama.rope.freq_base',
+            'norm_eps': 'llama.attention.layer_norm_rms_epsilon',
+            'tie_embeddings': 'tied embeddings (no output.weight)',
+            'num_layers': 'llama.block_count'}
+    shown = lambda v: float(f'{v:.7g}') if isinstance(v, float) else v
+    fields = {ours: (key, shown(cfg[ours])) for ours, key in keys.items()}
+    scaling = self.meta.get('llama.rope.scaling.type', 'none')
+    return fields, {'llama.rope.scaling.type': ('none', scaling)}
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._tensors)

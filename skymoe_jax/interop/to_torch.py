@@ -8,6 +8,18 @@ model.safetensors.index.json above `max_shard_bytes`), config.json and, when the
 one, tokenizer.model. Tensor names come from from_hf.llava_table, the table the importers read
 with, so export followed by import is an exact round trip.
 
+Nothing already on disk is lost, and no folder looks complete before it is:
+- `out` must be new or empty. An earlier export of ours (its config.json has a `skymoe`
+  section, and it holds only the files an export writes) is replaced only with overwrite=True
+  (--overwrite); a folder holding anything else is refused, --overwrite or not: an export never
+  deletes what it did not write. A training workdir - the one exported, a folder inside it or
+  containing it, or any folder holding a training config.json or checkpoints/ (or inside one) -
+  is refused always (`check_out`).
+- Everything is written into a hidden staging folder next to `out` (.OUT.partial-XXXX), which
+  is renamed into place once complete; an earlier export is moved aside only then, and deleted
+  after the new one is in place. A failed export removes its staging folder (a killed one
+  leaves it, named partial), so `out` is either the old folder or the whole new one.
+
 Memory: LoRA is merged first (only the adapted kernels get new arrays). The files are written
 one shard at a time with the safetensors library, which takes a whole file's arrays at once: the
 shards are planned from the table's shapes alone, then each shard's tensors are sliced out of
@@ -21,7 +33,8 @@ optimizer state).
 config.json is LlavaConfig-compatible for dense models (LlavaForConditionalGeneration loads the
 folder); an MoE model gets model_type 'skymoe_llava' so that transformers refuses it rather than
 silently dropping experts. Either way a `skymoe` section carries our whole model config, which
-torch_model.py (and import back into JAX) builds the model from. The vision tower is exported
+torch_model.py (and import back into JAX) builds the model from; export_format.py reads it,
+refusing a damaged or foreign one naming the file and field. The vision tower is exported
 with the blocks we have, up to the feature layer, so HF reads its features at
 vision_feature_layer=-1 (the last exported block: the same tensor as the original tower's
 feature_layer); the post-layernorm HF expects and LLaVA never uses is written as identity.
@@ -31,6 +44,7 @@ import os
 import pathlib
 import shutil
 import time
+import uuid
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import jax
@@ -40,19 +54,23 @@ from safetensors.numpy import save_file
 
 from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.config import num_feature_layers
-from skymoe_jax.interop import from_hf
+from skymoe_jax.interop import export_format, from_hf
 from skymoe_jax.model import factory, layout, lora
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = export_format.FORMAT_VERSION
 DEFAULT_MAX_SHARD_BYTES = 5 * 10 ** 9  # '5GB', transformers' save_pretrained default
 DTYPES = {'fp32': 'float32', 'float32': 'float32', 'bf16': 'bfloat16', 'bfloat16': 'bfloat16'}
-CONFIG_FILE = 'config.json'
-WEIGHTS_FILE = 'model.safetensors'
-INDEX_FILE = 'model.safetensors.index.json'
+CONFIG_FILE = export_format.CONFIG_FILE
+WEIGHTS_FILE = export_format.WEIGHTS_FILE
+INDEX_FILE = export_format.INDEX_FILE
 
 
 class ExportError(ValueError):
   """The parameters do not fit the export table; the message names the parameter."""
+
+
+class OutputFolderError(FileExistsError):
+  """--out is a folder an export may not (re)place; the message says why and what to do."""
 
 
 class Tensor(NamedTuple):
@@ -220,37 +238,148 @@ def shard_name(i: int, n: int) -> str:
   return f'model-{i + 1:05d}-of-{n:05d}.safetensors'
 
 
+# ------------------------------------------------------------------------- the output folder
+
+
+def _training_workdir(folder: pathlib.Path, strict: bool) -> Optional[str]:
+  """What makes `folder` a training workdir, or None. strict (for the folders above --out):
+  only a training config.json counts, since a checkpoints/ folder alone is too common a name
+  to refuse every folder under one."""
+  if not strict and (folder / workdir_lib.CHECKPOINTS).is_dir():
+    return f'it holds {workdir_lib.CHECKPOINTS}/'
+  path = folder / workdir_lib.CONFIG_FILE
+  if not path.is_file():
+    return None
+  try:
+    config = json.loads(path.read_text(encoding='utf-8'))
+  except (OSError, UnicodeDecodeError, ValueError):
+    return None
+  if (isinstance(config, dict) and 'skymoe' not in config and
+      isinstance(config.get('model'), dict) and isinstance(config.get('train'), dict)):
+    return f'its {workdir_lib.CONFIG_FILE} is a training config'
+  return None
+
+
+_NEVER_A_WORKDIR = 'an export never writes into a training workdir: choose an --out outside it'
+
+
+def check_out(out, overwrite: bool = False, workdir=None) -> pathlib.Path:
+  """The resolved `out` if an export may write it (see the module docstring), else raises
+  OutputFolderError saying why. `workdir`: the one being exported, never written into."""
+  out = pathlib.Path(out).expanduser().resolve()
+  if workdir is not None:
+    workdir = workdir_lib.resolve(workdir)
+    if out == workdir or workdir in out.parents:
+      where = 'is' if out == workdir else 'is inside'
+      raise OutputFolderError(f'--out {out} {where} the workdir {workdir} being exported: '
+                              f'{_NEVER_A_WORKDIR}')
+    if out in workdir.parents:
+      raise OutputFolderError(f'--out {out} contains the workdir {workdir} being exported: '
+                              f'{_NEVER_A_WORKDIR}')
+  for folder in (out, *out.parents):
+    why = _training_workdir(folder, strict=folder != out)
+    if why:
+      where = '' if folder == out else f' is inside {folder}, which'
+      raise OutputFolderError(f'--out {out}{where} is a training workdir ({why}): '
+                              f'{_NEVER_A_WORKDIR}')
+  if not out.exists():
+    return out
+  if not out.is_dir():
+    raise OutputFolderError(f'--out {out} exists and is not a folder')
+  entries = sorted(p.name for p in out.iterdir())
+  if not entries:
+    return out
+  earlier = export_format.is_export(out)
+  if earlier is None:
+    listing = ', '.join(entries[:5]) + (f' and {len(entries) - 5} more' if len(entries) > 5
+                                        else '')
+    raise OutputFolderError(f'--out {out} is not empty ({listing}) and not an export of ours: '
+                            'an export writes only a new or empty folder, or replaces an '
+                            'earlier export with --overwrite; choose another --out')
+  foreign = [n for n in entries if not export_format.is_export_file(n)]
+  if foreign:
+    raise OutputFolderError(f'--out {out} holds an earlier export but also {", ".join(foreign)}'
+                            ', which an export does not write (and so never deletes): move '
+                            'them out or choose another --out')
+  if not overwrite:
+    info = earlier['skymoe']
+    made = (f' (step {info["step"]} of {info["workdir"]})'
+            if 'step' in info and 'workdir' in info else '')
+    raise OutputFolderError(f'--out {out} holds an earlier export{made}: pass --overwrite '
+                            '(overwrite=True) to replace it, or choose another --out')
+  return out
+
+
+def _sibling(out: pathlib.Path, what: str) -> pathlib.Path:
+  """A hidden name next to `out` that nothing else uses (same filesystem: renames are atomic)."""
+  return out.parent / f'.{out.name}.{what}-{uuid.uuid4().hex[:12]}'
+
+
+def _publish(staging: pathlib.Path, out: pathlib.Path, overwrite: bool, workdir) -> None:
+  """Renames the complete `staging` folder to `out`. An earlier export there (checked again:
+  time has passed) is moved aside first and deleted only once the new one is in place."""
+  check_out(out, overwrite, workdir)
+  if out.is_dir() and any(out.iterdir()):
+    old = _sibling(out, 'replaced')
+    os.rename(out, old)
+    try:
+      os.rename(staging, out)
+    except BaseException:
+      os.rename(old, out)
+      raise
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(staging, out)  # onto an empty folder too (POSIX rename replaces it)
+
+
+def _write_folder(folder: pathlib.Path, tensors, shards, config: dict, copies) -> List[str]:
+  """The export's files into `folder`; returns the weight files' names."""
+  meta = {'format': 'pt', 'producer': 'skymoe_jax'}
+  if len(shards) == 1:
+    files = [WEIGHTS_FILE]
+    write_shard(folder / WEIGHTS_FILE, shards[0], meta)
+  else:
+    files = [shard_name(i, len(shards)) for i in range(len(shards))]
+    for fname, shard in zip(files, shards):
+      write_shard(folder / fname, shard, meta)
+    index = {'metadata': {'total_size': sum(t.nbytes for t in tensors)},
+             'weight_map': {t.name: fname for fname, shard in zip(files, shards) for t in shard}}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=1) + '\n')
+  (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1) + '\n')
+  for name, source in (copies or {}).items():
+    shutil.copyfile(source, folder / name)
+  return files
+
+
 def export_params(params, model_cfg, out, dtype: str = 'float32',
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, image_token_index: int = 0,
-                  extra: Optional[dict] = None) -> Dict:
-  """Writes `params` (an unboxed tree; LoRA adapters are merged) as a HF-style folder `out`.
+                  extra: Optional[dict] = None, overwrite: bool = False,
+                  copies: Optional[Dict[str, pathlib.Path]] = None, workdir=None) -> Dict:
+  """Writes `params` (an unboxed tree; LoRA adapters are merged) as a HF-style folder `out`,
+  atomically: `out` is refused unless check_out allows it (overwrite: replace an earlier export
+  of ours), and appears only once complete.
 
+  copies: {file name in the export: source file} copied in with the weights (tokenizer.model);
+  workdir: the training workdir the params come from, which `out` must stay out of.
   Returns {'files', 'num_tensors', 'total_bytes', 'seconds'}.
   """
   start = time.perf_counter()
   dtype = DTYPES.get(dtype, dtype)
-  out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = check_out(out, overwrite, workdir)
   if model_cfg.lora.rank > 0:
     params = lora.merge_lora(params, model_cfg.lora.alpha)
-  tensors = export_tensors(params, model_cfg, dtype)
+  tensors = export_tensors(params, model_cfg, dtype)  # a parameter at fault fails here
   shards = plan_shards(tensors, max_shard_bytes)
-  for stale in list(out.glob('model*.safetensors')) + [out / INDEX_FILE]:
-    if stale.exists():
-      stale.unlink()  # a previous export with another sharding must not linger
-  meta = {'format': 'pt', 'producer': 'skymoe_jax'}
-  if len(shards) == 1:
-    files = [WEIGHTS_FILE]
-    write_shard(out / WEIGHTS_FILE, shards[0], meta)
-  else:
-    files = [shard_name(i, len(shards)) for i in range(len(shards))]
-    for fname, shard in zip(files, shards):
-      write_shard(out / fname, shard, meta)
-    index = {'metadata': {'total_size': sum(t.nbytes for t in tensors)},
-             'weight_map': {t.name: fname for fname, shard in zip(files, shards) for t in shard}}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + '\n')
   config = hf_config(model_cfg, dtype, image_token_index, extra)
-  (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + '\n')
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staging = _sibling(out, 'partial')
+  staging.mkdir()
+  try:
+    files = _write_folder(staging, tensors, shards, config, copies)
+    _publish(staging, out, overwrite, workdir)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
   return {'files': files, 'num_tensors': len(tensors),
           'total_bytes': sum(t.nbytes for t in tensors),
           'seconds': time.perf_counter() - start}
@@ -270,29 +399,31 @@ def image_token_id(tokenizer_path) -> int:
 
 def export_workdir(workdir, out, step: Optional[int] = None, dtype: str = 'float32',
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                   image_token_index: Optional[int] = None) -> Dict:
-  """Exports a training workdir's checkpoint (default its latest) to `out`."""
+                   image_token_index: Optional[int] = None, overwrite: bool = False) -> Dict:
+  """Exports a training workdir's checkpoint (default its latest) to `out`, tokenizer included.
+  `out` is checked before the checkpoint is read, so a refused one costs no restore."""
   workdir = workdir_lib.resolve(workdir)
+  out = check_out(out, overwrite, workdir)
   config = workdir_lib.read_config(workdir)
   step, params = workdir_lib.restore_params(config, workdir, step)
   tokenizer = workdir_lib.tokenizer_path(workdir)
   if image_token_index is None:
     image_token_index = image_token_id(tokenizer) if tokenizer.exists() else 0
+  copies = {export_format.TOKENIZER_FILE: tokenizer} if tokenizer.exists() else None
   info = export_params(params, config.model, out, dtype, max_shard_bytes, image_token_index,
-                       extra={'step': int(step), 'workdir': str(workdir)})
-  if tokenizer.exists():
-    shutil.copyfile(tokenizer, pathlib.Path(out) / 'tokenizer.model')
+                       extra={'step': int(step), 'workdir': str(workdir)}, overwrite=overwrite,
+                       copies=copies, workdir=workdir)
   info.update(step=int(step), config=config, params=params)
   return info
 
 
 def load_export(folder, dtype=None):
-  """(params, model config) of an exported folder, back in our layout (exact for fp32)."""
+  """(params, model config) of an exported folder, back in our layout (exact for fp32).
+
+  A damaged or foreign config.json raises CheckpointFileError naming the file and the field.
+  """
   folder = pathlib.Path(folder)
-  config = json.loads((folder / CONFIG_FILE).read_text())
-  if 'skymoe' not in config:
-    raise from_hf.ConversionError(f'{folder / CONFIG_FILE} has no skymoe section: not one of '
-                                  'our exports')
+  config = export_format.read_config(folder, from_hf.CheckpointFileError)
   model_cfg = ml_collections.ConfigDict(config['skymoe']['model'])
   return from_hf.llava_params(from_hf.open_checkpoint(folder), model_cfg, dtype), model_cfg
 

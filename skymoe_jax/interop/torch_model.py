@@ -1,7 +1,9 @@
 """SkyMoE in plain PyTorch: loads an exported folder (to_torch.py) and runs it.
 
 It needs torch and the safetensors package (no transformers), and of this project only
-model/layout.py, which says which decoder layers are MoE for every caller. Module names mirror the
+model/layout.py, which says which decoder layers are MoE for every caller, and
+interop/export_format.py (plain Python), which reads and checks the folder's config.json the
+same way the JAX side does: a damaged or foreign folder raises one LoadError naming the file. Module names mirror the
 export's tensor names, so loading copies each file's tensors, one at a time, into the parameter
 of the same name (every parameter must be filled, every tensor used):
 
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from skymoe_jax.interop import export_format
 from skymoe_jax.model import layout
 
 
@@ -44,7 +47,9 @@ def _load_error(path, error, name: Optional[str] = None) -> LoadError:
   """The safetensors library's error as a LoadError naming the file (and tensor)."""
   reason = str(error)
   hint = (' (truncated, or not a safetensors file)'
-          if 'not fully covered' in reason or 'invalid header length' in reason else '')
+          if 'not fully covered' in reason or 'invalid header length' in reason else
+          ' (tensors\' byte ranges overlap or leave gaps: a damaged or hand-made header)'
+          if 'invalid offset' in reason else '')
   where = f'{path}: tensor {name!r}' if name is not None else str(path)
   return LoadError(f'{where}: {reason}{hint}')
 
@@ -78,18 +83,16 @@ def read_safetensors(path) -> Dict[str, torch.Tensor]:
 def export_files(folder) -> Tuple[dict, List[pathlib.Path]]:
   """(config.json, its safetensors files) of an export folder, single file or sharded."""
   folder = pathlib.Path(folder)
-  if not (folder / 'config.json').exists():
-    raise LoadError(f'{folder}: no config.json')
-  config = json.loads((folder / 'config.json').read_text())
-  index = folder / 'model.safetensors.index.json'
-  if (folder / 'model.safetensors').exists():
-    files = [folder / 'model.safetensors']
+  config = export_format.read_config(folder, LoadError)  # names the file and field at fault
+  index = folder / export_format.INDEX_FILE
+  if (folder / export_format.WEIGHTS_FILE).exists():
+    files = [folder / export_format.WEIGHTS_FILE]
   elif index.exists():
     try:
       weight_map = json.loads(index.read_text())['weight_map']
-    except (ValueError, KeyError) as e:
-      raise LoadError(f'{index}: not a checkpoint index ({e})') from None
-    files = [folder / name for name in sorted(set(weight_map.values()))]
+      files = [folder / name for name in sorted(set(weight_map.values()))]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise LoadError(f'{index}: not a checkpoint index ({type(e).__name__}: {e})') from None
   else:
     raise LoadError(f'{folder}: neither model.safetensors nor {index.name}')
   for path in files:
@@ -411,10 +414,8 @@ class SkyMoEForConditionalGeneration(nn.Module):
   def from_pretrained(cls, folder, dtype=torch.float32, device='cpu'):
     """The model of an export folder. Tensors are read one at a time and copied into their
     parameters, so the host holds the model plus one tensor, never a second state dict."""
-    config, files = export_files(folder)
-    if 'skymoe' not in config:
-      raise LoadError(f'{folder}/config.json has no skymoe section: not a SkyMoE export')
-    model = cls(config['skymoe']['model'], config['vision_config'])
+    config, files = export_files(folder)  # config.json checked: a skymoe section, every field
+    model = cls(config['skymoe']['model'])  # the HF vision view derived from it, as exported
     own = model.state_dict()
     filled, unexpected = set(), []
     with torch.no_grad():
