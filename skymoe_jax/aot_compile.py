@@ -15,27 +15,27 @@ import os
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from skymoe_jax import cli  # noqa: E402
 from skymoe_jax.profiling import aot  # noqa: E402
 
-cli.define_config_flag()
-flags.DEFINE_string('topology', None, 'TPU topology, e.g. v5p:4x4x4.')
-flags.DEFINE_integer('batch_size', 144, 'Global batch size.')
-flags.DEFINE_integer('seq_len', 0, 'Sequence length (image + text tokens); 0 = '
-                     'config.model.llm.max_seq_len.')
-flags.mark_flags_as_required(['topology'])
+
+def define_flags():
+  cli.define_config_flag()
+  flags.DEFINE_string('topology', None, 'TPU topology, e.g. v5p:4x4x4.')
+  flags.DEFINE_integer('batch_size', 144, 'Global batch size.')
+  flags.DEFINE_integer('seq_len', 0, 'Sequence length (image + text tokens); 0 = '
+                       'config.model.llm.max_seq_len.')
+  flags.mark_flags_as_required(['topology'])
 
 
 def main(argv):
   cli.check_no_arguments(argv)
   f = flags.FLAGS
-  name = config_flags.get_config_filename(f['config'])
-  print(json.dumps(aot.aot_compile(f.config, f.topology, f.batch_size, f.seq_len, name=name)))
+  print(json.dumps(aot.aot_compile(f.config, f.topology, f.batch_size, f.seq_len,
+                                   name=cli.config_file())))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, define_flags)

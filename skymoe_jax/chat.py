@@ -1,9 +1,9 @@
 """python -m skymoe_jax.chat --workdir=DIR --image=PATH [--prompt="How many ships are there?"]
 
 Answers one question about an image with the workdir's latest (or --step) checkpoint; the
-workdir holds the run's config. Without --prompt it answers each line read from stdin.
+workdir holds the run's config. Without --prompt it answers each line read from stdin. The image
+is read and decoded before the model is loaded: a missing or undecodable file is one line.
 """
-import pathlib
 import sys
 
 from absl import app
@@ -26,13 +26,15 @@ def main(argv):
   cli.check_no_arguments(argv)
   cli.quiet_library_logs()
   f = flags.FLAGS
+  try:
+    image = chat.read_image(f.image)
+  except chat.ImageError as e:
+    raise app.UsageError(f'--image: {e}') from None
   bot = chat.Chat(f.workdir, f.step, f.max_new_tokens)
-  image = pathlib.Path(f.image).read_bytes()
   questions = [f.prompt] if f.prompt is not None else (line for line in sys.stdin if line.strip())
   for question in questions:
     print(bot.answer(image, question), flush=True)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

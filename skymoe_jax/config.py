@@ -349,10 +349,11 @@ def _validate_train(config) -> None:
   _check(t.total_steps > 0, 'train.total_steps', t.total_steps, 'must be > 0')
   o = config.optimizer
   _check(o.learning_rate > 0, 'optimizer.learning_rate', o.learning_rate, 'must be > 0')
-  with np.errstate(over='ignore'):  # 1e39 is inf in float32: the step would make NaN params
-    in_dtype = np.asarray(o.learning_rate, jnp.dtype(config.model.param_dtype))
-  _check(bool(np.isfinite(in_dtype)), 'optimizer.learning_rate', o.learning_rate,
-         f'is not finite in model.param_dtype={config.model.param_dtype}')
+  for field in ('learning_rate', 'weight_decay'):
+    with np.errstate(over='ignore'):  # 1e39 is inf in float32: the step would make NaN params
+      in_dtype = np.asarray(o[field], jnp.dtype(config.model.param_dtype))
+    _check(bool(np.isfinite(in_dtype)), f'optimizer.{field}', o[field],
+           f'is not finite in model.param_dtype={config.model.param_dtype}')
   _check(0 <= o.warmup_fraction < 1, 'optimizer.warmup_fraction', o.warmup_fraction,
          'must be in [0, 1)')
   _check(o.grad_accum_steps >= 1, 'optimizer.grad_accum_steps', o.grad_accum_steps,

@@ -1,10 +1,10 @@
 """python -m skymoe_jax.evaluate --config=FILE[:ARG] --workdir=DIR [--step=N] [--config.FIELD=VALUE]
 
 Evaluates the workdir's latest (or --step) checkpoint on the eval split of the config's data
-sources and writes DIR/eval/<step>/{metrics.json, answers.jsonl, routing.json, routing.png}
-(evaluation/runner.py). A rerun skips the questions already answered.
+sources and writes DIR/eval/<step>/{metrics.json, answers.jsonl, settings.json, routing.json,
+routing.png} (evaluation/runner.py). A rerun skips the questions already answered with the same
+generation settings; answers made with other settings are moved aside, never reused.
 """
-from absl import app
 from absl import flags
 
 from skymoe_jax import cli
@@ -29,5 +29,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

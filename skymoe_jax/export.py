@@ -19,7 +19,6 @@ folder with a training config.json or checkpoints/), is refused with or without 
 import re
 import resource
 
-from absl import app
 from absl import flags
 
 from skymoe_jax.interop import to_torch
@@ -69,5 +68,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

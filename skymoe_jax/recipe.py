@@ -12,7 +12,6 @@ import json
 import pathlib
 import time
 
-from absl import app
 from absl import flags
 
 from skymoe_jax import cli
@@ -78,5 +77,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

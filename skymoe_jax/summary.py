@@ -5,7 +5,6 @@ per part (model/flops.py). Nothing is allocated, so even the 22B model takes sec
 """
 import json
 
-from absl import app
 from absl import flags
 
 from skymoe_jax import cli
@@ -22,5 +21,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -5,7 +5,6 @@ evaluation runner scores the checkpoint every that many steps.
 """
 import json
 
-from absl import app
 from absl import flags
 
 from skymoe_jax import cli
@@ -26,5 +25,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -1,8 +1,12 @@
 """The workdir: one stage of one run on disk, and the only code that knows its layout.
 
   WORKDIR/config.json          the resolved config (stage II reads its stage-I workdir's)
+  WORKDIR/config_history.jsonl the changes a resume made to it: {step, field, old, new, time}
+  WORKDIR/train.lock           while a trainer runs: {host, pid, since} (TrainerLock)
   WORKDIR/tokenizer.model      the run's tokenizer
-  WORKDIR/checkpoints/<step>/  orbax: 'state' (the train state) and 'data' (the pipeline position)
+  WORKDIR/checkpoints/<step>/  orbax: 'state' (the train state) and 'data' (the pipeline
+                               position), and skymoe_manifest.json (each file's size)
+  WORKDIR/checkpoints/<step>.damaged/  a checkpoint that failed verification, set aside
   WORKDIR/metrics.jsonl        one JSON object per logged step; TensorBoard events next to it
   WORKDIR/eval/<step>/         evaluation outputs (evaluation/runner.py)
 
@@ -19,23 +23,51 @@ Before restoring, the stored tree is compared with the target leaf by leaf, and 
 extra or reshaped entry raises CheckpointMismatchError listing the '/'-joined paths. (Orbax's
 own error for this is a ValueError that calls the target "Source" and the checkpoint "Target".)
 
+Every restore is verified, because a damaged checkpoint that restores is worse than none: the
+run continues from garbage and retention then deletes the good steps. Once a save is complete,
+process 0 writes the step's manifest (each file's size: a stat per file, cheap at pod scale);
+a restore checks it, that the metadata files parse, that Orbax reads the arrays (its
+checksums), and that every floating-point leaf is finite. A step that fails raises
+CheckpointDamagedError naming the step and the file (or the leaves), one message; restoring
+"the latest" falls back to the newest step that verifies, with a warning naming the damaged
+one, and the trainer sets the damaged steps aside as <step>.damaged (kept, not deleted).
+
 Saves are asynchronous by default: save() returns once the arrays are copied off the devices,
 so the train step may donate them right away; wait() blocks until the files are complete.
 Which steps are saved is an explicit policy: multiples of save_interval_steps (and a
-preemption signal); save(force=True) writes any step. Old steps beyond max_to_keep are deleted.
+preemption signal); save(force=True) writes any step. Retention keeps the newest max_to_keep
+steps and, always, the newest step whose manifest verifies: it is decided when a step is saved,
+before that step verifies, so a newer damaged or unverified step never pushes the last good one
+out (with max_to_keep=1 the previous step stays until the next save).
+
+The config on resume: only RESUMABLE_FIELDS may differ from the saved config.json (check_resume
+refuses anything else before a file is written); commit_config records each change in
+config_history.jsonl and rewrites config.json. truncate_metrics drops the metrics rows a
+resume is about to log again. TrainerLock keeps a second trainer out of a workdir.
 """
+import dataclasses
+import datetime
+import fcntl
+import fnmatch
 import json
 import os
 import pathlib
+import re
 import shutil
-from typing import Optional
+import socket
+from typing import Callable, Optional
 
+from absl import logging
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from skymoe_jax import config as config_lib
 from skymoe_jax.data import sources
 from skymoe_jax.data import tokenizer as tokenizer_lib
 from skymoe_jax.model.layout import param_path
@@ -43,6 +75,10 @@ from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.parallel import sharding
 
 CONFIG_FILE = 'config.json'
+CONFIG_HISTORY_FILE = 'config_history.jsonl'
+LOCK_FILE = 'train.lock'
+MANIFEST_FILE = 'skymoe_manifest.json'  # in each checkpoint step directory
+DAMAGED_SUFFIX = '.damaged'
 TOKENIZER_FILE = 'tokenizer.model'
 METRICS_FILE = 'metrics.jsonl'
 CHECKPOINTS = 'checkpoints'
@@ -74,9 +110,252 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 
 
 def write_config(config, workdir) -> None:
-  """The resolved config into the workdir (process 0 only)."""
+  """The resolved config into the workdir (process 0 only), replacing the file atomically."""
   if jax.process_index() == 0:
-    (resolve(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + '\n')
+    _write_atomically(resolve(workdir) / CONFIG_FILE,
+                      config.to_json_best_effort(indent=1) + '\n')
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  """A reader (or a kill mid-write) sees the old file or the new one, never half of one."""
+  tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+# -- the config on resume -----------------------------------------------------------------------
+
+# Fields a resumed run may change (fnmatch patterns over dotted names). None changes what a
+# training step computes: how long the run is (a larger total_steps stretches the cosine
+# schedule, see training/loop.py), how often it logs, saves and evaluates, evaluation itself,
+# the machines and mesh it runs on (a checkpoint restores onto any mesh) and the memory the
+# step may use (remat), how the input pipeline overlaps, and where the same data lives. Any
+# other change would make a mixed run; it is refused, and a new workdir is the way to make it.
+RESUMABLE_FIELDS = (
+    'train.total_steps', 'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
+    'train.eval_every', 'eval.*', 'distributed.*',
+    'mesh.data', 'mesh.fsdp', 'mesh.expert', 'mesh.tensor', 'model.remat_policy',
+    'data.num_parallel_batches', 'data.prefetch_batches',
+    'data.sources.*.data_dir', 'data.synthetic.cache_dir')
+_OPEN_SECTIONS = ('data.sources.',)  # entries named by the config file, not by the schema
+_ABSENT = '<absent>'
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _as_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def config_changes(saved: dict, config: dict) -> tuple:
+  """(allowed, refused) lists of (field, saved value, new value), configs as JSON dicts.
+
+  A field the saved config lacks because it is newer than the workdir is allowed at its
+  default (base_config's), and one the schema no longer has is allowed to go; in data.sources
+  every entry is compared, since a source added or dropped changes the data.
+  """
+  defaults = _flat(_as_json(config_lib.base_config()))
+  old, new = _flat(saved), _flat(config)
+  allowed, refused = [], []
+  for field in sorted(old.keys() | new.keys()):
+    before, after = old.get(field, _ABSENT), new.get(field, _ABSENT)
+    if before == after:
+      continue
+    schema = not field.startswith(_OPEN_SECTIONS)
+    if (any(fnmatch.fnmatchcase(field, p) for p in RESUMABLE_FIELDS) or
+        (schema and before is _ABSENT and after == defaults.get(field, _ABSENT)) or
+        (schema and after is _ABSENT and field not in defaults)):
+      allowed.append((field, before, after))
+    else:
+      refused.append((field, before, after))
+  return allowed, refused
+
+
+def _saved_config(workdir) -> Optional[dict]:
+  path = resolve(workdir) / CONFIG_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def has_checkpoints(workdir) -> bool:
+  directory = checkpoint_dir(workdir)
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def check_resume(config, workdir) -> None:
+  """Refuses, before anything is built or written, to resume a workdir's checkpoints with a
+  config that changes more than RESUMABLE_FIELDS: a ConfigError names each field, its saved
+  and its new value. A workdir without checkpoints has nothing to mix with: any config goes."""
+  saved = _saved_config(workdir)
+  if saved is None or not has_checkpoints(workdir):
+    return
+  _, refused = config_changes(saved, _as_json(config))
+  if refused:
+    path = resolve(workdir) / CONFIG_FILE
+    listing = '\n  '.join(f'config.{f}={new!r} (saved: {old!r})' for f, old, new in refused)
+    raise config_lib.ConfigError(
+        f'{path}: resuming these checkpoints with another config would make a mixed run; a '
+        f'resume may change only {", ".join(RESUMABLE_FIELDS)}, but these differ:\n  {listing}'
+        '\nUse the saved values, or a new workdir.')
+
+
+def commit_config(config, workdir, step: int) -> list:
+  """config.json := config; each field changed from the saved one is logged and appended to
+  config_history.jsonl as {step, field, old, new, time} (step: the one training resumes
+  from). Returns the changes. Process 0 writes."""
+  saved = _saved_config(workdir)
+  allowed, refused = config_changes(saved, _as_json(config)) if saved else ([], [])
+  changes = allowed + refused  # refused ones only where nothing was trained (check_resume)
+  if jax.process_index() == 0:
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+    if changes:
+      with open(resolve(workdir) / CONFIG_HISTORY_FILE, 'a') as f:
+        for field, old, new in changes:
+          logging.warning('%s: config.%s changed from %r to %r at step %d', workdir, field, old,
+                          new, step)
+          f.write(json.dumps({'step': int(step), 'field': field, 'old': old, 'new': new,
+                              'time': now}) + '\n')
+    if changes or saved is None:
+      write_config(config, workdir)
+  return changes
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+def truncate_metrics(workdir, step: int) -> int:
+  """Drops the rows of metrics.jsonl past `step` (a run killed after its last checkpoint
+  logged them; the resume logs them again) and any line a kill cut short; the file is replaced
+  atomically. Returns the number of lines dropped. Process 0 only."""
+  path = resolve(workdir) / METRICS_FILE
+  if jax.process_index() != 0 or not path.exists():
+    return 0
+  kept, dropped = [], 0
+  for line in path.read_text().splitlines():
+    try:
+      keep = int(json.loads(line)['step']) <= step
+    except (ValueError, KeyError, TypeError):
+      keep = False
+    if keep:
+      kept.append(line + '\n')
+    else:
+      dropped += 1
+  if dropped:
+    _write_atomically(path, ''.join(kept))
+    logging.info('%s: dropped %d rows past step %d (logged again on resume)', path, dropped, step)
+  return dropped
+
+
+# -- one trainer per workdir --------------------------------------------------------------------
+
+class WorkdirLockedError(RuntimeError):
+  """Another trainer holds the workdir's lock; the message names its host and pid."""
+
+
+def _pid_alive(pid) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, OverflowError, ValueError, TypeError):
+    return True  # someone else's process, or a pid we cannot judge: assume it runs
+  return True
+
+
+class TrainerLock:
+  """WORKDIR/train.lock while a trainer runs: two trainers on one workdir would overwrite
+  each other's checkpoints, config and metrics.
+
+  The file holds {host, pid, since} and an flock on it (released by the kernel when the
+  process dies, whatever kills it). A lock is stale, and taken over with a warning, only when
+  no process holds the flock and its pid no longer runs on this host; one from another host is
+  refused (its pid cannot be checked from here), and the message says which file to delete
+  when that trainer is gone. Process 0 takes it; the lock is released on exit, exceptions
+  included.
+  """
+
+  def __init__(self, workdir):
+    self.path = resolve(workdir) / LOCK_FILE
+    self._fd = None
+
+  def __enter__(self):
+    if jax.process_index() == 0:
+      self._acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+  def _refuse(self, holder: dict, why: str = ''):
+    raise WorkdirLockedError(
+        f'{self.path.parent} is in use by another trainer: {self.path} is held by host '
+        f'{holder.get("host", "?")}, pid {holder.get("pid", "?")} (since '
+        f'{holder.get("since", "?")}){why}. Wait for it to finish, or delete {self.path} if '
+        'that trainer no longer runs.')
+
+  def _acquire(self):
+    me = {'host': socket.gethostname(), 'pid': os.getpid()}
+    for _ in range(5):
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        try:
+          fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+          held_elsewhere = False
+        except BlockingIOError:
+          held_elsewhere = True
+        if held_elsewhere:
+          self._refuse(self._holder(fd))
+        try:
+          if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+            continue  # released (unlinked) while we opened it: try the new file
+        except FileNotFoundError:
+          continue
+        holder = self._holder(fd)
+        if holder:
+          if holder.get('host') != me['host']:
+            self._refuse(holder, ' on another host')
+          if holder.get('pid') != me['pid'] and _pid_alive(holder.get('pid')):
+            self._refuse(holder)
+          logging.warning('%s: taking over the stale lock of pid %s on %s (since %s): that '
+                          'process no longer runs', self.path, holder.get('pid'),
+                          holder.get('host'), holder.get('since'))
+        since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(dict(me, since=since)) + '\n').encode(), 0)
+        os.fsync(fd)
+        self._fd, fd = fd, None
+        return
+      finally:
+        if fd is not None:
+          os.close(fd)
+    raise WorkdirLockedError(f'{self.path}: could not take the lock (other trainers keep '
+                             'taking and releasing it)')
+
+  @staticmethod
+  def _holder(fd) -> dict:
+    try:
+      holder = json.loads(os.pread(fd, 4096, 0).decode() or '{}')
+    except (ValueError, UnicodeDecodeError):
+      return {'host': '?', 'pid': '?', 'since': 'unreadable lock file'}
+    return holder if isinstance(holder, dict) else {}
+
+  def release(self):
+    if self._fd is None:
+      return
+    try:
+      if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+        os.unlink(self.path)
+    except FileNotFoundError:
+      pass
+    finally:
+      os.close(self._fd)  # drops the flock
+      self._fd = None
 
 
 def init_workdir(config, workdir) -> pathlib.Path:
@@ -106,8 +385,9 @@ def prepare_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
 
 
 def restore_params(config, workdir, step: Optional[int] = None, mesh=None):
-  """(step, params) of the workdir's checkpoint `step` (None: the latest), laid out on the mesh
-  (default: config's) as in training.
+  """(step, params) of the workdir's checkpoint `step` (None: the newest that verifies, with a
+  warning naming any newer damaged one), laid out on the mesh (default: config's) as in
+  training. A damaged `step` raises CheckpointDamagedError naming the step and the file.
 
   Only the parameters are read (an orbax partial restore): the optimizer state, twice the
   parameters' size with Adam, never comes off disk.
@@ -115,21 +395,9 @@ def restore_params(config, workdir, step: Optional[int] = None, mesh=None):
   mesh = mesh or mesh_lib.create_mesh(config)
   abstract, shardings = sharding.param_shardings(config, mesh)
   target = {'params': abstract_like(abstract, shardings)}
-  directory = checkpoint_dir(workdir)
-  with Checkpointer(directory) as ckpt:
-    step = ckpt.latest_step() if step is None else int(step)
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {directory}')
-    ckpt.check_matches(step, target)  # a config/checkpoint mismatch names the parameter
-  manager = ocp.CheckpointManager(directory,
-                                  item_handlers={_STATE: ocp.PyTreeCheckpointHandler()})
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)}))
-  finally:
-    manager.close()
-  return step, restored[_STATE]['params']
+  with Checkpointer(checkpoint_dir(workdir)) as ckpt:
+    step, restored = ckpt.restore_partial(step, target)
+  return step, restored['params']
 
 
 _STATE, _DATA = 'state', 'data'
@@ -137,6 +405,11 @@ _STATE, _DATA = 'state', 'data'
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint's tree differs from the restore target; the message names the paths."""
+
+
+class CheckpointDamagedError(ValueError):
+  """A checkpoint step failed verification; one message names the step and the file (or the
+  leaves that are not finite)."""
 
 
 def abstract_like(state_shapes, shardings):
@@ -175,6 +448,69 @@ def _use_plain_array_saves():
     _plain_array_saves.append(True)
 
 
+_METADATA_FILES = ('_CHECKPOINT_METADATA', '_METADATA', '_sharding', 'metadata')  # JSON
+_FILE_IN_MESSAGE = re.compile(r'file "([^"]+)"')
+
+
+def _files(step_dir: epath.Path, prefix: str = '') -> dict:
+  """Relative path -> size of every file under a step directory but the manifest."""
+  out = {}
+  for path in step_dir.iterdir():
+    name = prefix + path.name
+    if path.is_dir():
+      out.update(_files(path, name + '/'))
+    elif name != MANIFEST_FILE:
+      out[name] = int(path.stat().length)
+  return out
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+  """The exception in one short line: its first line without TensorStore's spec, and of a
+  long one the end, where a chain of 'context: context: cause' puts the cause."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ''
+  text = text.split(' [tensorstore_spec=')[0]
+  if len(text) > limit:
+    text = '...' + text[-limit:]
+  return f'{type(e).__name__}: {text}'
+
+
+_finite_flags = jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))
+
+
+def nonfinite_leaves(tree) -> list:
+  """'/'-joined paths of the floating-point leaves of `tree` that hold a NaN or an Inf: one
+  small jitted reduction, so the arrays stay on their devices (any mesh, any process count)."""
+  named = [(param_path(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+           if jnp.issubdtype(x.dtype, jnp.floating)]
+  if not named:
+    return []
+  finite = _finite_flags([x for _, x in named])
+  return [name for (name, _), ok in zip(named, np.asarray(jax.device_get(finite))) if not ok]
+
+
+def _everywhere(ok: bool) -> bool:
+  """True only if `ok` on every process, so that all take the same step (or all fall back)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+@dataclasses.dataclass
+class _KeepNewestVerified:
+  """orbax preservation policy: the newest n steps (None: all) and, whatever n, the newest step
+  whose files verify, so that newer damaged or not yet verified steps never push it out."""
+  n: Optional[int]
+  verified: Callable[[int], bool]
+
+  def should_preserve(self, checkpoints, *, context):
+    keep = list(policies.LatestN(n=self.n).should_preserve(checkpoints, context=context))
+    for i in reversed(range(len(checkpoints))):
+      if self.verified(checkpoints[i].step):
+        keep[i] = True
+        break
+    return keep
+
+
 class Checkpointer:
   """Save / restore of (train state, data state) at integer steps under one directory."""
 
@@ -189,7 +525,7 @@ class Checkpointer:
         save_decision_policy=policies.AnySavePolicy([
             policies.FixedIntervalPolicy(int(save_interval_steps)),
             policies.PreemptionCheckpointingPolicy()]),
-        preservation_policy=policies.LatestN(n=max_to_keep),
+        preservation_policy=_KeepNewestVerified(max_to_keep, self._verified),
         enable_async_checkpointing=async_save)
     _use_plain_array_saves()
     # Handlers named up front, so a fresh process can read a step's metadata before restoring.
@@ -197,29 +533,168 @@ class Checkpointer:
         directory, options=options,
         item_handlers={_STATE: ocp.StandardCheckpointHandler(),
                        _DATA: ocp.JsonCheckpointHandler()})
+    self._partial = None   # a second manager for partial (params-only) restores, made on use
+    self._unverified = []  # saved steps whose manifest is not written yet
 
   @property
   def directory(self):
     return self._manager.directory
 
+  def _step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(int(step))
+
   def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
     """Starts saving state and data_state at step; False if the policy skipped it.
 
     A step that is already saved is never overwritten (a forced final save after an
-    interval save of the same step is a no-op).
+    interval save of the same step is a no-op). The previous save is completed (and its
+    manifest written) first, as Orbax itself waits for it; steps that are not saved wait for
+    nothing.
     """
     step = int(step)
     if step in self._manager.all_steps():
       return False
+    if not (force or self._manager.should_save(step)):
+      return False
+    self._write_manifests()
     data = json.loads(json.dumps(dict(data_state), default=_json_default))
-    return self._manager.save(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardSave(state), _DATA: ocp.args.JsonSave(data)}), force=force)
+    saved = self._manager.save(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state), _DATA: ocp.args.JsonSave(data)}), force=True)
+    if saved:
+      self._unverified.append(step)
+    return saved
+
+  def _write_manifests(self) -> None:
+    """Completes the saves started so far, then (process 0) writes each one's manifest."""
+    if not self._unverified:
+      return
+    self._manager.wait_until_finished()
+    steps, self._unverified = self._unverified, []
+    if jax.process_index() != 0:
+      return
+    for step in steps:
+      step_dir = self._step_dir(step)
+      if not step_dir.exists():
+        continue  # the save failed; Orbax logged why
+      tmp = step_dir / f'.{MANIFEST_FILE}.tmp'
+      tmp.write_text(json.dumps({'step': step, 'files': _files(step_dir)}, indent=0))
+      tmp.rename(step_dir / MANIFEST_FILE)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
   def all_steps(self) -> list:
     return sorted(self._manager.all_steps())
+
+  # -- verification ------------------------------------------------------------------------------
+
+  def _file_problem(self, step: int) -> tuple:
+    """(problem naming a file or None, whether a manifest vouched for the sizes)."""
+    step_dir = self._step_dir(step)
+    if not step_dir.is_dir():
+      return f'{step_dir} is missing', False
+    manifest = step_dir / MANIFEST_FILE
+    sizes, verified = None, manifest.exists()
+    if verified:
+      try:
+        sizes = json.loads(manifest.read_text())['files']
+      except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return f'{MANIFEST_FILE}: unreadable ({_first_line(e)})', False
+      for name, size in sorted(sizes.items()):
+        path = step_dir / name
+        if not path.exists():
+          return f'{name}: missing ({size} bytes when saved)', False
+        actual = int(path.stat().length)
+        if actual != size:
+          return f'{name}: {actual} bytes, {size} when saved', False
+    names = sizes or _files(step_dir)
+    for name in sorted(n for n in names if n.rsplit('/', 1)[-1] in _METADATA_FILES):
+      try:
+        json.loads((step_dir / name).read_text())
+      except (ValueError, UnicodeDecodeError) as e:
+        return f'{name}: not readable JSON ({_first_line(e)})', False
+    return None, verified
+
+  def _verified(self, step: int) -> bool:
+    """Whether step has a manifest and its files match it (the retention policy's test)."""
+    problem, verified = self._file_problem(step)
+    return verified and problem is None
+
+  def _damaged(self, step: int, what: str) -> CheckpointDamagedError:
+    return CheckpointDamagedError(f'checkpoint step {step} in {self.directory} is damaged: '
+                                  f'{what}')
+
+  def _read_error(self, step: int, e: Exception, reading: str) -> CheckpointDamagedError:
+    """Orbax / TensorStore's error while reading step, as one line naming the file (the last
+    one its message names, else `reading`)."""
+    step_dir = str(self._step_dir(step))
+    names = [m for m in _FILE_IN_MESSAGE.findall(str(e)) if m.startswith(step_dir)]
+    where = names[-1][len(step_dir):].strip('/') if names else ''
+    return self._damaged(step, f'{where or reading}: {_first_line(e)}')
+
+  def _restore_verified(self, step: int, target: dict, read: Callable) -> tuple:
+    """read(step) of target, verified before (files, metadata, tree) and after (finite)."""
+    problem, verified = self._file_problem(step)
+    if problem:
+      raise self._damaged(step, problem)
+    if not verified:
+      logging.info('checkpoint step %d in %s has no %s (saved by an older version, or stopped '
+                   'before it was written): restoring without the size check', step,
+                   self.directory, MANIFEST_FILE)
+    try:
+      self.check_matches(step, target)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # metadata that parses as JSON, but not as the arrays' metadata
+      raise self._read_error(step, e, f'{_STATE}/_METADATA') from None
+    try:
+      restored = read(step)
+    except Exception as e:
+      raise self._read_error(step, e, f'reading {_STATE}') from None
+    tree = restored[0] if isinstance(restored, tuple) else restored
+    if bad := nonfinite_leaves(tree):
+      raise self._damaged(step, f'{_STATE}: not finite: {_listing(bad, 8)}')
+    return restored
+
+  def _restore_newest_good(self, target: dict, read: Callable, set_aside: bool = False):
+    """(step, read(step)) of the newest step that verifies; warns naming each newer damaged
+    one (and with set_aside moves them to <step>.damaged). All damaged: one error naming each
+    step and its file."""
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    damaged = []
+    for step in steps:
+      try:
+        restored, error = self._restore_verified(step, target, read), None
+      except CheckpointDamagedError as e:
+        restored, error = None, e
+      if not _everywhere(error is None):
+        error = error or self._damaged(step, 'damaged as read by another process')
+        logging.warning('%s; trying the checkpoint before it', error)
+        damaged.append((step, error))
+        continue
+      if damaged and set_aside:
+        self._set_aside([s for s, _ in damaged])
+      return step, restored
+    raise CheckpointDamagedError(
+        f'every checkpoint in {self.directory} is damaged:\n  ' +
+        '\n  '.join(str(e) for _, e in damaged)) from None
+
+  def _set_aside(self, steps) -> None:
+    """Damaged steps renamed <step>.damaged (kept for a look, outside Orbax's steps), so the
+    run saves those steps again and retention no longer counts them."""
+    if jax.process_index() == 0:
+      for step in steps:
+        source = self._step_dir(step)
+        dest, n = source.parent / f'{step}{DAMAGED_SUFFIX}', 1
+        while dest.exists():
+          dest, n = source.parent / f'{step}{DAMAGED_SUFFIX}.{n}', n + 1
+        source.rename(dest)
+        logging.warning('moved damaged checkpoint step %d to %s (kept; delete it when done '
+                        'with it)', step, dest)
+    sources.sync('checkpoints set aside')
+    self._manager.reload()
 
   def check_matches(self, step: int, abstract_state) -> None:
     """Raises CheckpointMismatchError unless the stored state has the target's paths and shapes.
@@ -244,27 +719,69 @@ class Checkpointer:
           f'checkpoint step {step} in {self.directory} does not fit the restore target:\n  ' +
           '\n  '.join(problems))
 
+  # -- restoring ---------------------------------------------------------------------------------
+
   def restore(self, step: Optional[int], abstract_state) -> tuple:
-    """(state, data_state) of step (None: the latest), laid out as abstract_state's shardings."""
-    self.wait()  # a step still being written is not visible yet
-    step = self.latest_step() if step is None else int(step)
+    """(state, data_state) of step (None: the newest that verifies), laid out as
+    abstract_state's shardings. A damaged step raises CheckpointDamagedError."""
     if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+      return self.restore_latest(abstract_state)[1:]
+    self._check_target(abstract_state)
+    return self._restore_verified(int(step), abstract_state, self._read_full(abstract_state))
+
+  def restore_latest(self, abstract_state, set_aside: bool = False) -> tuple:
+    """(step, state, data_state) of the newest step that verifies; newer damaged steps are
+    named in a warning and, with set_aside (the trainer, which saves those steps again),
+    moved to <step>.damaged."""
+    self._check_target(abstract_state)
+    step, (state, data) = self._restore_newest_good(
+        abstract_state, self._read_full(abstract_state), set_aside)
+    return step, state, data
+
+  def restore_partial(self, step: Optional[int], target: dict) -> tuple:
+    """(step, tree) with only `target`'s parts of the state ({'params': ...}): an orbax partial
+    restore, verified like restore(); step None: the newest that verifies."""
+    self.wait()
+    if self._partial is None:
+      self._partial = ocp.CheckpointManager(
+          self.directory, item_handlers={_STATE: ocp.PyTreeCheckpointHandler()})
+
+    def read(s):
+      return self._partial.restore(s, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)}))[_STATE]
+
+    if step is None:
+      return self._restore_newest_good(target, read)
+    return int(step), self._restore_verified(int(step), target, read)
+
+  def _check_target(self, abstract_state) -> None:
+    self.wait()  # a step still being written is not visible yet
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
       if getattr(leaf, 'sharding', None) is None:
         raise ValueError(f'restore target {param_path(path)} has no sharding: build the target '
                          'with abstract_like(shapes, shardings)')
-    self.check_matches(step, abstract_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(abstract_state), _DATA: ocp.args.JsonRestore()}))
-    return restored[_STATE], restored[_DATA]
+
+  def _read_full(self, abstract_state) -> Callable:
+    def read(step):
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(abstract_state), _DATA: ocp.args.JsonRestore()}))
+      return restored[_STATE], restored[_DATA]
+    return read
 
   def wait(self) -> None:
-    """Blocks until every started save is complete on disk (and old steps are deleted)."""
+    """Blocks until every started save is complete on disk, its manifest written (and old
+    steps deleted)."""
     self._manager.wait_until_finished()
+    self._write_manifests()
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self._write_manifests()
+    finally:
+      self._manager.close()
+      if self._partial is not None:
+        self._partial.close()
 
   def __enter__(self):
     return self

@@ -96,3 +96,11 @@ def test_load_reads_overrides_as_the_command_line_does():
   config.model.moe.update(num_experts=2, layers=(0,))
   config.data.template = 'geochat'
   assert loaded.to_json() == config.to_json()
+
+
+@pytest.mark.parametrize('field', ['learning_rate', 'weight_decay'])
+def test_optimizer_value_not_finite_in_the_param_dtype_is_refused(field):
+  config = load_config('tiny')
+  config.optimizer[field] = 1e39  # finite as a Python float, inf in float32
+  with pytest.raises(config_lib.ConfigError, match=f'config.optimizer.{field}=1e\\+39: is not finite'):
+    config_lib.validate(config)

@@ -16,9 +16,12 @@ def prepare(image_bytes: bytes, conversation: Sequence[Dict], config, tokenizer,
   """{'image': normalised pixels, 'prompt': token ids, 'height', 'width'} of one question.
 
   conversation: the turns up to (not including) the answer to generate. name: what the error
-  calls the question when its prompt does not fit config.data.text_len.
+  calls the question when its prompt does not fit config.data.text_len. An image of more than
+  config.data.max_image_pixels pixels is refused as training refuses it (a workdir config.json
+  from before that field takes image_ops' default).
   """
-  image = image_ops.decode(image_bytes)
+  image = image_ops.decode(image_bytes, config.data.get('max_image_pixels',
+                                                    image_ops.MAX_IMAGE_PIXELS))
   prompt = tokenizer.encode_prompt(template, conversation)
   if len(prompt) > config.data.text_len:
     raise ValueError(f'{name}: field conversations: the prompt has {len(prompt)} tokens, more '

@@ -4,9 +4,18 @@ granularity, and routing analytics.
   evaluate(config, workdir, step=None) -> report dict, and DIR/eval/<step>/:
     answers.jsonl   {"question_id", "answer", "task", "granularity", ...} per question
                     (GeoChat-compatible question_id/answer); a rerun skips the ids already there
-    metrics.json    evaluators.granularity_report of every task, the template and tokenizer hash
-    routing.json    per MoE layer: expert load by task and granularity, router entropy, drops
+    settings.json   the settings those answers were generated with (answer_settings) and their hash
+    metrics.json    evaluators.granularity_report of every task, the settings, template and
+                    tokenizer hash
+    routing.json    per MoE layer: expert load by task and granularity, router entropy, drops,
+                    always over every question (a resumed run measures the answered ones again)
     routing.png     the same loads as a heatmap per MoE layer
+
+Answers are reused only under the settings that made them. A rerun with other settings (say
+eval.max_new_tokens) moves the earlier files into DIR/eval/<step>/settings-<hash>/, with a
+warning, and answers afresh; a rerun with those settings again moves them back and reuses them.
+Nothing is mixed and nothing is lost. A last line cut by a kill mid-write is dropped with a
+warning (its question is answered again); any other unreadable line is an error naming it.
 
 Questions are the last human turn of each eval record; the reference is the record's last
 assistant turn (or meta['references']). Questions are batched within one (task, granularity)
@@ -14,8 +23,10 @@ cell, so each batch's router entropy is that cell's; routing is measured on the 
 and question tokens) in one forward pass. Generation is greedy unless config.eval says otherwise.
 """
 import collections
+import hashlib
 import json
 import logging
+import os
 import pathlib
 from typing import Dict, List, Optional
 
@@ -31,6 +42,12 @@ from skymoe_jax.model import factory, layout
 from skymoe_jax.parallel import mesh as mesh_lib
 
 DIALECT = 'geochat'  # the box dialect of the answers in our records
+ANSWERS_FILE = 'answers.jsonl'
+SETTINGS_FILE = 'settings.json'
+# The files of one evaluation under one settings record, moved aside together; settings.json
+# last, so that a kill while moving never leaves answers beside another record's settings.
+EVALUATION_FILES = (ANSWERS_FILE, 'metrics.json', 'routing.json', 'routing.png', SETTINGS_FILE)
+UNKNOWN_SETTINGS = 'unknown'  # answers.jsonl written before settings.json existed
 
 
 def eval_questions(config) -> List[Dict]:
@@ -51,15 +68,129 @@ def _reference_answers(r: records.Record) -> List[str]:
   return list(r.meta.get('references') or [r.conversations[-1]['value']])
 
 
-def _load_answers(path: pathlib.Path) -> Dict[str, Dict]:
+def load_answers(path: pathlib.Path) -> Dict[str, Dict]:
+  """question_id -> row of answers file `path` ({} if there is none).
+
+  A last line without its newline is what a kill mid-write leaves: if it does not parse it is
+  dropped with a warning and cut from the file (its question is answered again), else its
+  newline is added, so that the next row appended starts on a line of its own. Any other line
+  that is not a JSON row with a question_id is a ValueError naming the file and line.
+  """
+  path = pathlib.Path(path)
   if not path.exists():
     return {}
+  data = path.read_bytes()
+  lines = data.split(b'\n')
+  complete, last = lines[:-1], lines[-1]  # last: the bytes after the final newline
   done = {}
-  for line in path.read_text().splitlines():
+  for number, line in enumerate(complete, 1):
     if line.strip():
-      row = json.loads(line)
+      row = _parse_row(line, path, number)
       done[row['question_id']] = row
+  if last.strip():
+    number = len(complete) + 1
+    try:
+      row = _parse_row(last, path, number)
+    except ValueError as e:
+      logging.warning('%s: line %d is cut short (a run stopped while writing it); dropping it '
+                      'and answering its question again (%s)', path, number, e)
+      with open(path, 'r+b') as f:
+        f.truncate(len(data) - len(last))
+    else:
+      done[row['question_id']] = row
+      with open(path, 'ab') as f:
+        f.write(b'\n')
   return done
+
+
+def _parse_row(line: bytes, path: pathlib.Path, number: int) -> Dict:
+  try:
+    row = json.loads(line)
+  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
+    raise ValueError(f'{path}: line {number}: not a JSON answer row ({e})') from None
+  if not isinstance(row, dict) or 'question_id' not in row:
+    raise ValueError(f'{path}: line {number}: an answer row needs a question_id')
+  return row
+
+
+def answer_settings(config, template, tokenizer_hash: str) -> Dict:
+  """Everything an answer depends on but the checkpoint (one eval/<step>/ per step) and the
+  question: the generation settings, the prompt's template and tokenizer, the image's framing,
+  the eval split (question ids are only unique within one) and the model config (its backend,
+  dtype or capacity change answers). eval.batch_size is left out on purpose: the rows of a
+  batch are independent and greedy answers do not depend on the batch size
+  (tests/test_generate.py's batch-invariance test), so answers made in batches of 4 are reused
+  for batches of 8. eval.max_samples is left out too: it picks questions, not their answers.
+  """
+  e = config.eval
+  return {
+      'max_new_tokens': int(e.max_new_tokens), 'temperature': float(e.temperature),
+      'top_p': float(e.top_p), 'template': config.data.template,
+      'template_hash': template_lib.template_hash(template), 'tokenizer_hash': tokenizer_hash,
+      'pad_to_square': bool(config.data.pad_to_square), 'split': e.split,
+      'model_hash': _json_hash(config.model.to_dict()),
+  }
+
+
+def settings_hash(settings: Dict) -> str:
+  """First 12 hex digits of the sha256 of the settings record as canonical JSON."""
+  return _json_hash(settings)
+
+
+def _json_hash(value) -> str:
+  canonical = json.dumps(value, sort_keys=True, separators=(',', ':'), default=str)
+  return hashlib.sha256(canonical.encode('utf-8')).hexdigest()[:12]
+
+
+def use_settings(out: pathlib.Path, settings: Dict) -> None:
+  """Makes out/ hold the evaluation files of `settings`: those of other settings are moved into
+  out/settings-<their hash>/, and those of `settings`, if an earlier run moved them there, are
+  moved back. Then out/settings.json records `settings`."""
+  key = settings_hash(settings)
+  record = out / SETTINGS_FILE
+  current = None
+  if record.exists():
+    try:
+      current = json.loads(record.read_text())['hash']
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f'{record}: not a settings record ({type(e).__name__}: {e}); it says '
+                       f'which settings made {ANSWERS_FILE} there: fix or remove it') from None
+  elif (out / ANSWERS_FILE).exists():
+    current = UNKNOWN_SETTINGS
+  if current == key:
+    return
+  if current is not None and (out / ANSWERS_FILE).exists():
+    aside = out / f'settings-{current}'
+    _move(out, aside)
+    logging.warning('%s: the answers there were generated with other settings (hash %s); moved '
+                    'to %s, answering again with settings %s (hash %s)', out, current, aside,
+                    json.dumps(settings, sort_keys=True), key)
+  elif current is not None:  # a run that stopped before its first answer: nothing to keep
+    for name in EVALUATION_FILES:
+      (out / name).unlink(missing_ok=True)
+  earlier = out / f'settings-{key}'
+  if earlier.is_dir():
+    _move(earlier, out)
+    earlier.rmdir()
+    logging.info('%s: reusing the answers of settings %s from %s', out, key, earlier)
+  if not record.exists():
+    _write_atomically(record, json.dumps({'hash': key, 'settings': settings}, indent=1) + '\n')
+
+
+def _move(source: pathlib.Path, target: pathlib.Path) -> None:
+  target.mkdir(parents=True, exist_ok=True)
+  for name in EVALUATION_FILES:
+    if (source / name).exists():
+      if (target / name).exists():
+        raise FileExistsError(f'{target / name} exists: not moving {source / name} over it; '
+                              'move one of them away')
+      os.replace(source / name, target / name)
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
 
 def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
@@ -75,15 +206,21 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
   out.mkdir(parents=True, exist_ok=True)
 
   e = config.eval
+  settings = answer_settings(config, template, tokenizer.model_hash)
+  use_settings(out, settings)
   generate = generate_lib.make_generate_fn(model, config, e.max_new_tokens, tokenizer.eos_id,
                                            tokenizer.pad_id, e.temperature, e.top_p, mesh)
   prefill = jax.jit(lambda p, *a: model.apply({'params': p}, *a)[1]['moe'])
-  answers_path = out / 'answers.jsonl'
-  done = _load_answers(answers_path)
+  answers_path = out / ANSWERS_FILE
+  done = load_answers(answers_path)
   questions = eval_questions(config)
   groups = collections.defaultdict(list)
   for q in questions:
     groups[(q['record'].task, q['record'].granularity)].append(q)
+  # routing.json is written only over every question: when any is still to answer (or the
+  # report is missing), the answered ones are measured again (one forward pass per batch).
+  measure = (any(q['question_id'] not in done for q in questions)
+             or not (out / 'routing.json').exists())
   routing = routing_lib.RoutingStats()
   rng = jax.random.key(config.seed)
   text_len = config.data.text_len
@@ -92,22 +229,29 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
       for start in range(0, len(group), e.batch_size):
         chunk = group[start:start + e.batch_size]
         todo = [q for q in chunk if q['question_id'] not in done]
-        if not todo:
+        if not todo and not measure:
           continue
+        asked = chunk if measure else todo
         prepared = [prompts.prepare(q['record'].image, q['record'].conversations[:-1], config,
                                     tokenizer, template, name=f'question {q["question_id"]}')
-                    for q in todo]
+                    for q in asked]
         rows = e.batch_size
-        images, tokens, mask = prompts.pad_batch(prepared, rows, text_len)
         task_ids = np.full((rows,), tasks.task_id(task), np.int32)
         gran_ids = np.full((rows,), tasks.granularity_id(gran), np.int32)
+        if measure:
+          images, tokens, mask = prompts.pad_batch(prepared, rows, text_len)
+          n = len(asked)
+          with mesh_lib.activate(mesh, config):
+            routing.add(jax.device_get(prefill(params, images[:n], tokens[:n], mask[:n],
+                                               task_ids[:n], gran_ids[:n])), task, gran)
+        if not todo:
+          continue
+        todo_prepared = [p for q, p in zip(asked, prepared) if q['question_id'] not in done]
+        images, tokens, mask = prompts.pad_batch(todo_prepared, rows, text_len)
         rng, key = jax.random.split(rng)
         with mesh_lib.activate(mesh, config):
           generated, lengths = generate(params, images, tokens, mask, task_ids, gran_ids,
                                         key if e.temperature > 0 else None)
-          routing.add(jax.device_get(prefill(params, images[:len(todo)], tokens[:len(todo)],
-                                             mask[:len(todo)], task_ids[:len(todo)],
-                                             gran_ids[:len(todo)])), task, gran)
         generated, lengths = np.asarray(generated), np.asarray(lengths)
         for i, q in enumerate(todo):
           r = q['record']
@@ -116,12 +260,14 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
                  'task': task, 'granularity': gran,
                  'question_type': r.meta.get('question_type', ''),
                  'references': _reference_answers(r),
-                 'width': prepared[i]['width'], 'height': prepared[i]['height']}
+                 'width': todo_prepared[i]['width'], 'height': todo_prepared[i]['height']}
           answers_file.write(json.dumps(row) + '\n')
           done[q['question_id']] = row
         answers_file.flush()
   samples = collections.defaultdict(list)
-  for row in done.values():
+  # The questions asked now, not every row of the file: rows of questions no longer asked (a
+  # smaller eval.max_samples) stay in answers.jsonl but are not scored.
+  for row in (done[q['question_id']] for q in questions):
     sample = {'question_id': row['question_id'], 'prediction': row['answer'],
               'references': row['references'], 'granularity': row['granularity']}
     if row['question_type']:
@@ -130,20 +276,20 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
       sample.update(width=row['width'], height=row['height'], dialect=DIALECT,
                     pad_to_square=False)
     samples[row['task']].append(sample)
-  report = {'step': step, 'template': config.data.template,
+  report = {'step': step, 'settings': settings, 'settings_hash': settings_hash(settings),
+            'template': config.data.template,
             'template_hash': template_lib.template_hash(template),
             'tokenizer_hash': tokenizer.model_hash,
             'tasks': evaluators.granularity_report(dict(samples))}
-  (out / 'metrics.json').write_text(json.dumps(report, indent=1) + '\n')
+  _write_atomically(out / 'metrics.json', json.dumps(report, indent=1) + '\n')
   routing_report = routing.report(layout.moe_layers(config.model))
   if routing_report is not None:
-    (out / 'routing.json').write_text(json.dumps(routing_report, indent=1) + '\n')
+    # The heatmap first: routing.json, written whole or not at all, says both are complete.
     routing_lib.plot_routing(routing_report, out / 'routing.png')
+    _write_atomically(out / 'routing.json', json.dumps(routing_report, indent=1) + '\n')
   logging.info('evaluation of step %s written to %s', step, out)
   report['dir'] = str(out)
   return report
-
-
 
 
 def table(report: Dict) -> str:

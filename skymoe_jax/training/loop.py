@@ -2,14 +2,24 @@
 
   train(config, workdir, evaluate=None) -> summary dict
 
-The workdir's layout is workdir.py's. Re-running on the same workdir resumes from the latest
-checkpoint; a larger total_steps continues training (the cosine schedule then stretches to the
-new total, so the learning rate jumps up at the resume point); a fresh stage-II workdir starts
-from its stage-I workdir's last checkpoint, upcycled (stages.py). SIGTERM saves a checkpoint and
-returns; a non-finite loss or gradient leaves the parameters untouched (the update is skipped
-inside the step), saves the last good state and raises NonFiniteError naming the step.
-Evaluation during training (train.eval_every) runs the `evaluate` function the caller passes
-(the train command passes evaluation.runner.evaluate): training itself knows no evaluator.
+The workdir's layout is workdir.py's. Re-running on the same workdir resumes from the newest
+checkpoint that verifies (newer damaged ones are named in a warning and set aside as
+<step>.damaged); a larger total_steps continues training (the cosine schedule then stretches to
+the new total, so the learning rate jumps up at the resume point); a fresh stage-II workdir
+starts from its stage-I workdir's last checkpoint, upcycled (stages.py).
+
+A resume may change only workdir.RESUMABLE_FIELDS of the saved config (each change logged and
+kept in config_history.jsonl); anything else is refused before anything is built or written.
+metrics.jsonl rows past the restored step (logged by a run killed after its last checkpoint)
+are dropped, so every step is logged once. One trainer per workdir: a second one is refused
+(workdir.TrainerLock).
+
+SIGTERM or Ctrl-C (SIGINT) saves a checkpoint and returns (a second Ctrl-C stops at once); the
+caller's handlers are put back afterwards. A non-finite loss, gradient or updated state leaves
+the state untouched (the update is skipped inside the step), saves that last good state and
+raises NonFiniteError naming the step. Evaluation during training (train.eval_every) runs the
+`evaluate` function the caller passes (the train command passes evaluation.runner.evaluate):
+training itself knows no evaluator.
 """
 import json
 import signal
@@ -36,7 +46,7 @@ from skymoe_jax.training import step as step_lib
 
 
 class NonFiniteError(FloatingPointError):
-  """The loss or a gradient became NaN/Inf; the message names the step."""
+  """The loss, a gradient or the updated state became NaN/Inf; the message names the step."""
 
 
 # -- state --------------------------------------------------------------------------------------
@@ -114,8 +124,13 @@ def train(config, workdir, evaluate: Optional[Callable] = None) -> Dict:
   workdir = workdir_lib.resolve(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   multihost.initialize(config)
+  with workdir_lib.TrainerLock(workdir):
+    workdir_lib.check_resume(config, workdir)  # nothing is built or written before this
+    return _train(config, workdir, evaluate)
+
+
+def _train(config, workdir, evaluate) -> Dict:
   sources.resolve_sources(config)
-  workdir_lib.write_config(config, workdir)
   tokenizer = workdir_lib.prepare_tokenizer(config, workdir)
 
   mesh = mesh_lib.create_mesh(config)
@@ -128,30 +143,39 @@ def train(config, workdir, evaluate: Optional[Callable] = None) -> Dict:
   t = config.train
   ckpt = workdir_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), t.checkpoint_every,
                                   t.keep_checkpoints)
-  start = ckpt.latest_step()
-  # Skip counts cover the whole run: they travel in the checkpoint with the data position.
-  counters = np.zeros(len(pipeline.COUNTERS), np.int64)
-  if start is not None:
-    state, saved = ckpt.restore(start, workdir_lib.abstract_like(abstract, shardings))
-    data = pipeline.DataIterator.restore(builder, saved)
-    counters += np.asarray(saved.get('counters', counters), np.int64)
-    logging.info('resumed from %s step %d', ckpt.directory, start)
-  else:
-    state = initial_state(config, model, tx, mesh, workdir)
-    data = pipeline.DataIterator(builder, 0)
-    start = 0
-
-  def data_state(next_step=None):
-    s = data.state()
-    if next_step is not None:
-      s['next_step'] = next_step
-    return dict(s, counters=counters.tolist())
-
-  step, last_log, last_time, last_tokens, tokens = start, start, time.perf_counter(), 0, 0
-  preempted = []
-  previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   log = None
+  preempted = []
+
+  def on_signal(signum, frame):
+    if signum == signal.SIGINT and preempted:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
+    preempted.append(signal.Signals(signum).name)
+
+  previous = {}
   try:
+    # Skip counts cover the whole run: they travel in the checkpoint with the data position.
+    counters = np.zeros(len(pipeline.COUNTERS), np.int64)
+    if ckpt.latest_step() is not None:
+      start, state, saved = ckpt.restore_latest(workdir_lib.abstract_like(abstract, shardings),
+                                                set_aside=True)
+      data = pipeline.DataIterator.restore(builder, saved)
+      counters += np.asarray(saved.get('counters', counters), np.int64)
+      logging.info('resumed from %s step %d', ckpt.directory, start)
+    else:
+      state = initial_state(config, model, tx, mesh, workdir)
+      data = pipeline.DataIterator(builder, 0)
+      start = 0
+    workdir_lib.commit_config(config, workdir, start)
+    workdir_lib.truncate_metrics(workdir, start)
+
+    def data_state(next_step=None):
+      s = data.state()
+      if next_step is not None:
+        s['next_step'] = next_step
+      return dict(s, counters=counters.tolist())
+
+    step, last_log, last_time, last_tokens, tokens = start, start, time.perf_counter(), 0, 0
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     log = MetricsLog(workdir, t.total_steps)
     flops = flops_per_step(config)
     peak = hardware.peak_flops_per_device() * jax.device_count()
@@ -165,12 +189,11 @@ def train(config, workdir, evaluate: Optional[Callable] = None) -> Dict:
       state, metrics = step_fn(state, batch)
       step += 1
       if not bool(metrics['finite']):
+        # The step kept its input state, finite like every state before it: save that one.
         ckpt.save(step - 1, state, data_state(next_step=step - 1), force=True)
         ckpt.wait()
-        raise NonFiniteError(
-            f'step {step}: loss {float(metrics["loss"])} / gradient norm '
-            f'{float(metrics["grad_norm"])} is not finite; the parameters of step {step - 1} '
-            f'are saved in {ckpt.directory}')
+        raise NonFiniteError(f'step {step}: {_what_was_not_finite(metrics, config)}; the state '
+                             f'of step {step - 1} is saved in {ckpt.directory}')
       if step % t.log_every == 0 or step == t.total_steps:
         now = time.perf_counter()
         rate = (step - last_log) / (now - last_time)
@@ -188,11 +211,24 @@ def train(config, workdir, evaluate: Optional[Callable] = None) -> Dict:
     ckpt.save(step, state, data_state(), force=True)  # the last step, or a preemption
     ckpt.wait()
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      if handler is not None:  # None: a handler not installed from Python
+        signal.signal(signum, handler)
     if log is not None:
       log.close()
     ckpt.close()
   if preempted:
-    logging.warning('SIGTERM: saved step %d in %s and stopped', step, workdir / 'checkpoints')
+    logging.warning('%s: saved step %d in %s and stopped', preempted[0], step,
+                    workdir_lib.checkpoint_dir(workdir))
   return {'workdir': str(workdir), 'step': step, 'preempted': bool(preempted),
           'skipped': {n: int(c) for n, c in zip(pipeline.COUNTERS, counters)}}
+
+
+def _what_was_not_finite(metrics, config) -> str:
+  loss, norm = float(metrics['loss']), float(metrics['grad_norm'])
+  if np.isfinite(loss) and np.isfinite(norm):
+    o = config.optimizer
+    return (f'the update (loss {loss}, gradient norm {norm}) left parameters or optimizer '
+            f'moments that are not finite (optimizer.learning_rate={o.learning_rate}, '
+            f'optimizer.weight_decay={o.weight_decay}: too large?); it was skipped')
+  return f'loss {loss} / gradient norm {norm} is not finite'

@@ -12,12 +12,22 @@ from skymoe_jax.training import optimizer as optimizer_lib
 from skymoe_jax.training import state as state_lib
 
 
+def _all_finite(tree):
+  """One boolean: no NaN or Inf in any floating-point leaf of tree."""
+  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def make_train_step(config, model, tx, mesh) -> Callable:
   """state, batch -> (new state, metrics): loss + grads + optimizer update, sharded by the rules.
 
   The state is donated. A batch placed with any other sharding is moved to the expected one
   first, so the answer never depends on how the caller laid out its inputs. A step whose loss
-  or gradient is not finite changes nothing (metrics['finite'] is False; the caller stops).
+  or gradient is not finite, or whose update leaves a parameter or optimizer moment that is not
+  finite (a learning rate large enough to overflow them), changes nothing: metrics['finite'] is
+  False and the caller stops. So every state the step returns is finite, and a checkpoint of
+  it is too.
   Frozen parameters (config.optimizer.trainable) get zero updates; the gradient norm is over
   the trainable ones, and XLA drops the unused gradients of the frozen ones.
   """
@@ -33,8 +43,9 @@ def make_train_step(config, model, tx, mesh) -> Callable:
         jax.tree.map(lambda g, m: g if m else None, grads, trainable))
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
     new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm']) &
+              _all_finite((params, opt_state)))
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     metrics['finite'] = finite
     metrics['learning_rate'] = optimizer_lib.learning_rate_schedule(
