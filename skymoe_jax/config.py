@@ -161,11 +161,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Multi-process start-up (parallel/multihost.py); unset fields fall back to the environment
   # (SKYMOE_COORDINATOR, SKYMOE_NUM_PROCESSES, SKYMOE_PROCESS_ID); none at all = one process.
+  # The timeouts bound a failure: a process silent for heartbeat_timeout_seconds is dead and the
+  # others are aborted (no hang in a collective; rerun to resume); an exiting process waits at
+  # most shutdown_timeout_seconds for the others. initialization_timeout: jax's (300 s) if unset.
   placeholder = ml_collections.config_dict.placeholder
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address=placeholder(str), num_processes=placeholder(int),
       process_id=placeholder(int), auto=False, cpu_collectives='gloo',
-      initialization_timeout=placeholder(int)))
+      initialization_timeout=placeholder(int), heartbeat_timeout_seconds=60,
+      shutdown_timeout_seconds=120))
   return c
 
 
@@ -342,6 +346,7 @@ def validate(config) -> None:
   _validate_data(config)
   _validate_train(config)
   _validate_eval(config)
+  _validate_distributed(config)
 
 
 def _validate_train(config) -> None:
@@ -380,6 +385,16 @@ def _validate_eval(config) -> None:
   _check(e.max_new_tokens > 0, 'eval.max_new_tokens', e.max_new_tokens, 'must be > 0')
   _check(e.temperature >= 0, 'eval.temperature', e.temperature, 'must be >= 0')
   _check(0 < e.top_p <= 1, 'eval.top_p', e.top_p, 'must be in (0, 1]')
+
+
+def _validate_distributed(config) -> None:
+  dist = config.get('distributed') or {}
+  for field in ('initialization_timeout', 'heartbeat_timeout_seconds',
+                'shutdown_timeout_seconds'):
+    value = dist.get(field)
+    _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+           f'distributed.{field}',
+           value, 'must be a whole number of seconds > 0')
 
 
 def _validate_data(config) -> None:

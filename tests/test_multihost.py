@@ -129,14 +129,19 @@ def test_distributed_settings_from_config_and_environment():
          multihost.ENV_PROCESS_ID: '3'}
   config = worker.tiny_config()
   assert multihost.distributed_settings(config, environ={}) is None  # single process
+  # The timeouts always go to jax (a dead process must not hang the others), defaults included.
+  timeouts = dict(heartbeat_timeout_seconds=60, shutdown_timeout_seconds=120)
   assert multihost.distributed_settings(config, environ=env) == dict(
-      coordinator_address='h:1', num_processes=4, process_id=3)
+      coordinator_address='h:1', num_processes=4, process_id=3, **timeouts)
+  config.distributed.heartbeat_timeout_seconds = 10
+  assert multihost.distributed_settings(config, environ=env)['heartbeat_timeout_seconds'] == 10
   config.distributed = dict(process_id=1)  # a config field wins over its variable
-  assert multihost.distributed_settings(config, environ=env)['process_id'] == 1
+  settings = multihost.distributed_settings(config, environ=env)
+  assert settings['process_id'] == 1 and settings['heartbeat_timeout_seconds'] == 60
   assert multihost.distributed_settings(
-      None, environ={multihost.ENV_COORDINATOR: 'auto'}) == {}
+      None, environ={multihost.ENV_COORDINATOR: 'auto'}) == timeouts
   config.distributed = dict(auto=True, process_id=None)
-  assert multihost.distributed_settings(config, environ={}) == {}
+  assert multihost.distributed_settings(config, environ={}) == timeouts
   with pytest.raises(ValueError, match=r'config.distributed.num_processes'):
     multihost.distributed_settings(None, environ={multihost.ENV_COORDINATOR: 'h:1',
                                                   multihost.ENV_PROCESS_ID: '0'})

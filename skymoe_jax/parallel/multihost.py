@@ -11,7 +11,18 @@ environment:
   config.distributed.auto = True          SKYMOE_COORDINATOR=auto  let jax find them (Cloud TPU,
                                                                   Slurm, Open MPI)
 
-With none of them set the job is a single process and `initialize` does nothing. 
+With none of them set the job is a single process and `initialize` does nothing.
+
+A process that dies must not leave the others waiting in a collective for ever: the coordination
+service declares a process dead when it has sent no heartbeat for
+config.distributed.heartbeat_timeout_seconds (60 by default; jax's own default is 100) and then
+aborts every other process of the job (SIGABRT, a non-zero exit) so that the launcher sees the
+failure and the job can be rerun: it resumes from the last checkpoint that verifies.
+config.distributed.shutdown_timeout_seconds (120; jax: 300) bounds how long a process that is
+exiting (an exception included) waits for the others at the shutdown barrier, which is what
+frees a survivor stuck in a collective with a process that is still alive but leaving.
+Checkpoints are safe either way: Orbax publishes a step only once every process has written it
+(an interrupted save stays an ignored temporary folder), and restores verify (workdir.py).
 
 Data: host p loads rows host_batch_slice(B) of the global batch of B rows (the p-th contiguous
 block) and `make_global_batch` assembles the global jax.Arrays. That is only right when the
@@ -26,6 +37,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from skymoe_jax import config as config_lib
 from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.parallel import sharding
 
@@ -33,6 +45,9 @@ ENV_COORDINATOR = 'SKYMOE_COORDINATOR'
 ENV_NUM_PROCESSES = 'SKYMOE_NUM_PROCESSES'
 ENV_PROCESS_ID = 'SKYMOE_PROCESS_ID'
 AUTO = 'auto'
+# config.distributed fields passed on to jax.distributed.initialize as they are (when set).
+TIMEOUT_FIELDS = ('initialization_timeout', 'heartbeat_timeout_seconds',
+                  'shutdown_timeout_seconds')
 
 
 def _setting(dist, field, env_name, environ):
@@ -53,10 +68,24 @@ def _as_int(value, field, env_name):
         from None
 
 
+def _timeouts(dist) -> dict:
+  """The timeouts of config.distributed; a field that a replaced config.distributed lacks takes
+  base_config's default, so a dead process is noticed within a bounded time whatever the
+  config."""
+  defaults = config_lib.base_config().distributed
+  out = {}
+  for field in TIMEOUT_FIELDS:
+    value = dist.get(field, defaults.get(field))
+    if value is not None:
+      out[field] = int(value)
+  return out
+
+
 def distributed_settings(config=None, environ=None) -> Optional[dict]:
   """The keyword arguments for jax.distributed.initialize, or None for a single process.
 
-  Each field comes from config.distributed when set there, else from its environment variable.
+  Each field comes from config.distributed when set there, else from its environment variable;
+  the timeouts (TIMEOUT_FIELDS) come from config.distributed alone, defaults included.
   'auto' (config.distributed.auto=True or SKYMOE_COORDINATOR=auto) passes only the fields that
   are set and lets jax detect the rest (Cloud TPU, Slurm, Open MPI).
   """
@@ -71,8 +100,7 @@ def distributed_settings(config=None, environ=None) -> Optional[dict]:
                                             and coordinator.lower() == AUTO)
   if auto and isinstance(coordinator, str) and coordinator.lower() == AUTO:
     coordinator = None
-  timeout = dist.get('initialization_timeout')
-  extra = {} if timeout is None else {'initialization_timeout': int(timeout)}
+  extra = _timeouts(dist)
 
   if auto:
     given = dict(coordinator_address=coordinator, num_processes=num_processes,
