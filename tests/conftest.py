@@ -12,6 +12,8 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 from skymoe_jax import config as config_lib  # noqa: E402
+from skymoe_jax.data import sources  # noqa: E402
+from skymoe_jax.training import loop  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,3 +27,16 @@ def load_config(name: str, arg=None):
 @pytest.fixture
 def tiny_config():
   return load_config('tiny')
+
+
+def train_tiny_run(root: pathlib.Path, **eval_settings):
+  """(config, workdir) of the tiny MoE model trained for two steps into root/run, its data
+  sources resolved for evaluation; eval_settings update config.eval."""
+  config = load_config('tiny')
+  config.data.synthetic.cache_dir = str(root / 'cache')
+  config.train.update(total_steps=2, log_every=1)
+  config.eval.update(**eval_settings)
+  loop.train(config, root / 'run')
+  sources.resolve_sources(config)
+  return config, root / 'run'
+

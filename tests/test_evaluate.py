@@ -4,23 +4,16 @@ import json
 import numpy as np
 import pytest
 
-from conftest import load_config
-from skymoe_jax.data import records, sources, tasks
+from conftest import train_tiny_run
+from skymoe_jax.data import records, tasks
 from skymoe_jax.evaluation import chat, runner
-from skymoe_jax.training import loop
 
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
   """A tiny MoE model trained for two steps, and its config."""
-  root = tmp_path_factory.mktemp('evaluate')
-  config = load_config('tiny')
-  config.data.synthetic.cache_dir = str(root / 'cache')
-  config.train.update(total_steps=2, log_every=1)
-  config.eval.update(max_samples=6, max_new_tokens=6, batch_size=4)
-  loop.train(config, root / 'run')
-  sources.resolve_sources(config)
-  return config, root / 'run'
+  return train_tiny_run(tmp_path_factory.mktemp('evaluate'), max_samples=6, max_new_tokens=6,
+                        batch_size=4)
 
 
 def test_evaluate_writes_all_four_files(run):

@@ -10,24 +10,17 @@ import sys
 
 import pytest
 
-from conftest import REPO, load_config
-from skymoe_jax.data import sources, template as template_lib
+from conftest import REPO, train_tiny_run
+from skymoe_jax.data import template as template_lib
 from skymoe_jax.data import tokenizer as tokenizer_lib
 from skymoe_jax.evaluation import chat, runner
-from skymoe_jax.training import loop
 
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
-  """A tiny MoE model trained for two steps, and its config (as tests/test_evaluate.py)."""
-  root = tmp_path_factory.mktemp('faults_evaluation')
-  config = load_config('tiny')
-  config.data.synthetic.cache_dir = str(root / 'cache')
-  config.train.update(total_steps=2, log_every=1)
-  config.eval.update(max_samples=4, max_new_tokens=6, batch_size=4)
-  loop.train(config, root / 'run')
-  sources.resolve_sources(config)
-  return config, root / 'run'
+  """A tiny MoE model trained for two steps, and its config."""
+  return train_tiny_run(tmp_path_factory.mktemp('faults_evaluation'), max_samples=4, max_new_tokens=6,
+                        batch_size=4)
 
 
 @pytest.fixture(scope='module')
