@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from benchmarks import ablation_report as report_lib
@@ -173,7 +174,10 @@ def test_sweep_lists_variants_seed_major():
 def test_ablation_sweep_and_report_end_to_end(tmp_path, capfd, monkeypatch):
   """docs/results.md's commands at toy length: stage I, the claims sweep, the report; every
   claim gets a measured effect from real runs."""
-  monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device per run, as on the command line
+  # The sweep's runs get one CPU device each, as on the command line; this process's backend is
+  # made first, with conftest's 8 devices, so that later tests in it keep them.
+  jax.devices()
+  monkeypatch.setenv('XLA_FLAGS', '')
   data = [f'--config.data.synthetic.cache_dir={tmp_path / "data"}',
           '--config.data.synthetic.num_images=60']
   stage1 = tmp_path / 'stage1'
