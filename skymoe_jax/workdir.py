@@ -112,11 +112,11 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 def write_config(config, workdir) -> None:
   """The resolved config into the workdir (process 0 only), replacing the file atomically."""
   if jax.process_index() == 0:
-    _write_atomically(resolve(workdir) / CONFIG_FILE,
+    write_atomically(resolve(workdir) / CONFIG_FILE,
                       config.to_json_best_effort(indent=1) + '\n')
 
 
-def _write_atomically(path: pathlib.Path, text: str) -> None:
+def write_atomically(path: pathlib.Path, text: str) -> None:
   """A reader (or a kill mid-write) sees the old file or the new one, never half of one."""
   tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
   tmp.write_text(text)
@@ -247,7 +247,7 @@ def truncate_metrics(workdir, step: int) -> int:
     else:
       dropped += 1
   if dropped:
-    _write_atomically(path, ''.join(kept))
+    write_atomically(path, ''.join(kept))
     logging.info('%s: dropped %d rows past step %d (logged again on resume)', path, dropped, step)
   return dropped
 

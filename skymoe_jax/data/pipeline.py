@@ -258,7 +258,8 @@ class BatchBuilder:
     rows = self.num_originals + self.num_edits
     shapes = batch_lib.shapes(self.config, rows, batch_lib.pipeline_fields(self.config),
                               self.text_len)
-    spec = {name: tf.TensorSpec(shape, tf.as_dtype(dtype)) for name, (shape, dtype) in shapes.items()}
+    spec = {name: tf.TensorSpec(shape, tf.as_dtype(dtype))
+            for name, (shape, dtype) in shapes.items()}
     spec['counters'] = tf.TensorSpec((len(COUNTERS),), tf.int32)
     return spec
 

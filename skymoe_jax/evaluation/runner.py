@@ -174,7 +174,8 @@ def use_settings(out: pathlib.Path, settings: Dict) -> None:
     earlier.rmdir()
     logging.info('%s: reusing the answers of settings %s from %s', out, key, earlier)
   if not record.exists():
-    _write_atomically(record, json.dumps({'hash': key, 'settings': settings}, indent=1) + '\n')
+    workdir_lib.write_atomically(
+        record, json.dumps({'hash': key, 'settings': settings}, indent=1) + '\n')
 
 
 def _move(source: pathlib.Path, target: pathlib.Path) -> None:
@@ -185,12 +186,6 @@ def _move(source: pathlib.Path, target: pathlib.Path) -> None:
         raise FileExistsError(f'{target / name} exists: not moving {source / name} over it; '
                               'move one of them away')
       os.replace(source / name, target / name)
-
-
-def _write_atomically(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
@@ -281,12 +276,12 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
             'template_hash': template_lib.template_hash(template),
             'tokenizer_hash': tokenizer.model_hash,
             'tasks': evaluators.granularity_report(dict(samples))}
-  _write_atomically(out / 'metrics.json', json.dumps(report, indent=1) + '\n')
+  workdir_lib.write_atomically(out / 'metrics.json', json.dumps(report, indent=1) + '\n')
   routing_report = routing.report(layout.moe_layers(config.model))
   if routing_report is not None:
     # The heatmap first: routing.json, written whole or not at all, says both are complete.
     routing_lib.plot_routing(routing_report, out / 'routing.png')
-    _write_atomically(out / 'routing.json', json.dumps(routing_report, indent=1) + '\n')
+    workdir_lib.write_atomically(out / 'routing.json', json.dumps(routing_report, indent=1) + '\n')
   logging.info('evaluation of step %s written to %s', step, out)
   report['dir'] = str(out)
   return report
