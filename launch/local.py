@@ -1,10 +1,7 @@
 """This machine: one training process, or N CPU processes joined like the hosts of a pod.
 
-  python launch/local.py --config=configs/demo.py --workdir=/tmp/demo [--config.F=V ...]
-  python launch/local.py --num_processes=2 --devices_per_process=4 \
-      --config=configs/tiny.py --workdir=/tmp/tiny2 [--dry_run]
-
-The code is skymoe_jax/jobs/local.py.
+The command lines, options and behaviour are documented in skymoe_jax/jobs/local.py, the code
+this script runs (`python launch/local.py --help` lists the flags).
 """
 import sys
 

@@ -1,8 +1,7 @@
 """The one-process step before a job: generated data, the workdir's tokenizer, provenance.json.
 
-  python launch/prepare.py --config=FILE[:ARG] --workdir=DIR [--swept=f1,f2] [--config.F=V ...]
-
-The code is skymoe_jax/jobs/prepare.py.
+The command lines, options and behaviour are documented in skymoe_jax/jobs/prepare.py, the code
+this script runs (`python launch/prepare.py --help` lists the flags).
 """
 import sys
 

@@ -1,10 +1,7 @@
 """A SLURM GPU cluster: one sbatch script; srun starts the trainer once per task.
 
-  python launch/slurm.py --nodes=2 --gpus_per_node=8 [--partition=P --time=24:00:00] \
-      --config=configs/my_cluster.py:stage1 --workdir=/shared/runs/stage1 [--dry_run] \
-      [--config.F=V ...]
-
-The code is skymoe_jax/jobs/slurm.py.
+The command lines, options and behaviour are documented in skymoe_jax/jobs/slurm.py, the code
+this script runs (`python launch/slurm.py --help` lists the flags).
 """
 import sys
 
