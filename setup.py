@@ -15,8 +15,10 @@ INSTALL_REQUIRES = [
     'clu==0.0.12',
     'einops==0.8.2',
     'safetensors==0.8.0',      # checkpoint import and export (interop/)
+    # Attention and grouped-matmul kernels for GPU and TPU (model/attention.py, model/moe/).
+    'tokamax==0.0.12',
     'numpy==2.4.6',
-    'pillow==13.0.0',          # image decoding and resizing in the input pipeline
+    'pillow==12.3.0',          # image decoding and resizing (gradio 6 needs pillow < 13)
     'matplotlib==3.11.2',      # routing heatmaps
     # Caption metrics (BLEU, ROUGE-L, CIDEr-D; METEOR 1.5 when java is on PATH).
     'pycocoevalcap==1.2',
@@ -28,10 +30,13 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # import-linter: the package's layer contract (.importlinter), checked by tests/test_layers.py.
-    'test': ['pytest==9.2.0', 'import-linter==2.16'],
+    'test': ['pytest==9.2.0', 'import-linter==2.16', 'selenium==4.51.0'],
     # PyTorch export and the parity tests against HF transformers.
     # gguf + accelerate: the GGUF reader and transformers' GGUF loading in the parity test.
-    'export': ['torch==2.13.0', 'transformers==5.24.0', 'gguf==0.19.0', 'accelerate==1.15.0'],
+    'export': ['torch==2.13.0', 'transformers==5.24.0', 'gguf==0.19.0', 'accelerate==1.15.0',
+               'peft==0.21.2'],
+    # The web demo (python -m skymoe_jax.demo).
+    'demo': ['gradio==6.31.0', 'gradio_client==2.7.2'],
     'tpu': ['jax[tpu]==0.10.2'],
     'gpu': ['jax[cuda12]==0.10.2'],
 }

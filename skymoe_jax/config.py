@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'   # storage dtype of the parameters
   m.scan_layers = True        # scan repeated layers: compile time independent of depth
   m.remat_policy = 'none'     # see model/layers.py REMAT_POLICIES
+  m.attention_impl = 'auto'   # see model/attention_kernels.py; auto: by the mesh's platform
 
   m.vision = ml_collections.ConfigDict(dict(
       image_size=504, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
