@@ -4,7 +4,8 @@ matmul peak, all measured in the same run on the same device kind (CPU here; CUD
 torch on a GPU machine).
 
   python benchmarks/moe_layer.py --out=moe_layer.json [--dtypes=float32,bfloat16]
-      [--shapes=demo,large] [--backends=ragged,capacity,dense] [--ragged_impls=blocks,batched]
+      [--shapes=demo,large] [--backends=ragged,capacity,dense]
+      [--ragged_impls=blocks,batched,ragged_dot,triton,megablox]
       [--torch_impls=eager,grouped_mm] [--baseline_backends=old_backends.py]
 
 One case = router (softmax top-2, renormalised as Mixtral does) + dispatch + 8 SwiGLU experts +
@@ -17,7 +18,12 @@ expert matmuls; router and dispatch are overhead), `overhead_vs_dense` (MoE time
 dense FFN time), `speedup_vs_torch` (the fastest torch experts implementation's time / ours;
 every torch time is kept under `torch_seconds`) and `fraction_of_peak` (achieved / measured peak).
 With --baseline_backends (an earlier backends.py), `speedup_vs_baseline` times that version of
-the same backend in the same run: before / after for a change to the dispatch code.
+the same backend in the same run: before / after for a change to the dispatch code. When
+ragged/ragged_dot is among the cases, every other ragged case of its shape and dtype gets
+`speedup_vs_ragged_dot` (ragged_dot's time / its own).
+
+The kernel implementations (triton on GPU, megablox on TPU) only interpret on CPU: timing them
+there measures Pallas' interpreter, not the kernel.
 """
 import argparse
 import importlib.util
@@ -145,8 +151,8 @@ def bench_case(shape_name, backend, dtype_name, torch_impls, device, repeats, ra
                baseline=None):
   shape = SHAPES[shape_name]
   n, d, f, e, k = shape
-  if backend == 'ragged' and ragged_impl == 'auto':  # name what 'auto' picks on this platform
-    ragged_impl = 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'
+  if backend == 'ragged':  # name what 'auto' picks on this platform
+    ragged_impl = backends.resolve_ragged_impl(ragged_impl, jax.default_backend())
 
   dtype = jnp.dtype(dtype_name)
   w = make_weights(shape)
@@ -186,6 +192,16 @@ def bench_case(shape_name, backend, dtype_name, torch_impls, device, repeats, ra
   return result
 
 
+def _add_speedup_vs_ragged_dot(results):
+  """Each ragged case's speed-up over ragged/ragged_dot at the same shape and dtype."""
+  reference = {(r['shape'], r['dtype']): r['moe_seconds'] for r in results
+               if r['backend'] == 'ragged/ragged_dot'}
+  for r in results:
+    key = (r['shape'], r['dtype'])
+    if r['backend'].startswith('ragged/') and key in reference:
+      r['speedup_vs_ragged_dot'] = reference[key] / r['moe_seconds']
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--out', default='moe_layer.json')
@@ -194,7 +210,7 @@ def main():
   parser.add_argument('--backends', default='ragged,capacity,dense')
   parser.add_argument('--ragged_impls', default='',
                       help="comma list of ragged implementations; default: 'auto' (blocks on "
-                      "CPU, ragged_dot elsewhere)")
+                      "CPU, triton on GPU, megablox on TPU)")
   parser.add_argument('--torch_impls', default='eager,grouped_mm',
                       help='HF experts implementations to time ("" = skip torch)')
   parser.add_argument('--repeats', type=int, default=10)
@@ -223,6 +239,7 @@ def main():
           r['matmul_peak_flops_per_second'] = peak
           r['fraction_of_peak'] = r['model_flops_per_second'] / peak
           results.append(r)
+          _add_speedup_vs_ragged_dot(results)
           with open(args.out, 'w') as f:  # after every case: a run cut short keeps its results
             json.dump({'device': str(jax.devices()[0].device_kind), 'jax': jax.__version__,
                        'results': results}, f, indent=1)
@@ -231,6 +248,8 @@ def main():
                       if 'speedup_vs_torch' in r else '')
           vs_torch += (f"  vs baseline {r['speedup_vs_baseline']:5.2f}x"
                        if 'speedup_vs_baseline' in r else '')
+          vs_torch += (f"  vs ragged_dot {r['speedup_vs_ragged_dot']:5.2f}x"
+                       if 'speedup_vs_ragged_dot' in r else '')
           print(f"{dtype_name:9s} {shape:6s} {r['backend']:18s} moe {r['moe_seconds']*1e3:9.2f} ms"
                 f"  dense {r['dense_seconds']*1e3:8.2f} ms  overhead {r['overhead_vs_dense']:5.2f}x"
                 f"  {r['fraction_of_peak']*100:5.1f}% of peak{vs_torch}", flush=True)

@@ -2,13 +2,14 @@
 time, projected MFU, and MaxText's published Mixtral 8x7B MFU on v5p for comparison.
 
   python benchmarks/tpu_projection.py --out=tpu_projection.json \
-      [--cases=v5p:4x4x4/1x8x2x4,v5p:2x2x4/1x8x2x1] [--batch_size=144] [--seq_len=2048] \
+      [--cases=v5p:4x4x4,v5p:2x2x4/1x8x2x1@full] [--batch_size=144] [--seq_len=2048] \
       [--config=configs/skymoe_7b.py] [--save_dir=/tmp/tpu_proj]
   python benchmarks/tpu_projection.py --from_json=/tmp/tpu_proj/A.aot.json,/tmp/tpu_proj/B.aot.json
   python benchmarks/tpu_projection.py --self_check      # the HLO counters on small functions
 
-A case is TOPOLOGY/DATAxFSDPxEXPERTxTENSOR. Each is compiled with skymoe_jax.profiling.aot
-(6-8 minutes and ~3 GiB each for the 7B model on this 2-core host); its report is written to
+A case is TOPOLOGY[/DATAxFSDPxEXPERTxTENSOR][@REMAT_POLICY]; without them the config's own
+mesh and remat policy (skymoe_7b: resolved for the topology). Each is compiled with
+skymoe_jax.profiling.aot (5-11 minutes and ~4 GiB each for the 7B model on this 2-core host); its report is written to
 SAVE_DIR/<case>.aot.json and the optimized HLO to SAVE_DIR/<case>.hlo.txt.gz, which --from_json
 reads back (the HLO is re-counted, so no compile is repeated).
 
@@ -53,7 +54,7 @@ MAXTEXT_MIXTRAL_MFU = (0.526, 0.549)
 MAXTEXT_SOURCE = ("MaxText's published benchmark table (AI-Hypercomputer/maxtext), Mixtral 8x7B "
                   'on v5p: 52.6-54.9% MFU (v5p-128: 251.94 TFLOP/s/chip, 54.89%)')
 
-DEFAULT_CASES = 'v5p:4x4x4/1x8x2x4,v5p:2x2x4/1x8x2x1'
+DEFAULT_CASES = 'v5p:4x4x4,v5p:2x2x4'  # the config's own mesh and remat policy
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
@@ -78,26 +79,32 @@ def project(report: dict, analysis) -> dict:
 # --- Compiling, or reading back ------------------------------------------------------------------
 
 def parse_case(case: str) -> tuple:
-  """'v5p:4x4x4/1x8x2x4' -> ('v5p:4x4x4', {'data': 1, 'fsdp': 8, 'expert': 2, 'tensor': 4})."""
+  """'v5p:4x4x4[/1x8x2x4][@save_proj]' -> (topology, {'data': 1, ...} or {} for the config's
+  own mesh, remat policy or '' for the config's own)."""
+  case, _, policy = case.partition('@')
   topology, _, mesh = case.partition('/')
   sizes = [int(s) for s in mesh.split('x')] if mesh else []
-  if len(sizes) != len(MESH_AXES):
-    raise ValueError(f'case {case!r}: expected TOPOLOGY/DATAxFSDPxEXPERTxTENSOR, e.g. '
-                     'v5p:4x4x4/1x8x2x4')
-  return topology, dict(zip(MESH_AXES, sizes))
+  if sizes and len(sizes) != len(MESH_AXES):
+    raise ValueError(f'case {case!r}: expected TOPOLOGY[/DATAxFSDPxEXPERTxTENSOR][@POLICY], '
+                     'e.g. v5p:4x4x4/1x8x2x4@save_proj')
+  return topology, dict(zip(MESH_AXES, sizes)), policy
 
 
-def case_tag(topology: str, mesh: dict) -> str:
-  return topology.replace(':', '_') + '_' + 'x'.join(str(mesh[a]) for a in MESH_AXES)
+def case_tag(topology: str, mesh: dict, policy: str = '') -> str:
+  mesh_text = 'x'.join(str(mesh[a]) for a in MESH_AXES) if mesh else 'default'
+  return topology.replace(':', '_') + '_' + mesh_text + (f'_{policy}' if policy else '')
 
 
-def compile_case(config_path, topology, mesh, batch_size, seq_len, save_dir) -> tuple:
+def compile_case(config_path, topology, mesh, batch_size, seq_len, save_dir,
+                 policy='') -> tuple:
   """aot_compile for one case; returns (report, hlo text) and saves both under save_dir."""
   config = config_lib.load(str(config_path))
   config.mesh.update(mesh)
+  if policy:
+    config.model.remat_policy = policy
   report, hlo_text = aot.aot_compile(config, topology, batch_size, seq_len,
                                      name=pathlib.Path(config_path).name, with_hlo=True)
-  tag = case_tag(topology, mesh)
+  tag = case_tag(topology, mesh, policy)
   save_dir = pathlib.Path(save_dir)
   save_dir.mkdir(parents=True, exist_ok=True)
   hlo_file = save_dir / f'{tag}.hlo.txt.gz'
@@ -240,6 +247,7 @@ _ROWS = [
     # label, key, format
     ('chips', 'chips', '{:d}'),
     ('mesh d x f x e x t', 'mesh', None),
+    ('remat policy', 'remat_policy', None),
     ('memory per chip (GiB)', 'memory_per_chip_gib', '{:.1f}'),
     (f'fits {CHIP.hbm_gib} GiB HBM', 'fits_hbm', None),
     ('model FLOPs (step, all chips)', 'model_flops', '{:.4g}'),
@@ -281,7 +289,8 @@ def _cell(value, fmt):
 
 def format_table(projections) -> str:
   heads = [p['topology'] for p in projections]
-  width = max(12, *(len(h) for h in heads))
+  width = max(12, *(len(h) for h in heads),
+              *(len(_cell(p.get(key), fmt)) for p in projections for _, key, fmt in _ROWS))
   lines = [f'{"":40s}' + ''.join(f'{h:>{width + 2}s}' for h in heads)]
   for label, key, fmt in _ROWS:
     lines.append(f'{label:40s}' + ''.join(f'{_cell(p.get(key), fmt):>{width + 2}s}'
@@ -293,7 +302,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='tpu_projection.json')
   parser.add_argument('--cases', default=DEFAULT_CASES,
-                      help='comma-separated TOPOLOGY/DATAxFSDPxEXPERTxTENSOR')
+                      help='comma-separated TOPOLOGY[/DATAxFSDPxEXPERTxTENSOR][@REMAT_POLICY]')
   parser.add_argument('--config', default=str(REPO / 'configs' / 'skymoe_7b.py'))
   parser.add_argument('--batch_size', type=int, default=144)
   parser.add_argument('--seq_len', type=int, default=2048)
@@ -311,10 +320,10 @@ def main():
   else:
     sources = []
     for case in args.cases.split(','):
-      topology, mesh = parse_case(case)
+      topology, mesh, policy = parse_case(case)
       start = time.perf_counter()
       sources.append(compile_case(args.config, topology, mesh, args.batch_size, args.seq_len,
-                                  args.save_dir))
+                                  args.save_dir, policy))
       print(f'compiled {case} in {time.perf_counter() - start:.0f} s', flush=True)
   for report, hlo_text in sources:
     results.append(run_case(report, hlo_text))

@@ -67,7 +67,9 @@ LARGE = {
     'data.batch_size': 8,
 }
 CONFIGS = {'demo': ('configs/demo.py', 'stage2', {}),
-           'large': ('configs/demo.py', 'stage2', LARGE)}
+           'large': ('configs/demo.py', 'stage2', LARGE),
+           # One accelerator's realistic model (1.5B active; an H100 / H200, not this CPU).
+           'gpu_1b': ('configs/gpu_1b.py', '', {})}
 
 COMPONENTS = ('vision', 'attention', 'moe', 'dense_ffn', 'optimizer', 'other', 'unattributed')
 
@@ -75,7 +77,7 @@ COMPONENTS = ('vision', 'attention', 'moe', 'dense_ffn', 'optimizer', 'other', '
 def make_config(name: str):
   """One of CONFIGS, with its overrides applied and checked like a command-line config."""
   path, arg, overrides = CONFIGS[name]
-  config = config_lib.load(f'{REPO / path}:{arg}', overrides)
+  config = config_lib.load(f'{REPO / path}:{arg}' if arg else str(REPO / path), overrides)
   config_lib.validate(config)
   return config
 
@@ -468,6 +470,7 @@ def bench(config, steps: int = 5, warmup: int = 1, profile_steps: int = 2,
   profile_steps=0 skips the profile.
   """
   mesh = mesh_lib.create_mesh(config, jax.devices()[:1])
+  config.model.remat_policy = mesh_lib.remat_policy(config, mesh.shape)
   model = factory.create_model(config)
   tx = optimizer_lib.for_run(config)  # the trainer's; importing the trainer would need tensorflow
   state = state_lib.create_train_state(config, model, tx, mesh, jax.random.key(config.seed))
@@ -526,7 +529,13 @@ def bench(config, steps: int = 5, warmup: int = 1, profile_steps: int = 2,
       'fraction_of_peak': flops['model_flops'] / step_seconds / peak,
       'matmul_flops_per_second_by_size': rates,
       'fraction_of_best_matmul': flops['model_flops'] / step_seconds / best,
+      'remat_policy': m.remat_policy, 'attention_impl': m.attention_impl,
+      'ragged_impl': m.moe.ragged_impl,
   }
+  chip = hardware.chip_of_device_kind(jax.devices()[0].device_kind)
+  if chip is not None:  # MFU against the data sheet's bf16 peak (an accelerator)
+    result['datasheet_peak_flops_per_second'] = chip.peak_bf16_flops_per_s
+    result['mfu'] = flops['model_flops'] / step_seconds / chip.peak_bf16_flops_per_s
   if profile_steps:
     # No Python tracer: the per-op events come from XLA's runtime; Python tracing would only
     # take CPU from the step on a 2-core machine.
@@ -610,7 +619,9 @@ def main():
     r = bench(config, args.steps, args.warmup, args.profile_steps)
     results.append({'config': name, **r})
     print(f"{name}: compile {r['compile_seconds']:.0f} s, step {r['step_seconds'] * 1e3:.0f} ms, "
-          f"matmul peak {r['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s", flush=True)
+          f"matmul peak {r['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s"
+          + (f", MFU {100 * r['mfu']:.1f}% of the data sheet's bf16 peak" if 'mfu' in r else ''),
+          flush=True)
   print(format_table(results))
   with open(args.out, 'w') as f:
     json.dump({'device': str(jax.devices()[0].device_kind), 'cpu_count': os.cpu_count(),

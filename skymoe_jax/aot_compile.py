@@ -3,7 +3,9 @@
 
 Compiles the full sharded train step ahead of time for a TPU topology on a CPU-only machine
 (profiling/aot.py) and prints one JSON object (the last line of stdout): memory per device,
-XLA's FLOP count, the model's FLOPs, and the bytes moved by each kind of collective.
+XLA's FLOP count, the model's FLOPs, and the bytes moved by each kind of collective. The mesh's
+-1 axes and remat_policy='auto' are resolved for the topology and --batch_size first (a mesh that
+cannot work fails then, naming its config field); the report gives what they resolved to.
 """
 import json
 import os

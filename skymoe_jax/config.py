@@ -76,7 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = 'bfloat16'        # compute dtype
   m.param_dtype = 'float32'   # storage dtype of the parameters
   m.scan_layers = True        # scan repeated layers: compile time independent of depth
-  m.remat_policy = 'none'     # see model/layers.py REMAT_POLICIES
+  m.remat_policy = 'none'     # see model/layers.py REMAT_POLICIES; 'auto': by remat_auto
+  # remat_policy='auto': ((max tokens per device, policy), ...); the first entry whose limit
+  # holds the activations one device keeps per layer (batch x sequence over the batch shards and
+  # tensor ways, parallel/mesh.py tokens_per_device) wins, 'full' past the last.
+  m.remat_auto = ()
   m.attention_impl = 'auto'   # see model/attention_kernels.py; auto: by the mesh's platform
 
   m.vision = ml_collections.ConfigDict(dict(
@@ -101,7 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
       backend='ragged',         # loop | dense | ragged | capacity
       ep_strategy='ring',       # expert parallelism over the mesh: ring | all_to_all | none
       capacity_factor=1.25,     # capacity backend only
-      ragged_impl='auto',       # ragged_dot | blocks | batched | auto (blocks on CPU)
+      # ragged_dot | blocks | batched | triton (GPU kernel) | megablox (TPU kernel) |
+      # auto (blocks on CPU, triton on GPU, megablox on TPU); model/moe/grouped_matmul.py
+      ragged_impl='auto',
       ragged_block_size=128,
       adaptive=True,            # task + granularity bias on the router logits
       num_tasks=len(TASKS),
@@ -156,7 +162,10 @@ def base_config() -> ml_collections.ConfigDict:
       temperature=0.0,             # 0 = greedy
       top_p=1.0))
 
-  # Device mesh: axis sizes (-1 = the rest of the devices) and the logical-axis rule table.
+  # Device mesh: axis sizes and the logical-axis rule table. -1 on one axis: the rest of the
+  # devices. -1 on one batch axis (data, fsdp, expert) and on tensor: the batch axis takes the
+  # largest share of the rest that data.batch_size divides over the batch axes, tensor what is
+  # left (parallel/mesh.py mesh_shape).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   c.mesh.rules = DEFAULT_RULES
 
@@ -344,6 +353,10 @@ def validate(config) -> None:
            'must be > 0')
     _check(moe.num_tasks >= 1 and moe.num_granularities >= 1, 'model.moe.num_tasks',
            (moe.num_tasks, moe.num_granularities), 'tasks and granularities must be >= 1')
+  for entry in m.get('remat_auto', ()):
+    _check(len(entry) == 2 and isinstance(entry[0], int) and entry[0] > 0
+           and isinstance(entry[1], str), 'model.remat_auto', tuple(m.remat_auto),
+           'expected ((max tokens per device > 0, policy name), ...)')
   _validate_data(config)
   _validate_train(config)
   _validate_eval(config)

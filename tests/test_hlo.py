@@ -110,3 +110,27 @@ ENTRY %main (x: f32[]) -> f32[] {
   comps, entry = hlo.computations(text)
   with pytest.raises(ValueError, match='calls itself'):
     hlo.executions(comps, entry)
+
+
+def test_instruction_over_several_lines_is_one_instruction():
+  """A TPU kernel's custom call prints its kernel_metadata over several lines, some starting
+  with '}': they belong to the instruction, and the computation goes on after it."""
+  text = """%body (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  %kernel = f32[8]{0} custom-call(%p), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+  "name": "splash"
+}}, metadata={op_name="jit(f)/splash"}
+  ROOT %out = f32[8]{0} add(%kernel, %p)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  ROOT %r = f32[8]{0} call(%a), to_apply=%body
+}
+"""
+  comps, entry = hlo.computations(text)
+  assert entry == 'main' and len(comps['body']) == 3
+  kernel = hlo.parse_instruction(comps['body'][1])
+  assert (kernel.name, kernel.opcode) == ('kernel', 'custom-call')
+  assert 'op_name="jit(f)/splash"' in kernel.attrs
+  assert hlo.parse_instruction(comps['body'][2]).root

@@ -14,7 +14,7 @@ import pytest
 from flax.core import meta
 
 from skymoe_jax.model import mlp as mlp_lib
-from skymoe_jax.model.moe import backends, router
+from skymoe_jax.model.moe import backends, grouped_matmul, router
 from skymoe_jax.model.moe.layer import MoeFFN, upcycle_mlp
 
 ATOL = 1e-5
@@ -677,7 +677,7 @@ def test_megablox_weight_grad_matches_per_group_products():
   x = rng.standard_normal((m, k)).astype(np.float32)
   d = rng.standard_normal((m, n)).astype(np.float32)
   sizes = np.array([50, 0, 120, 13], np.int32)  # 183 of 200 rows; the last 17 in no group
-  got = backends._megablox_weight_grad(jnp.asarray(x), jnp.asarray(d), jnp.asarray(sizes),
+  got = grouped_matmul.megablox_weight_grad(jnp.asarray(x), jnp.asarray(d), jnp.asarray(sizes),
                                        jnp.float32, interpret=True)
   ends = np.cumsum(sizes)
   want = np.stack([x[e - s:e].T @ d[e - s:e] for s, e in zip(sizes, ends)])

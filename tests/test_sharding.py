@@ -17,18 +17,19 @@ BATCH = 8
 TEXT = 6
 
 
-def _batch(config, seed=0):
+def _batch(config, seed=0, batch=BATCH):
+  """A random training batch of `batch` rows, TEXT text tokens, some padding."""
   rng = np.random.default_rng(seed)
   v = config.model.vision
-  mask = np.ones((BATCH, TEXT), bool)
+  mask = np.ones((batch, TEXT), bool)
   mask[1, :2] = False  # some padding
   return {
-      'images': rng.normal(size=(BATCH, v.image_size, v.image_size, 3)).astype(np.float32),
-      'tokens': rng.integers(0, config.model.llm.vocab_size, (BATCH, TEXT)).astype(np.int32),
+      'images': rng.normal(size=(batch, v.image_size, v.image_size, 3)).astype(np.float32),
+      'tokens': rng.integers(0, config.model.llm.vocab_size, (batch, TEXT)).astype(np.int32),
       'token_mask': mask,
       'loss_mask': mask & (np.arange(TEXT) >= 2),
-      'task_id': rng.integers(0, 5, BATCH).astype(np.int32),
-      'granularity_id': rng.integers(0, 3, BATCH).astype(np.int32),
+      'task_id': rng.integers(0, 5, batch).astype(np.int32),
+      'granularity_id': rng.integers(0, 3, batch).astype(np.int32),
   }
 
 

@@ -5,14 +5,21 @@ cache of S slots, the new tokens are written at slots index..index+T-1 and atten
 filled slot; a query in slot t may see slot s when s <= t and slot s holds a real token. RoPE
 uses each token's own position (which may differ from its slot when prompts are padded), so
 prefill + step-by-step decoding computes exactly what one full forward pass does.
+
+The attention itself is `attention_impl`'s (model/attention_kernels.py); a call with a cache
+always takes the xla reference. Intermediate values carry checkpoint names that remat
+policies save by name (layers.ATTENTION_SAVED): the q, k, v projections (LoRA included, before
+RoPE) 'query_proj', 'key_proj', 'value_proj'; the attention's output before the out projection
+'attention_context'; the out projection's output 'attention_out'.
 """
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
-from skymoe_jax.model import layers, lora
+from skymoe_jax.model import attention_kernels, layers, lora
 from skymoe_jax.model.rope import apply_rope
 
 
@@ -22,19 +29,15 @@ def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dt
   return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
 
 
-def attention_mask(token_mask, slot_mask=None, index=0):
-  """Boolean [B, T, S] mask for T new tokens written at slots index..index+T-1.
+def attention_mask(token_mask, slot_mask=None, index=0) -> attention_kernels.AttentionMask:
+  """The causal mask for T new tokens written at slots index..index+T-1.
 
   token_mask: [B, T] real (True) or padding tokens among the new ones.
   slot_mask: [B, S] which cache slots hold real tokens after this write (None: no cache, S = T).
   """
-  t = token_mask.shape[1]
   if slot_mask is None:
-    slot_mask, index = token_mask, 0
-  s = slot_mask.shape[1]
-  query_slot = index + jnp.arange(t)
-  causal = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
-  return causal[None] & slot_mask[:, None, :]
+    return attention_kernels.AttentionMask(token_mask)
+  return attention_kernels.AttentionMask(slot_mask, query_offset=index)
 
 
 class Attention(nn.Module):
@@ -45,6 +48,7 @@ class Attention(nn.Module):
   lora_targets: Sequence[str] = ()
   lora_rank: int = 0
   lora_alpha: float = 16.0
+  attention_impl: str = 'xla'  # a name in attention_kernels.CHOICES
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -61,13 +65,13 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask, cache: Optional[dict] = None, index=0):
-    """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] from `attention_mask`.
+    """x: [B, T, D]; positions: [B, T]; mask: from `attention_mask`.
 
     Returns (y [B, T, D], updated cache or None).
     """
-    q = self._project('query', x, self.num_heads)
-    k = self._project('key', x, self.num_kv_heads)
-    v = self._project('value', x, self.num_kv_heads)
+    q = checkpoint_name(self._project('query', x, self.num_heads), 'query_proj')
+    k = checkpoint_name(self._project('key', x, self.num_kv_heads), 'key_proj')
+    v = checkpoint_name(self._project('value', x, self.num_kv_heads), 'value_proj')
     q = apply_rope(q, positions, self.rope_theta)
     k = apply_rope(k, positions, self.rope_theta)
     q = nn.with_logical_constraint(q, ('activation_batch', 'activation_length', 'heads', 'head_dim'))
@@ -75,7 +79,9 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), index, axis=1)
       cache = {'k': k, 'v': v}
-    out = layers.attend(q, k.astype(self.dtype), v.astype(self.dtype), mask)
+    out = attention_kernels.attend(self.attention_impl, q, k.astype(self.dtype),
+                                   v.astype(self.dtype), mask)
+    out = checkpoint_name(out, 'attention_context')
     y = layers.Linear((x.shape[-1],), ('heads', 'head_dim'), ('embed',), dtype=self.dtype,
                       param_dtype=self.param_dtype, name='out')(out)
-    return y, cache
+    return checkpoint_name(y, 'attention_out'), cache

@@ -31,7 +31,8 @@ class DecoderLayer(nn.Module):
     attn_out, cache = Attention(
         llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.rope_theta,
         lora_targets=tuple(cfg.lora.targets) if lora_on else (), lora_rank=cfg.lora.rank,
-        lora_alpha=cfg.lora.alpha, name='attn', **kw)(h, positions, mask, cache, index)
+        lora_alpha=cfg.lora.alpha, attention_impl=cfg.attention_impl, name='attn', **kw)(
+            h, positions, mask, cache, index)
     x = x + attn_out
     h = layers.RMSNorm(llm.norm_eps, name='ffn_norm', **kw)(x)
     if self.is_moe:

@@ -6,7 +6,7 @@ import ml_collections
 from skymoe_jax import config as config_lib
 from skymoe_jax import registry
 from skymoe_jax.data import batch as batch_lib
-from skymoe_jax.model import layers
+from skymoe_jax.model import attention_kernels, layers
 from skymoe_jax.model.moe import backends, expert_parallel
 from skymoe_jax.model.skymoe import SkyMoE
 
@@ -18,6 +18,7 @@ def validate(config) -> None:
   m = config.model
   registry.lookup(layers.REMAT_POLICIES, m.remat_policy, 'config.model.remat_policy',
                   'remat policy')
+  attention_kernels.get(m.attention_impl)
   moe = m.moe
   if moe.num_experts > 0:
     backends.get_backend(moe.backend)

@@ -8,12 +8,21 @@ from typing import Any, Sequence
 import flax.linen as nn
 import einops
 import jax
+from jax import ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 
 from skymoe_jax import registry
 
 Dtype = Any
+
+
+def target_platform() -> str:
+  """The platform being compiled for: the active mesh's devices (e.g. TPU when compiling ahead
+  of time on a CPU host), else this process's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
 
 
 def param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str], dtype):
@@ -117,13 +126,58 @@ def attend(q, k, v, mask):
   return einops.rearrange(out, 'b t k g d -> b t (k g) d')
 
 
+# Values the model names with jax.ad_checkpoint.checkpoint_name (an identity: no number changes)
+# for the remat policies below to save. A value the backward pass needs and no policy saves is
+# recomputed from the layer's input.
+ATTENTION_SAVED = ('query_proj', 'key_proj', 'value_proj', 'attention_context', 'attention_out')
+MLP_SAVED = ('mlp_gate', 'mlp_up')  # the dense FFN's down output is needed by no gradient
+PROJECTIONS_SAVED = ATTENTION_SAVED + MLP_SAVED
+
+# The MoE's expert matmuls, saved by primitive (they sit in model/moe/backends.py, behind one
+# dispatch signature): ragged_dot, and the kernels with their own gradient (custom_vjp: the
+# grouped matmuls, the attention kernel). An expert matmul's output is the largest activation of
+# a MoE layer ([tokens x top_k, mlp_dim]) and its recomputation the largest remat cost.
+EXPERT_MATMUL_PRIMITIVES = ('ragged_dot_general', 'custom_vjp_call')
+
+
+def _save(names=(), primitives=(), offload_names=(), offload_primitives=()):
+  """A remat policy: keep the named values `names` and the outputs of `primitives` in device
+  memory, move `offload_names` / `offload_primitives` to pinned host memory and back for the
+  backward pass, recompute everything else."""
+  keep, keep_ops = frozenset(names), frozenset(primitives)
+  move, move_ops = frozenset(offload_names), frozenset(offload_primitives)
+  to_host = ad_checkpoint.Offloadable(src='device', dst='pinned_host')
+
+  def policy(prim, *_, **params):
+    key, kept, moved = ((params['name'], keep, move) if prim.name == 'name'  # checkpoint_name
+                        else (prim.name, keep_ops, move_ops))
+    if key in kept:
+      return ad_checkpoint.Saveable
+    return to_host if key in moved else ad_checkpoint.Recompute
+  return policy
+
+
+# config.model.remat_policy: what the backward pass of each decoder / vision layer recomputes,
+# from the most memory and least recomputation to the least memory. Compiled FLOPs and memory of
+# the 7B model under each: docs/scaling.md.
 REMAT_POLICIES = {
-    'none': None,  # no rematerialisation
-    'full': jax.checkpoint_policies.nothing_saveable,
+    'none': None,  # no rematerialisation: every activation kept
+    # Projections and MoE experts kept; recomputed: norms, RoPE, activations, the attention core.
+    'save_proj_experts': _save(PROJECTIONS_SAVED, EXPERT_MATMUL_PRIMITIVES),
+    # The same with the experts' outputs in host memory (moved over PCIe, not recomputed).
+    'save_proj_offload_experts': _save(PROJECTIONS_SAVED,
+                                       offload_primitives=EXPERT_MATMUL_PRIMITIVES),
+    'save_proj': _save(PROJECTIONS_SAVED),  # the MoE layers recomputed
+    'save_attention': _save(ATTENTION_SAVED),  # the FFNs and MoE layers recomputed
+    'offload_proj': _save(offload_names=PROJECTIONS_SAVED),  # projections to host and back
+    'full': jax.checkpoint_policies.nothing_saveable,  # only the layer's input kept
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Chosen by the mesh from config.model.remat_auto (parallel/mesh.py remat_policy) before the
+    # model is built. Unresolved (a forward-only use, where remat changes nothing: counting
+    # parameters, evaluation) it runs as 'full', the policy that needs the least memory.
+    'auto': jax.checkpoint_policies.nothing_saveable,
 }
-
 
 def maybe_remat(block_cls, policy_name: str):
   """Wraps a layer class in nn.remat with a named policy ('none' leaves it as is)."""

@@ -3,6 +3,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from skymoe_jax.model import layers
@@ -23,8 +24,11 @@ class MLP(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate = layers.Linear((self.mlp_dim,), ('embed',), ('mlp',), name='gate', **kw)(x)
-    up = layers.Linear((self.mlp_dim,), ('embed',), ('mlp',), name='up', **kw)(x)
+    # Named for the remat policies (layers.MLP_SAVED): the two values the backward pass needs.
+    gate = checkpoint_name(
+        layers.Linear((self.mlp_dim,), ('embed',), ('mlp',), name='gate', **kw)(x), 'mlp_gate')
+    up = checkpoint_name(
+        layers.Linear((self.mlp_dim,), ('embed',), ('mlp',), name='up', **kw)(x), 'mlp_up')
     h = nn.with_logical_constraint(jax.nn.silu(gate) * up,
                                    ('activation_batch', 'activation_length', 'activation_mlp'))
     return layers.Linear((d,), ('mlp',), ('embed',), name='down', **kw)(h)

@@ -21,7 +21,7 @@ class SkyMoE(nn.Module):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     self.vision = VisionTower(v.image_size, v.patch_size, v.width, v.depth, v.num_heads,
                               v.mlp_dim, v.feature_layer, v.norm_eps, cfg.scan_layers,
-                              cfg.remat_policy, **kw)
+                              cfg.remat_policy, cfg.attention_impl, **kw)
     self.projector = Projector(cfg.llm.embed_dim, **kw)
     self.decoder = Decoder(cfg)
 

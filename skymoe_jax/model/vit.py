@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from skymoe_jax.config import num_feature_layers
-from skymoe_jax.model import layers
+from skymoe_jax.model import attention_kernels, layers
 
 
 def cubic_resize_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
@@ -68,6 +68,7 @@ class VisionLayer(nn.Module):
   num_heads: int
   mlp_dim: int
   eps: float = 1e-5
+  attention_impl: str = 'xla'  # a name in attention_kernels.CHOICES
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -80,8 +81,8 @@ class VisionLayer(nn.Module):
     proj = lambda name: layers.Linear((self.num_heads, head_dim), ('embed',), ('heads', 'head_dim'),
                                       use_bias=True, name=name, **kw)(h)
     q, k, v = proj('query'), proj('key'), proj('value')
-    mask = jnp.ones((1, x.shape[1], x.shape[1]), bool)
-    out = layers.attend(q, k, v, mask)
+    full = attention_kernels.AttentionMask(None, causal=False)  # every token sees every token
+    out = attention_kernels.attend(self.attention_impl, q, k, v, full)
     x = x + layers.Linear((width,), ('heads', 'head_dim'), ('embed',), use_bias=True, name='out',
                           **kw)(out)
     x = nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))
@@ -100,6 +101,7 @@ class VisionTower(nn.Module):
   eps: float = 1e-5
   scan_layers: bool = True
   remat_policy: str = 'none'
+  attention_impl: str = 'xla'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -129,7 +131,8 @@ class VisionTower(nn.Module):
 
     n = num_feature_layers(self.depth, self.feature_layer)
     block = layers.maybe_remat(VisionLayer, self.remat_policy)
-    args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, eps=self.eps, **kw)
+    args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, eps=self.eps,
+                attention_impl=self.attention_impl, **kw)
     if self.scan_layers:
       x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                      length=n, metadata_params={nn.PARTITION_NAME: 'layers'})(

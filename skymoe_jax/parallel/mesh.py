@@ -13,25 +13,67 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from skymoe_jax import registry
+from skymoe_jax.config import ConfigError, vision_tokens
+from skymoe_jax.model import layers
+
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+BATCH_AXES = ('data', 'fsdp', 'expert')  # the default rules' activation_batch
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple:
-  """Axis sizes with the (at most one) -1 resolved; checks they fit the devices."""
+def _sizes_text(sizes) -> str:
+  return 'x'.join(f'{a}={s}' for a, s in zip(MESH_AXES, sizes))
+
+
+def mesh_shape(mesh_cfg, num_devices: int, batch_size: Optional[int] = None,
+               batch_axes: Sequence[str] = BATCH_AXES,
+               batch_field: str = 'config.data.batch_size') -> tuple:
+  """Axis sizes with -1 resolved; raises ConfigError naming the field when they cannot work.
+
+  -1 on one axis: that axis takes the rest of the devices. -1 on one batch axis and on `tensor`
+  (MaxText's ici_fsdp_parallelism=-1, as configs/skymoe_7b.py does): the batch axis takes the
+  largest share of the rest that `batch_size` still divides over all batch axes, and `tensor`
+  the devices left over. With batch_size given, the batch must divide over the batch axes
+  (batch_field: where the batch size came from, for the error).
+  """
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
-  if sizes.count(-1) > 1:
-    raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
+  for axis, size in zip(MESH_AXES, sizes):
+    if size == 0 or size < -1:
+      raise ConfigError(f'config.mesh.{axis}={size}: sizes must be positive or -1 (the rest)')
+  auto = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
   known = math.prod(s for s in sizes if s != -1)
-  if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}')
-  if -1 in sizes:
-    if num_devices % known:
-      raise ValueError(f'config.mesh: {known} devices for the fixed axes do not divide the '
-                       f'{num_devices} devices')
-    sizes[sizes.index(-1)] = num_devices // known
+  if len(auto) > 2 or (len(auto) == 2 and (auto[1] != 'tensor' or auto[0] not in batch_axes)):
+    raise ConfigError(f'config.mesh.{auto[-1]}=-1: -1 goes on one axis, or on one batch axis '
+                      f'{tuple(batch_axes)} and tensor, got {_sizes_text(sizes)}')
+  if auto and num_devices % known:
+    raise ConfigError(f'config.mesh.{auto[0]}=-1: the {known} devices of the fixed axes '
+                      f'({_sizes_text(sizes)}) do not divide the {num_devices} devices')
+  rest = num_devices // known if auto else 1
+  if len(auto) == 2:
+    if batch_size is None:
+      raise ValueError('mesh_shape: a batch axis and tensor are both -1: the batch size decides '
+                       'their split, none was given')
+    fixed_batch = math.prod(s for a, s in zip(MESH_AXES, sizes) if a in batch_axes and s != -1)
+    if batch_size % fixed_batch:
+      fields = ', '.join(f'config.mesh.{a}={s}' for a, s in zip(MESH_AXES, sizes)
+                         if a in batch_axes and s != -1)
+      raise ConfigError(f'{fields}: the batch of {batch_size} ({batch_field}) does not divide '
+                        f'over their {fixed_batch} batch shards')
+    share = max(n for n in range(1, rest + 1)
+                if rest % n == 0 and batch_size % (fixed_batch * n) == 0)
+    sizes[MESH_AXES.index(auto[0])] = share
+    sizes[MESH_AXES.index('tensor')] = rest // share
+  elif auto:
+    sizes[MESH_AXES.index(auto[0])] = rest
   if math.prod(sizes) > num_devices:
-    raise ValueError(f'config.mesh={dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} '
-                     f'devices, only {num_devices} exist')
+    raise ConfigError(f'config.mesh={_sizes_text(sizes)} needs {math.prod(sizes)} devices, only '
+                      f'{num_devices} exist')
+  ways = math.prod(s for a, s in zip(MESH_AXES, sizes) if a in batch_axes)
+  if batch_size is not None and batch_size % ways:
+    fields = ', '.join(f'config.mesh.{a}={s}' for a, s in zip(MESH_AXES, sizes) if a in batch_axes)
+    raise ConfigError(f'{fields}: the batch of {batch_size} ({batch_field}) does not divide over '
+                      f'the {ways} batch shards; choose batch axes whose product divides it and '
+                      'put the other devices on tensor (or tensor=-1)')
   return tuple(sizes)
 
 
@@ -47,13 +89,19 @@ def process_major_devices(devices: Optional[Sequence] = None) -> list:
   return sorted(devices, key=lambda d: (d.process_index, d.id))
 
 
-def create_mesh(config, devices: Optional[Sequence] = None) -> jax.sharding.Mesh:
+def create_mesh(config, devices: Optional[Sequence] = None, batch_size: Optional[int] = None,
+                batch_field: str = 'config.data.batch_size') -> jax.sharding.Mesh:
   """The mesh config.mesh describes, over the first devices it needs (Auto axis types).
 
   devices defaults to all devices in process-major order; a given list is used as it is.
+  batch_size: the global batch the batch axes must divide (checked only when given: evaluation
+  and chat pad their own batches); a batch axis and tensor both -1 are split by it, default
+  config.data.batch_size.
   """
   devices = process_major_devices() if devices is None else list(devices)
-  shape = mesh_shape(config.mesh, len(devices))
+  if batch_size is None and sum(int(config.mesh[a]) == -1 for a in MESH_AXES) == 2:
+    batch_size = config.data.batch_size
+  shape = mesh_shape(config.mesh, len(devices), batch_size, batch_axes(config), batch_field)
   used = np.array(devices[:math.prod(shape)]).reshape(shape)
   return jax.sharding.Mesh(used, MESH_AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
@@ -88,3 +136,30 @@ def batch_sharding(mesh, config, ndim: int = 1):
   """Sharding of an input array whose leading axis is the batch."""
   spec = jax.P(batch_axes(config), *([None] * (ndim - 1)))
   return jax.sharding.NamedSharding(mesh, spec)
+
+
+def tokens_per_device(config, mesh_shape: dict, batch_size: int, seq_len: int) -> float:
+  """Sequence positions of activations one device holds per layer: the batch over its batch
+  shards, times the sequence, over the tensor ways that split the heads and hidden units."""
+  ways = math.prod(mesh_shape[a] for a in batch_axes(config))
+  return batch_size * seq_len / (ways * mesh_shape['tensor'])
+
+
+def remat_policy(config, mesh_shape: dict, batch_size: Optional[int] = None,
+                 seq_len: Optional[int] = None) -> str:
+  """config.model.remat_policy, with 'auto' chosen by the mesh: the first entry
+  (max_tokens, policy) of config.model.remat_auto whose max_tokens holds tokens_per_device,
+  'full' past the last. batch_size / seq_len default to the config's training batch (image
+  tokens + data.text_len). Call before building the model, and build it with the answer."""
+  m = config.model
+  if m.remat_policy != 'auto':
+    return m.remat_policy
+  batch_size = config.data.batch_size if batch_size is None else batch_size
+  seq_len = seq_len or vision_tokens(m) + config.data.text_len
+  tokens = tokens_per_device(config, dict(mesh_shape), batch_size, seq_len)
+  table = sorted((int(limit), name) for limit, name in m.get('remat_auto', ()))
+  for _, name in table:
+    registry.lookup(layers.REMAT_POLICIES, name, 'config.model.remat_auto', 'remat policy')
+    if name == 'auto':
+      raise ConfigError("config.model.remat_auto: 'auto' cannot choose itself")
+  return next((name for limit, name in table if tokens <= limit), 'full')

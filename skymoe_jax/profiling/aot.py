@@ -10,7 +10,6 @@ kind of collective (read from the compiled HLO, profiling/roofline.py). The comm
 `python -m skymoe_jax.aot_compile`.
 """
 import copy
-import math
 import time
 
 import jax
@@ -18,7 +17,8 @@ import optax
 
 from skymoe_jax import config as config_lib
 from skymoe_jax.data import batch as batch_lib
-from skymoe_jax.model import factory, layout
+from skymoe_jax.model import attention_kernels, factory, layout
+from skymoe_jax.model.moe import backends
 from skymoe_jax.model import flops as flops_lib
 from skymoe_jax.config import num_feature_layers
 from skymoe_jax.parallel import hardware
@@ -60,19 +60,6 @@ def hbm_bytes_per_device(topology: str, devices) -> tuple:
   chips = len({tuple(d.coords) for d in devices})
   per_chip = len(devices) // chips
   return chip.hbm_bytes // per_chip, per_chip
-
-
-def check_batch(config, mesh, batch_size: int) -> int:
-  """The batch must split evenly over the mesh axes of `activation_batch`; returns their size."""
-  axes = mesh_lib.batch_axes(config)
-  ways = math.prod(mesh.shape[a] for a in axes)
-  if batch_size % ways:
-    raise ValueError(
-        f'--batch_size={batch_size} does not divide over the batch mesh axes {axes} = '
-        f'{[mesh.shape[a] for a in axes]} ({ways} ways): choose a batch that is a multiple of '
-        f'{ways}, or a config.mesh whose {"*".join(axes)} divides {batch_size} (put the other '
-        'devices on tensor)')
-  return ways
 
 
 def abstract_batch(config, mesh, batch_size: int, seq_len: int) -> dict:
@@ -146,16 +133,15 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
   """
   config = copy.deepcopy(config)
   m = config.model
-  # 'auto' follows the mesh's platform (TPU here), which is ragged_dot; say so in the report.
-  if m.moe.ragged_impl == 'auto':
-    m.moe.ragged_impl = 'ragged_dot'
   seq_len = seq_len or m.llm.max_seq_len
   devices = topology_devices(topology) if devices is None else devices
   hbm, devices_per_chip = hbm_bytes_per_device(topology, devices)
 
+  # The mesh first: its -1 axes and the remat policy 'auto' are resolved for this batch.
+  mesh = mesh_lib.create_mesh(config, devices=devices, batch_size=batch_size,
+                              batch_field=f'--batch_size={batch_size}')
+  m.remat_policy = mesh_lib.remat_policy(config, mesh.shape, batch_size, seq_len)
   model = factory.create_model(config)
-  mesh = mesh_lib.create_mesh(config, devices=devices)
-  check_batch(config, mesh, batch_size)
   tx = optax.adamw(LEARNING_RATE)
   abstract_state, state_sh = state_lib.state_shardings(config, model, tx, mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -171,6 +157,11 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
   compile_seconds = time.perf_counter() - start
 
   cost = _cost(compiled)
+  platform = devices[0].platform
+  attention_impl = m.attention_impl
+  if attention_impl == 'auto':
+    with jax.set_mesh(mesh):
+      attention_impl = attention_kernels.auto_choice(m.dtype)
   hlo_text = compiled.as_text()
   flops = flops_lib.model_flops(config, batch_size, seq_len)
   xla_flops = float(cost.get('flops', 0.0))
@@ -187,9 +178,12 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
       'seq_len': seq_len,
       'text_len': seq_len - config_lib.vision_tokens(m),
       'remat_policy': m.remat_policy,
+      'tokens_per_device': mesh_lib.tokens_per_device(config, mesh.shape, batch_size, seq_len),
+      'attention_impl': attention_impl,
       'dtype': m.dtype,
       'moe': {'backend': m.moe.backend, 'ep_strategy': m.moe.ep_strategy,
-              'ragged_impl': m.moe.ragged_impl, 'num_experts': m.moe.num_experts,
+              'ragged_impl': backends.resolve_ragged_impl(m.moe.ragged_impl, platform),
+              'num_experts': m.moe.num_experts,
               'top_k': m.moe.top_k},
       'optimizer': f'optax.adamw({LEARNING_RATE})',
       'lower_seconds': round(lower_seconds, 2),

@@ -31,9 +31,19 @@ Array = collections.namedtuple('Array', 'dtype dims space')
 
 
 def computations(hlo_text: str):
-  """({computation name: [its instruction lines]}, the ENTRY computation's name or None)."""
-  comps, entry, current = {}, None, None
+  """({computation name: [its instruction lines]}, the ENTRY computation's name or None).
+
+  An instruction whose attributes run over several lines (a kernel's multi-line
+  kernel_metadata={...}) is joined into one line: it goes on until its braces balance.
+  """
+  comps, entry, current, pending = {}, None, None, ''
   for line in hlo_text.splitlines():
+    if pending:
+      pending += ' ' + line.strip()
+      if pending.count('{') <= pending.count('}'):
+        comps[current].append(pending)
+        pending = ''
+      continue
     header = _COMPUTATION.match(line)
     if header:
       current = header.group(2)
@@ -43,7 +53,10 @@ def computations(hlo_text: str):
     elif line.startswith('}'):
       current = None
     elif current is not None:
-      comps[current].append(line)
+      if line.count('{') > line.count('}'):
+        pending = line
+      else:
+        comps[current].append(line)
   return comps, entry
 
 

@@ -7,8 +7,9 @@ Per device and per step (loop bodies times their trip counts, profiling/hlo.py):
     convolution (on TPU the dots are printed as convolutions; holes of dilated / padded windows
     are not counted), plus the Mosaic grouped-matmul kernels ragged_dot lowers to
     (2 x rows x K x N; with ring expert parallelism only the rows of local experts, local / all
-    experts of them for balanced routing). XLA's cost_analysis counts a while-loop body once, so
-    it undercounts scanned layers. A breakdown by phase (forward / remat / backward) and model
+    experts of them for balanced routing), and the fused attention kernels (splash: every block
+    pair of S x T, recomputation in its backward included). XLA's cost_analysis counts a
+    while-loop body once, so it undercounts scanned layers. A breakdown by phase (forward / remat / backward) and model
     area shows where the compiled work beyond model_flops comes from.
   - HBM bytes (hlo_hbm_bytes): operands + results of every top-level instruction / fusion (what
     is in VMEM, memory space S(1), is not HBM traffic; dynamic slices and in-place updates count
@@ -191,6 +192,33 @@ def grouped_matmul(instr: hlo.Instr, operand_shapes):
   return 2 * mats[0][0] * k * n, g
 
 
+# Splash attention's TPU kernels (model/attention_kernels.py) by name, and the S x T x head_dim
+# matmuls each runs: forward QK^T and PV; dq recomputes QK^T, then dO V^T and dS K; dkv recomputes
+# QK^T, then dO V^T, P^T dO and dS^T Q.
+_ATTENTION_KERNEL_MATMULS = (('splash_mha_fwd', 2), ('splash_mha_dq', 3), ('splash_mha_dkv', 4))
+
+
+def attention_kernel(instr: hlo.Instr, operand_shapes):
+  """FLOPs of a fused attention kernel (splash on TPU), else None: its q, k, v operands
+  [..., heads, T, head_dim] and [..., heads, S, head_dim], 2 T S head_dim per head and matmul,
+  every block pair counted (those a causal mask lets the kernel skip too: an upper bound, as
+  model_flops counts attention in full)."""
+  if instr.opcode != 'custom-call':
+    return None
+  matmuls = next((n for prefix, n in _ATTENTION_KERNEL_MATMULS if instr.name.startswith(prefix)),
+                 None)
+  if matmuls is None:
+    return None
+  match = re.search(r'operand_layout_constraints=\{(.*?)\}\s*(?:,\s*\w+=|$)', instr.attrs)
+  operands = (hlo.arrays(match.group(1)) if match else
+              [a for s in operand_shapes for a in hlo.arrays(s)])
+  qkv = [a.dims for a in operands if a.dtype in _FLOAT and len(a.dims) >= 3][:3]
+  if len(qkv) < 3:
+    return None
+  q, k = qkv[0], qkv[1]
+  return matmuls * 2 * math.prod(q) * k[-2]
+
+
 _AREAS = (('/moe/', 'decoder moe'), ('vision/', 'vision'), ('/attn/', 'decoder attention'),
           ('/mlp/', 'decoder mlp'), ('projector/', 'projector'), ('decoder/', 'decoder lm_head'))
 
@@ -228,12 +256,14 @@ def hlo_flops(program, grouped_row_fraction=None) -> dict:
 
   program: the optimized HLO text (compiled.as_text()) or a Module. grouped_row_fraction(groups):
   the share of a grouped-matmul kernel's rows that belong to its groups (default 1: all rows).
-  Returns FLOPs per kind (dot, convolution, grouped_matmul; grouped_matmul_all_rows), their
+  Returns FLOPs per kind (dot, convolution, grouped_matmul, attention_kernel;
+  grouped_matmul_all_rows), their
   total (and total_all_rows), a breakdown by (phase / area), the FLOPs as written, each loop
   body once (XLA's cost_analysis convention), and the kernels whose work is not known.
   """
   m = program if isinstance(program, Module) else Module(program)
   out = {'dot': 0, 'convolution': 0, 'grouped_matmul': 0, 'grouped_matmul_all_rows': 0,
+         'attention_kernel': 0,
          'dense_masked_weight_grad': 0, 'written_once': 0, 'unknown_runs': 0,
          'unknown_kernels': {}, 'by_area': {}}
   for comp, instrs in m.comps.items():
@@ -251,8 +281,11 @@ def hlo_flops(program, grouped_row_fraction=None) -> dict:
                            hlo.arrays(operand_shapes[1])[0].dims, i.attrs)
       elif i.opcode == 'custom-call':
         found = grouped_matmul(i, operand_shapes)
+        attention = attention_kernel(i, operand_shapes)
         if found:
           kind, (flops, groups) = 'grouped_matmul', found
+        elif attention:
+          kind, flops = 'attention_kernel', attention
         elif 'tpu_custom_call' in i.attrs and 'metadata' not in i.name:
           out['unknown_kernels'][i.name] = runs
       if kind is None:
@@ -276,11 +309,12 @@ def hlo_flops(program, grouped_row_fraction=None) -> dict:
         area = 'decoder moe (ragged_dot weight gradient, dense masked)'
         out['dense_masked_weight_grad'] += flops * runs
       else:
-        area = _area(op_name)
+        area = _area(op_name) + (' (attention kernel)' if kind == 'attention_kernel' else '')
       label = f'{phase} / {area}'
       out['by_area'][label] = out['by_area'].get(label, 0) + flops * runs
-  out['total'] = out['dot'] + out['convolution'] + out['grouped_matmul']
-  out['total_all_rows'] = out['dot'] + out['convolution'] + out['grouped_matmul_all_rows']
+  dense = out['dot'] + out['convolution'] + out['attention_kernel']
+  out['total'] = dense + out['grouped_matmul']
+  out['total_all_rows'] = dense + out['grouped_matmul_all_rows']
   out['by_area'] = dict(sorted(out['by_area'].items(), key=lambda kv: -kv[1]))
   return out
 
@@ -539,6 +573,7 @@ def project(report: dict, analysis, chip) -> dict:
   per_step = [v.get('bytes_per_step') for v in report.get('collectives_per_device', {}).values()]
   out = {
       'topology': report['topology'], 'mesh': report['mesh'], 'chips': chips,
+      'remat_policy': report.get('remat_policy'),
       'memory_per_chip_gib': round(mem['total_gib'] * per_chip, 2), 'fits_hbm': mem['fits_hbm'],
       'model_flops': model, 'model_flops_per_chip': model / chips,
       'xla_cost_analysis_flops_per_device': report['xla_flops_per_device'],

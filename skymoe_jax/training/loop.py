@@ -21,6 +21,7 @@ raises NonFiniteError naming the step. Evaluation during training (train.eval_ev
 `evaluate` function the caller passes (the train command passes evaluation.runner.evaluate):
 training itself knows no evaluator.
 """
+import copy
 import json
 import signal
 import time
@@ -133,8 +134,11 @@ def _train(config, workdir, evaluate) -> Dict:
   sources.resolve_sources(config)
   tokenizer = workdir_lib.prepare_tokenizer(config, workdir)
 
-  mesh = mesh_lib.create_mesh(config)
-  model = factory.create_model(config)
+  mesh = mesh_lib.create_mesh(config, batch_size=config.data.batch_size)
+  # remat_policy 'auto' is chosen for this mesh; the workdir's config keeps what was asked for.
+  model_config = copy.deepcopy(config)
+  model_config.model.remat_policy = mesh_lib.remat_policy(config, mesh.shape)
+  model = factory.create_model(model_config)
   tx = optimizer_lib.for_run(config)
   abstract, shardings = state_lib.state_shardings(config, model, tx, mesh)
   step_fn = step_lib.make_train_step(config, model, tx, mesh)

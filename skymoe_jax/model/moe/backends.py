@@ -18,23 +18,15 @@ inside shard_map; expert parallelism runs them with check_vma=False, where shard
 transpose adds those partials up.
 """
 import functools
-import importlib
 import math
 
 import jax
 import jax.numpy as jnp
 
 from skymoe_jax import registry
+from skymoe_jax.model import layers
 from skymoe_jax.model.mlp import swiglu
-
-
-
-def target_platform() -> str:
-  """The platform being compiled for: the active mesh's devices (e.g. TPU when compiling ahead
-  of time on a CPU host), else this process's default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh.empty else mesh.abstract_device
-  return device.platform if device is not None else jax.default_backend()
+from skymoe_jax.model.moe import grouped_matmul
 
 
 def _expert(experts, e):
@@ -140,23 +132,10 @@ def _stack_gate_up(experts):
   return jnp.concatenate([experts['w_gate'], experts['w_up']], axis=-1)
 
 
-def _megablox_weight_grad(x, d_out, group_sizes, dtype, interpret=False):
-  """dW[g] = x_g^T d_out_g with the TPU grouped-matmul kernel (megablox tgmm): only each
-  group's own rows, where XLA's transpose of ragged_dot computes every group on every row."""
-  # The module (the package's own `gmm` attribute is the function of the same name).
-  megablox = importlib.import_module('jax.experimental.pallas.ops.tpu.megablox.gmm')
-  tile = 128
-  m = x.shape[0]
-  pad = -m % tile  # the kernel tiles the rows in whole tiles; padding rows are in no group
-  x, d_out = jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(d_out, ((0, pad), (0, 0)))
-  tiling = (tile, min(tile, x.shape[1]), min(tile, d_out.shape[1]))
-  return megablox.tgmm(x.T, d_out, group_sizes, dtype, tiling, interpret=interpret)
-
-
 @jax.custom_vjp
 def _grouped_matmul(x, w, group_sizes):
   """jax.lax.ragged_dot (rows of x grouped by w's leading axis) with the weight gradient on TPU
-  taken by megablox (see _megablox_weight_grad); elsewhere the same maths as autodiff's."""
+  taken by megablox (grouped_matmul.megablox_weight_grad); elsewhere the same maths as autodiff's."""
   return jax.lax.ragged_dot(x, w, group_sizes)
 
 
@@ -167,8 +146,8 @@ def _grouped_matmul_fwd(x, w, group_sizes):
 def _grouped_matmul_bwd(res, d_out):
   x, w, group_sizes = res
   d_x = jax.lax.ragged_dot(d_out, jnp.swapaxes(w, 1, 2), group_sizes)
-  if target_platform() == 'tpu':
-    d_w = _megablox_weight_grad(x, d_out, group_sizes, w.dtype)
+  if layers.target_platform() == 'tpu':
+    d_w = grouped_matmul.megablox_weight_grad(x, d_out, group_sizes, w.dtype)
   else:
     d_w = jax.vjp(lambda w: jax.lax.ragged_dot(x, w, group_sizes), w)[1](d_out)[0]
   return d_x.astype(x.dtype), d_w.astype(w.dtype), None
@@ -192,20 +171,48 @@ def _block_experts(group_sizes, num_blocks: int, block_size: int):
   return jnp.minimum(block_expert, group_sizes.shape[0] - 1), block_starts < padded_ends[-1]
 
 
-def _experts_blocks(x_padded, experts, group_sizes, block_size):
-  """The same without ragged_dot: groups padded to whole blocks, one expert per block, a loop
-  over the blocks that skips the empty ones (_block_matmul).
+def _swiglu_separate(x, experts, matmul):
+  """SwiGLU with gate and up as two grouped matmuls: stacking them would copy [E, D, 2F] every
+  step and split its gradient again, which costs more than reading the rows twice (measured on
+  CPU for the block loop)."""
+  h = jax.nn.silu(matmul(x, experts['w_gate'])) * matmul(x, experts['w_up'])
+  return matmul(h, experts['w_down'])
+
+
+def _experts_megablox(x_sorted, experts, group_sizes):
+  """Each expert's SwiGLU on its contiguous group of rows with the TPU grouped-matmul kernels
+  (megablox gmm forward and input gradient, tgmm weight gradient). Rows past the last group
+  come out as zeros."""
+  interpret = layers.target_platform() == 'cpu'  # tests: the kernels in Pallas' interpret mode
+  return _swiglu_separate(x_sorted, experts,
+                          lambda a, w: grouped_matmul.megablox_gmm(a, w, group_sizes, interpret))
+
+
+def _experts_in_blocks(x_padded, experts, group_sizes, block_size, block_matmul):
+  """Groups padded to whole blocks, one expert per block: block_matmul(blocks, w, block_expert,
+  used) runs each used block through its expert and leaves the empty ones zero.
 
   x_padded: [R, D] with R a multiple of block_size, sized for the worst case.
   """
   num_blocks = x_padded.shape[0] // block_size
   block_expert, used = _block_experts(group_sizes, num_blocks, block_size)
-  matmul = lambda a, w: _block_matmul(a, w, block_expert, used)
-  # Gate and up as two loops: stacking them would copy [E, D, 2F] every step and split its
-  # gradient again, which on CPU costs more than reading the rows twice.
+  matmul = lambda a, w: block_matmul(a, w, block_expert, used)
   blocks = x_padded.reshape(num_blocks, block_size, -1)
-  h = jax.nn.silu(matmul(blocks, experts['w_gate'])) * matmul(blocks, experts['w_up'])
-  return matmul(h, experts['w_down']).reshape(x_padded.shape[0], -1)
+  return _swiglu_separate(blocks, experts, matmul).reshape(x_padded.shape[0], -1)
+
+
+def _experts_blocks(x_padded, experts, group_sizes, block_size):
+  """The same without ragged_dot: a loop over the blocks that skips the empty ones
+  (_block_matmul)."""
+  return _experts_in_blocks(x_padded, experts, group_sizes, block_size, _block_matmul)
+
+
+def _experts_triton(x_padded, experts, group_sizes, block_size):
+  """The same blocks through the GPU grouped-matmul kernels (Pallas Triton: forward, input and
+  weight gradient), one program per (block, column tile), the empty blocks written as zeros."""
+  interpret = layers.target_platform() == 'cpu'  # tests: the kernels in Pallas' interpret mode
+  matmul = lambda a, w, e, u: grouped_matmul.triton_block_matmul(a, w, e, u, interpret)
+  return _experts_in_blocks(x_padded, experts, group_sizes, block_size, matmul)
 
 
 def _experts_batched(x_padded, experts, group_sizes, block_size):
@@ -221,11 +228,31 @@ def _experts_batched(x_padded, experts, group_sizes, block_size):
   return out.reshape(x_padded.shape[0], -1)
 
 
-# The grouped-matmul implementations of the ragged backend (model.moe.ragged_impl); 'auto' picks
-# 'blocks' on CPU, 'ragged_dot' elsewhere. ragged_dot takes the rows sorted by expert, the others
-# the rows padded to whole blocks.
+# The grouped-matmul implementations of the ragged backend (model.moe.ragged_impl). ragged_dot
+# and megablox take the rows sorted by expert (SORTED_IMPLS), the others the rows padded to whole
+# blocks. The kernels run on their own accelerator (KERNEL_PLATFORMS), and on CPU in Pallas'
+# interpret mode (tests).
 RAGGED_IMPLS = {'ragged_dot': _experts_ragged_dot, 'blocks': _experts_blocks,
-                'batched': _experts_batched}
+                'batched': _experts_batched, 'megablox': _experts_megablox,
+                'triton': _experts_triton}
+SORTED_IMPLS = ('ragged_dot', 'megablox')
+KERNEL_PLATFORMS = {'megablox': 'tpu', 'triton': 'gpu'}
+# What 'auto' picks per platform (other platforms: ragged_dot). On CPU the block loop: ragged_dot
+# is about 9x slower there (measured, jax 0.10), the kernels only interpret.
+AUTO_RAGGED_IMPLS = {'cpu': 'blocks', 'gpu': 'triton', 'tpu': 'megablox'}
+
+
+def resolve_ragged_impl(impl: str, platform: str) -> str:
+  """The implementation that `impl` (config.model.moe.ragged_impl) runs when compiling for
+  `platform`: 'auto' resolved, a kernel on another accelerator refused."""
+  if impl == 'auto':
+    return AUTO_RAGGED_IMPLS.get(platform, 'ragged_dot')
+  registry.lookup(RAGGED_IMPLS, impl, 'config.model.moe.ragged_impl', 'ragged implementation')
+  kernel_platform = KERNEL_PLATFORMS.get(impl, platform)
+  if platform not in (kernel_platform, 'cpu'):
+    raise registry.ConfigError(f'config.model.moe.ragged_impl={impl!r}: a {kernel_platform} '
+                               f'kernel, but this compiles for {platform} (auto picks for you)')
+  return impl
 
 
 def ragged_backend(x, ids, weights, valid, experts, *, impl='auto', block_size=128):
@@ -233,19 +260,16 @@ def ragged_backend(x, ids, weights, valid, experts, *, impl='auto', block_size=1
   gather each pair's output back and combine. The rows move by gathers (their gradients are
   the scatter-adds); only integer indices are scattered."""
   del valid
-  if impl == 'auto':
-    # ragged_dot is about 9x slower than the block loop on CPU (measured, jax 0.10).
-    impl = 'blocks' if target_platform() == 'cpu' else 'ragged_dot'
-  experts_fn = registry.lookup(RAGGED_IMPLS, impl, 'config.model.moe.ragged_impl',
-                               'ragged implementation')
+  impl = resolve_ragged_impl(impl, layers.target_platform())
+  experts_fn = RAGGED_IMPLS[impl]
   n, k = ids.shape
   num_experts = experts['w_gate'].shape[0]
   order, rank, group_sizes, padded_pos, num_rows = _sorted_layout(ids, num_experts, block_size)
-  if impl == 'ragged_dot':
+  if impl in SORTED_IMPLS:
     x_sorted = jnp.take(x, order // k, axis=0)
     out = experts_fn(x_sorted, experts, group_sizes)
     # Rows with no local expert (id == E) sit past the groups: zero them whatever ragged_dot
-    # left there.
+    # left there (megablox already has).
     out = jnp.where((jnp.arange(n * k) < jnp.sum(group_sizes))[:, None], out, 0)
     pair_out = jnp.take(out, rank, axis=0)
   else:

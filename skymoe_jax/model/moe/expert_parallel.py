@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from skymoe_jax import registry
+from skymoe_jax.model import layers
 from skymoe_jax.model.moe import backends
 
 
@@ -174,7 +175,7 @@ def sharded_backend(strategy: str, backend: str, *, capacity_factor: float, **ba
                                  'expert-parallel strategy')
 
   def run(x, ids, weights, valid, experts):
-    if strategy == 'ragged_all_to_all' and backends.target_platform() == 'cpu':
+    if strategy == 'ragged_all_to_all' and layers.target_platform() == 'cpu':
       raise NotImplementedError(
           'config.model.moe.ep_strategy=ragged_all_to_all: jax.lax.ragged_all_to_all does not '
           'run on CPU; use ring or all_to_all here (ragged_all_to_all is for TPU / GPU)')
