@@ -4,7 +4,8 @@
 
 loads the config file twice (`:stage1` and `:stage2`), trains WORKDIR/stage1 then WORKDIR/stage2
 (each resumable: rerunning continues where it stopped), evaluates stage II's last checkpoint on
-the eval split, and prints the per-task table next to a best-constant-answer baseline.
+the eval split, and prints the per-task table next to a best-constant-answer baseline. It
+leaves a few held-out scenes in WORKDIR/examples (chat.write_examples), for chat and the demo.
 `--config.FIELD=VALUE` overrides a field of both stages, e.g. `--config.train.total_steps=50`.
 """
 import collections
@@ -18,12 +19,11 @@ from skymoe_jax import cli
 from skymoe_jax import config as config_lib
 from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.data import sources
-from skymoe_jax.evaluation import runner
+from skymoe_jax.evaluation import chat, runner
 from skymoe_jax.training import loop
 
 # Tasks scored by exact answer match, where a constant answer is a meaningful chance level.
 EXACT_MATCH_TASKS = ('scene_classification', 'vqa', 'counting')
-
 
 
 def define_flags():
@@ -62,7 +62,9 @@ def run(path: str, workdir, overrides=None) -> dict:
   report = runner.evaluate(config, workdir / 'stage2')
   times['evaluation'] = time.perf_counter() - start
   baseline = constant_baseline(pathlib.Path(report['dir']) / 'answers.jsonl')
-  return {'report': report, 'baseline': baseline, 'seconds': times}
+  # Read from the eval split after everything is measured: no number above depends on it.
+  examples = chat.write_examples(config, workdir / chat.EXAMPLES_DIR)
+  return {'report': report, 'baseline': baseline, 'seconds': times, 'examples': str(examples)}
 
 
 def main(argv):
@@ -74,6 +76,7 @@ def main(argv):
       f'{task} {acc:.3f}' for task, acc in sorted(result['baseline'].items())))
   print('seconds: ' + ', '.join(f'{k} {v:.0f}' for k, v in result['seconds'].items()))
   print(f'evaluation files: {result["report"]["dir"]}')
+  print(f'example scenes and questions: {result["examples"]}')
 
 
 if __name__ == '__main__':

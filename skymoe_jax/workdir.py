@@ -102,11 +102,26 @@ def eval_dir(workdir, step: int) -> pathlib.Path:
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
-  """The config the trainer wrote into the workdir."""
+  """The config the trainer wrote into the workdir. A field newer than the workdir takes its
+  default (base_config's): a new field's default is the behaviour the run had without it."""
   path = resolve(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f'{path}: not a training workdir (no {CONFIG_FILE})')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(
+      _with_defaults(json.loads(path.read_text()), _as_json(config_lib.base_config())))
+
+
+def _with_defaults(saved: dict, defaults: dict, prefix: str = '') -> dict:
+  """saved, plus the fields of defaults it lacks (not inside data.sources' entries)."""
+  out = dict(saved)
+  for key, value in defaults.items():
+    field = f'{prefix}{key}.'
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict) and \
+        not field.startswith(_OPEN_SECTIONS):
+      out[key] = _with_defaults(out[key], value, field)
+  return out
 
 
 def write_config(config, workdir) -> None:
@@ -135,6 +150,7 @@ RESUMABLE_FIELDS = (
     'train.total_steps', 'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
     'train.eval_every', 'eval.*', 'distributed.*',
     'mesh.data', 'mesh.fsdp', 'mesh.expert', 'mesh.tensor', 'model.remat_policy',
+    'model.remat_auto',
     'data.num_parallel_batches', 'data.prefetch_batches',
     'data.sources.*.data_dir', 'data.synthetic.cache_dir')
 _OPEN_SECTIONS = ('data.sources.',)  # entries named by the config file, not by the schema

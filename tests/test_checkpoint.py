@@ -1,4 +1,5 @@
 """Checkpoints: exact round trip, restore onto another mesh, keep-last-N, intervals, mismatches."""
+import json
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,3 +167,18 @@ def test_async_save_survives_donation_then_restores(tmp_path):
     ckpt.close()
   _assert_equal_trees(restored, expected)
   assert data == {'next_step': 1}
+
+
+def test_read_config_gives_newer_fields_their_defaults(tmp_path):
+  """A workdir written before a field existed still loads (chat, export, evaluate read it):
+  the missing field takes base_config's default; data.sources entries get nothing added."""
+  config = load_config('tiny')
+  saved = json.loads(config.to_json_best_effort())
+  del saved['model']['attention_impl']
+  del saved['mesh']['tensor']
+  (tmp_path / ckpt_lib.CONFIG_FILE).write_text(json.dumps(saved))
+  read = ckpt_lib.read_config(tmp_path)
+  assert read.model.attention_impl == config_lib.base_config().model.attention_impl
+  assert read.mesh.tensor == config_lib.base_config().mesh.tensor
+  assert read.model.moe.num_experts == config.model.moe.num_experts  # saved values kept
+  assert read.data.sources.to_dict() == config.data.sources.to_dict()

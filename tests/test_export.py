@@ -22,10 +22,12 @@ transformers = pytest.importorskip('transformers')
 
 from conftest import REPO, load_config  # noqa: E402
 from test_hf_parity import _perturb_vectors  # noqa: E402
+from test_tokenizer import _corpus  # noqa: E402
 from skymoe_jax.interop import from_hf, to_torch, torch_model  # noqa: E402
 from skymoe_jax.model import factory, lora  # noqa: E402
 from skymoe_jax import import_weights  # noqa: E402
 from skymoe_jax import workdir as workdir_lib  # noqa: E402
+from skymoe_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from skymoe_jax.evaluation import generate  # noqa: E402
 from skymoe_jax.interop import gguf  # noqa: E402
 from skymoe_jax.model import layout  # noqa: E402
@@ -437,12 +439,13 @@ def test_import_hf_folders_into_a_workdir_then_export(tmp_path):
       attn_implementation='eager')).eval(), 2)
   (tmp_path / 'llama').mkdir()
   torch.save(llama.state_dict(), tmp_path / 'llama' / 'pytorch_model.bin')
-  (tmp_path / 'llama' / 'tokenizer.model').write_bytes(b'not really sentencepiece')
+  spm_model = tokenizer_lib.train(_corpus(), None, llm.vocab_size).model_bytes
+  (tmp_path / 'llama' / 'tokenizer.model').write_bytes(spm_model)
 
   work = tmp_path / 'work'
   summary = import_weights.import_workdir(config, work, tmp_path / 'clip', tmp_path / 'llama')
   assert summary['converted'] == ['decoder', 'vision']
-  assert (work / 'tokenizer.model').read_bytes() == b'not really sentencepiece'
+  assert (work / 'tokenizer.model').read_bytes() == spm_model
   saved = workdir_lib.read_config(work)
   assert json.loads(saved.to_json()) == json.loads(config.to_json())
   with pytest.raises(FileExistsError):
@@ -475,7 +478,7 @@ def test_import_hf_folders_into_a_workdir_then_export(tmp_path):
   assert np.abs(ours - want)[mask].max() <= TOL
 
   out = tmp_path / 'export'
-  info = to_torch.export_workdir(work, out, image_token_index=0)  # the tokenizer is a stub
+  info = to_torch.export_workdir(work, out, image_token_index=0)  # 0: as hf_llava_logits
   assert info['step'] == 0 and (out / 'tokenizer.model').exists()
   tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out)
   assert np.abs(torch_logits(tm, args) - want)[mask].max() <= TOL
@@ -529,6 +532,8 @@ def test_export_cli_with_verify(moe, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'exported step 3' in r.stdout
   diff = float(r.stdout.split('PyTorch vs JAX = ')[1].split()[0])
+  assert diff <= TOL
+  diff = float(r.stdout.split('AutoModelForImageTextToText vs JAX = ')[1].split()[0])
   assert diff <= TOL
   assert (tmp_path / 'out' / 'model.safetensors.index.json').exists()
 

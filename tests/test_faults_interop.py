@@ -25,8 +25,14 @@ transformers = pytest.importorskip('transformers')
 
 from conftest import REPO, load_config  # noqa: E402
 from test_export import _workdir_with_checkpoint, dense_config, random_params  # noqa: E402
+from test_tokenizer import _corpus  # noqa: E402
 from skymoe_jax import import_weights  # noqa: E402
-from skymoe_jax.interop import from_hf, gguf, to_torch, torch_model  # noqa: E402
+from skymoe_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from skymoe_jax.interop import export_format, from_hf, gguf, to_torch, torch_model  # noqa: E402
+
+# What every export writes beside its weights and config.json: the code transformers runs and
+# the generation config (the processor's files too when there is a tokenizer).
+HF_FILES = [*export_format.SHIPPED_CODE, export_format.GENERATION_FILE]
 
 
 @pytest.fixture(scope='module')
@@ -92,7 +98,8 @@ def test_earlier_export_is_replaced_only_with_overwrite(dense, tmp_path):
   # --overwrite replaces it as a whole: the old shards do not linger next to the new file.
   info = to_torch.export_params(other, config.model, out, overwrite=True)
   assert info['files'] == ['model.safetensors']
-  assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+  assert sorted(p.name for p in out.iterdir()) == sorted(['config.json', 'model.safetensors',
+                                                          *HF_FILES])
   assert _siblings(out) == []
   back, _ = to_torch.load_export(out)
   np.testing.assert_array_equal(back['projector']['fc1']['bias'],
@@ -101,12 +108,12 @@ def test_earlier_export_is_replaced_only_with_overwrite(dense, tmp_path):
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
-  """A stage-I training workdir with one checkpoint (step 3) and a stub tokenizer."""
+  """A stage-I training workdir with one checkpoint (step 3) and a small trained tokenizer."""
   config = dense_config()
   config.mesh.data = 1
   path = tmp_path_factory.mktemp('runs') / 'work'
   _workdir_with_checkpoint(config, random_params(config, seed=1), path)
-  (path / 'tokenizer.model').write_bytes(b'stub tokenizer')
+  (path / 'tokenizer.model').write_bytes(tokenizer_lib.train(_corpus(), None, 256).model_bytes)
   return path
 
 
@@ -165,9 +172,10 @@ def test_export_appears_atomically(dense, workdir, tmp_path, monkeypatch):
   fresh = tmp_path / 'from_workdir'
   info = to_torch.export_workdir(workdir, fresh, image_token_index=0)
   assert info['step'] == 3
-  assert sorted(p.name for p in fresh.iterdir()) == ['config.json', 'model.safetensors',
-                                                     'tokenizer.model']
-  assert (fresh / 'tokenizer.model').read_bytes() == b'stub tokenizer'
+  assert sorted(p.name for p in fresh.iterdir()) == sorted([
+      'config.json', 'model.safetensors', 'tokenizer.model', *HF_FILES,
+      *export_format.PROCESSOR_FILES])
+  assert (fresh / 'tokenizer.model').read_bytes() == (workdir / 'tokenizer.model').read_bytes()
   assert _siblings(fresh) == ['out']
   # An empty folder made beforehand is fine (and replaced by the finished export).
   empty = tmp_path / 'empty'

@@ -83,10 +83,10 @@ TAGS = {t.tag: t for t in (
 )}
 
 # An optional image line, then optional spaces, then a bracketed word: [word] or {WORD}.
-_IMAGE_PREFIX = re.compile(r'^(\s*<image>[ \t]*\n?)?')
-_TAG_AT_START = re.compile(r'^\s*(\[[A-Za-z_]+\]|\{[A-Za-z_]+\})[ \t]*')
+IMAGE_PREFIX = re.compile(r'^(\s*<image>[ \t]*\n?)?')
+TAG_AT_START = re.compile(r'^\s*(\[[A-Za-z_]+\]|\{[A-Za-z_]+\})[ \t]*')
 
-_KEYWORD_RULES = (
+KEYWORD_RULES = (
     (r'how many|count|counts|number of', 'counting', 'local'),
     (r'bounding box(es)?|locate|location of|where is|coordinates?|output the box(es)?',
      'grounding', 'local'),
@@ -116,9 +116,9 @@ def lookup_tag(tag: str) -> TaskTag:
 
 def _split(prompt: str):
   """(image prefix, tag or None, rest) of a human turn."""
-  prefix = _IMAGE_PREFIX.match(prompt).group(0)
+  prefix = IMAGE_PREFIX.match(prompt).group(0)
   rest = prompt[len(prefix):]
-  m = _TAG_AT_START.match(rest)
+  m = TAG_AT_START.match(rest)
   if not m:
     return prefix, None, rest
   return prefix, m.group(1), rest[m.end():]
@@ -135,7 +135,7 @@ def strip_tag(prompt: str) -> str:
 def classify_untagged(prompt: str) -> Tuple[str, str]:
   """(task, granularity) names of a prompt without a tag, by the module's keyword rules."""
   text = prompt.lower()
-  for pattern, task, granularity in _KEYWORD_RULES:
+  for pattern, task, granularity in KEYWORD_RULES:
     if re.search(r'\b(?:' + pattern + r')\b', text):
       return task, granularity
   return 'vqa', 'mixed'

@@ -1,16 +1,18 @@
 """What an export folder holds, and the one reader of its config.json.
 
 Both sides read an export: to_torch.load_export (back into JAX) and torch_model.from_pretrained
-(plain PyTorch, no JAX). A damaged or foreign folder must fail the same way on both, with one
-message naming the file and the field at fault, not a JSONDecodeError, KeyError or
-AttributeError from deep inside building the model. So the checks live here, in plain Python
-(this module imports nothing but the standard library, as torch_model needs), and each side
-passes the error class it raises.
+(plain PyTorch, no JAX; this file is shipped into every export with it). A damaged or foreign
+folder must fail the same way on both, with one message naming the file and the field at
+fault, not a JSONDecodeError, KeyError or AttributeError from deep inside building the model.
+So the checks live here, in plain Python (this module imports nothing but the standard
+library, as torch_model needs), and each side passes the error class it raises.
 
 An export folder holds only the files an export writes (`is_export_file`): config.json,
 model.safetensors or model-0000i-of-0000n.safetensors shards + model.safetensors.index.json,
-and tokenizer.model. Its config.json has a `skymoe` section whose `model` is our model config;
-`REQUIRED` lists the fields of it that the readers use.
+tokenizer.model, and the files that make it a Hugging Face repository (interop/hf_repo.py):
+the shipped code (SHIPPED_CODE), generation_config.json and the processor's files. Its
+config.json has a `skymoe` section whose `model` is our model config (`REQUIRED` lists the
+fields of it that the readers use) and whose `moe_layers` lists the MoE decoder layers.
 """
 import json
 import pathlib
@@ -21,6 +23,14 @@ CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 TOKENIZER_FILE = 'tokenizer.model'
+GENERATION_FILE = 'generation_config.json'
+# The code that transformers' trust_remote_code runs: copied from skymoe_jax/interop/ as it is.
+SHIPPED_CODE = ('torch_model.py', 'export_format.py', 'configuration_skymoe.py',
+                'modeling_skymoe.py', 'processing_skymoe.py')
+# What the processor's save_pretrained writes (hf_repo.write_processor).
+PROCESSOR_FILES = ('tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja',
+                   'processor_config.json', 'preprocessor_config.json')
+ADAPTER_FOLDER = 'adapter'  # peft_export's PEFT adapter, beside its base
 FORMAT_VERSION = 1  # of the skymoe section; a newer one is refused, not half-read
 _SHARD = re.compile(r'model-\d{5}-of-\d{5}\.safetensors')
 
@@ -41,8 +51,8 @@ REQUIRED_ADAPTIVE = ('num_tasks', 'num_granularities', 'condition_dim')  # adapt
 
 def is_export_file(name: str) -> bool:
   """Whether an export writes a file of this name (what --overwrite may replace)."""
-  return name in (CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, TOKENIZER_FILE) or bool(
-      _SHARD.fullmatch(name))
+  return name in (CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, TOKENIZER_FILE, GENERATION_FILE,
+                  ADAPTER_FOLDER, *SHIPPED_CODE, *PROCESSOR_FILES) or bool(_SHARD.fullmatch(name))
 
 
 def _kind(value) -> str:
@@ -78,10 +88,11 @@ def read_json(path, error=ValueError):
     raise error(f'{path}: not JSON ({e}); a damaged or truncated file?') from None
 
 
-def read_config(folder, error=ValueError) -> dict:
+def read_config(folder, error=ValueError, our_layout: bool = True) -> dict:
   """config.json of an export folder, checked: a JSON object with a `skymoe` section of a known
-  format_version whose `model` holds every REQUIRED field. Anything else raises `error` naming
-  the file and what is wrong."""
+  format_version whose `model` holds every REQUIRED field, and (our_layout) tensors in our
+  layout, not native_export's Qwen2-MoE one. Anything else raises `error` naming the file and
+  what is wrong."""
   folder = pathlib.Path(folder)
   path = folder / CONFIG_FILE
   if not path.is_file():
@@ -109,6 +120,19 @@ def read_config(folder, error=ValueError) -> dict:
   if missing:
     raise error(f'{path}: skymoe.model lacks {", ".join(missing)} (a damaged or hand-edited '
                 'config.json?)')
+  # Which layers are MoE (model/layout.py's answer, written at export): the torch model builds
+  # its decoder from this list.
+  layers, n = skymoe.get('moe_layers'), model['llm']['num_layers']
+  experts = model['moe']['num_experts']
+  if (not isinstance(layers, list) or not isinstance(n, int) or not isinstance(experts, int) or
+      not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in layers) or
+      bool(layers) != (experts > 0)):
+    raise error(f'{path}: skymoe.moe_layers {layers!r} is not a list of decoder layer indices in '
+                f'[0, {n}), non-empty exactly when moe.num_experts (here {experts}) > 0')
+  if our_layout and skymoe.get('native') == 'qwen2_moe':
+    raise error(f'{path}: a native transformers export (LLaVA + Qwen2-MoE, skymoe.native): load '
+                'it with transformers.LlavaForConditionalGeneration, or export with '
+                '--layout=skymoe for this reader')
   return config
 
 

@@ -1,12 +1,15 @@
-"""Export: our parameters -> a Hugging Face-style folder (safetensors + config.json), by shards.
+"""Export: our parameters -> a Hugging Face model repository (safetensors + config.json).
 
   export_params(params, model_cfg, out)      any parameter tree (device or numpy arrays)
   export_workdir(workdir, out, step=None)    a training workdir's checkpoint (params only)
 
 The folder holds model.safetensors (or model-0000i-of-0000n.safetensors shards plus
 model.safetensors.index.json above `max_shard_bytes`), config.json and, when the workdir has
-one, tokenizer.model. Tensor names come from from_hf.llava_table, the table the importers read
-with, so export followed by import is an exact round trip.
+one, tokenizer.model; hf_repo.py adds what makes it a Hugging Face repository that
+transformers' auto classes load (trust_remote_code): the shipped PyTorch code, config.json's
+auto_map, generation_config.json and, with a tokenizer, the processor's files. Tensor names
+come from from_hf.llava_table, the table the importers read with, so export followed by import
+is an exact round trip.
 
 Nothing already on disk is lost, and no folder looks complete before it is:
 - `out` must be new or empty. An earlier export of ours (its config.json has a `skymoe`
@@ -31,13 +34,15 @@ a smaller max_shard_bytes lowers the peak. A workdir restore reads the parameter
 optimizer state).
 
 config.json is LlavaConfig-compatible for dense models (LlavaForConditionalGeneration loads the
-folder); an MoE model gets model_type 'skymoe_llava' so that transformers refuses it rather than
-silently dropping experts. Either way a `skymoe` section carries our whole model config, which
-torch_model.py (and import back into JAX) builds the model from; export_format.py reads it,
-refusing a damaged or foreign one naming the file and field. The vision tower is exported
-with the blocks we have, up to the feature layer, so HF reads its features at
-vision_feature_layer=-1 (the last exported block: the same tensor as the original tower's
-feature_layer); the post-layernorm HF expects and LLaVA never uses is written as identity.
+folder natively); an MoE model gets model_type 'skymoe_llava', which only our remote code
+(configuration_skymoe.py, modeling_skymoe.py) reads, so no transformers class silently drops
+its experts. Either way a `skymoe` section carries our whole model config and the MoE layer
+indices, which torch_model.py (and import back into JAX) builds the model from;
+export_format.py reads it, refusing a damaged or foreign one naming the file and field. The
+vision tower is exported with the blocks we have, up to the feature layer, so HF reads its
+features at vision_feature_layer=-1 (the last exported block: the same tensor as the original
+tower's feature_layer); the post-layernorm HF expects and LLaVA never uses is written as
+identity.
 """
 import json
 import os
@@ -52,9 +57,11 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import save_file
 
+from skymoe_jax import config as config_lib
 from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.config import num_feature_layers
-from skymoe_jax.interop import export_format, from_hf
+from skymoe_jax.data import tokenizer as tokenizer_lib
+from skymoe_jax.interop import export_format, from_hf, hf_repo
 from skymoe_jax.model import factory, layout, lora
 
 FORMAT_VERSION = export_format.FORMAT_VERSION
@@ -332,8 +339,10 @@ def _publish(staging: pathlib.Path, out: pathlib.Path, overwrite: bool, workdir)
     os.rename(staging, out)  # onto an empty folder too (POSIX rename replaces it)
 
 
-def _write_folder(folder: pathlib.Path, tensors, shards, config: dict, copies) -> List[str]:
-  """The export's files into `folder`; returns the weight files' names."""
+def _write_folder(folder: pathlib.Path, tensors, shards, config: dict, copies,
+                  write_more: Optional[Callable[[pathlib.Path], None]] = None) -> List[str]:
+  """The export's files into `folder` (write_more adds its own last, e.g. the Hugging Face
+  files); returns the weight files' names."""
   meta = {'format': 'pt', 'producer': 'skymoe_jax'}
   if len(shards) == 1:
     files = [WEIGHTS_FILE]
@@ -348,19 +357,50 @@ def _write_folder(folder: pathlib.Path, tensors, shards, config: dict, copies) -
   (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1) + '\n')
   for name, source in (copies or {}).items():
     shutil.copyfile(source, folder / name)
+  if write_more is not None:
+    write_more(folder)
   return files
+
+
+def _repo_writer(model_cfg, config: dict, tokenizer_path, data_cfg, image_token_index: int):
+  """Makes `config` a remote-code config (auto_map) and returns the function that writes the
+  Hugging Face files (hf_repo.py); the tokenizer is read and converted here, before any weight
+  is written, so a bad one fails the export early, naming the file."""
+  config['auto_map'] = dict(hf_repo.MODEL_AUTO_MAP)
+  if model_cfg.moe.num_experts:
+    config['auto_map'].update(hf_repo.CONFIG_AUTO_MAP)
+    config['architectures'] = [hf_repo.MODEL_CLASS]
+  tokenizer = processor = None
+  if tokenizer_path is not None:
+    tokenizer = read_tokenizer(tokenizer_path)
+    data_cfg = data_cfg if data_cfg is not None else config_lib.base_config().data
+    try:
+      processor = hf_repo.make_processor(tokenizer, model_cfg, data_cfg, image_token_index)
+    except ImportError as e:
+      raise ExportError(f'the export\'s processor needs transformers ({e}): pip install -e '
+                        '".[export]"') from None
+
+  def write(folder: pathlib.Path):
+    hf_repo.copy_code(folder)
+    hf_repo.write_generation_config(folder, tokenizer)
+    if processor is not None:
+      hf_repo.write_processor(folder, processor)
+  return write
 
 
 def export_params(params, model_cfg, out, dtype: str = 'float32',
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, image_token_index: int = 0,
                   extra: Optional[dict] = None, overwrite: bool = False,
-                  copies: Optional[Dict[str, pathlib.Path]] = None, workdir=None) -> Dict:
-  """Writes `params` (an unboxed tree; LoRA adapters are merged) as a HF-style folder `out`,
-  atomically: `out` is refused unless check_out allows it (overwrite: replace an earlier export
-  of ours), and appears only once complete.
+                  copies: Optional[Dict[str, pathlib.Path]] = None, workdir=None,
+                  data_cfg=None) -> Dict:
+  """Writes `params` (an unboxed tree; LoRA adapters are merged) as a Hugging Face repository
+  `out`, atomically: `out` is refused unless check_out allows it (overwrite: replace an earlier
+  export of ours), and appears only once complete.
 
-  copies: {file name in the export: source file} copied in with the weights (tokenizer.model);
-  workdir: the training workdir the params come from, which `out` must stay out of.
+  copies: {file name in the export: source file} copied in with the weights (tokenizer.model:
+  the processor is made from it); workdir: the training workdir the params come from, which
+  `out` must stay out of; data_cfg: the run's config.data (chat template, pad_to_square) for the
+  processor, default the base config's.
   Returns {'files', 'num_tensors', 'total_bytes', 'seconds'}.
   """
   start = time.perf_counter()
@@ -369,50 +409,79 @@ def export_params(params, model_cfg, out, dtype: str = 'float32',
   if model_cfg.lora.rank > 0:
     params = lora.merge_lora(params, model_cfg.lora.alpha)
   tensors = export_tensors(params, model_cfg, dtype)  # a parameter at fault fails here
-  shards = plan_shards(tensors, max_shard_bytes)
   config = hf_config(model_cfg, dtype, image_token_index, extra)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = _sibling(out, 'partial')
-  staging.mkdir()
-  try:
-    files = _write_folder(staging, tensors, shards, config, copies)
-    _publish(staging, out, overwrite, workdir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+  repo = _repo_writer(model_cfg, config, (copies or {}).get(export_format.TOKENIZER_FILE),
+                      data_cfg, image_token_index)
+  files = write_export(out, tensors, config, max_shard_bytes, copies, overwrite, workdir, repo)
   return {'files': files, 'num_tensors': len(tensors),
           'total_bytes': sum(t.nbytes for t in tensors),
           'seconds': time.perf_counter() - start}
 
 
+def write_export(out, tensors: List[Tensor], config: dict,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 copies: Optional[Dict[str, pathlib.Path]] = None, overwrite: bool = False,
+                 workdir=None, write_more: Optional[Callable[[pathlib.Path], None]] = None
+                 ) -> List[str]:
+  """The one writer of every export layout (ours, native_export's, peft_export's): `tensors`
+  sharded by max_shard_bytes, config.json, `copies` and whatever write_more(folder) adds, into
+  a staging folder next to `out`, renamed into place once complete (check_out's rules).
+  Returns the weight files' names."""
+  out = check_out(out, overwrite, workdir)
+  shards = plan_shards(tensors, max_shard_bytes)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staging = _sibling(out, 'partial')
+  staging.mkdir()
+  try:
+    files = _write_folder(staging, tensors, shards, config, copies, write_more)
+    _publish(staging, out, overwrite, workdir)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return files
+
+
 # ------------------------------------------------------------------------- from a workdir
+
+
+def read_tokenizer(path) -> tokenizer_lib.Tokenizer:
+  """The sentencepiece model at `path`, or ExportError naming it."""
+  try:
+    return tokenizer_lib.Tokenizer(path)
+  except (OSError, RuntimeError) as e:
+    raise ExportError(f'{path}: not a sentencepiece model ({type(e).__name__}: {e}); the '
+                      'export\'s processor is made from it') from None
 
 
 def image_token_id(tokenizer_path) -> int:
   """The tokenizer's `<image>` piece when it has one (ours do), else its unk id (LLaMA's
   tokenizer.model has none; unk never appears in text that byte fallback encodes)."""
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-  piece = sp.piece_to_id('<image>')
-  return int(piece) if piece != sp.unk_id() else int(sp.unk_id())
+  tok = read_tokenizer(tokenizer_path)
+  return int(tok.piece_to_id('<image>'))  # sentencepiece answers unk for a missing piece
 
 
 def export_workdir(workdir, out, step: Optional[int] = None, dtype: str = 'float32',
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                   image_token_index: Optional[int] = None, overwrite: bool = False) -> Dict:
-  """Exports a training workdir's checkpoint (default its latest) to `out`, tokenizer included.
-  `out` is checked before the checkpoint is read, so a refused one costs no restore."""
+                   image_token_index: Optional[int] = None, overwrite: bool = False,
+                   write: Optional[Callable] = None,
+                   check: Optional[Callable] = None) -> Dict:
+  """Exports a training workdir's checkpoint (default its latest) to `out`, tokenizer included,
+  with `write` (export_params' signature; default export_params: our layout). `out` and
+  check(model config) come first, so a refused export costs no restore."""
+  write = write or export_params
   workdir = workdir_lib.resolve(workdir)
   out = check_out(out, overwrite, workdir)
   config = workdir_lib.read_config(workdir)
+  if check is not None:
+    check(config.model)
   step, params = workdir_lib.restore_params(config, workdir, step)
   tokenizer = workdir_lib.tokenizer_path(workdir)
   if image_token_index is None:
     image_token_index = image_token_id(tokenizer) if tokenizer.exists() else 0
   copies = {export_format.TOKENIZER_FILE: tokenizer} if tokenizer.exists() else None
-  info = export_params(params, config.model, out, dtype, max_shard_bytes, image_token_index,
-                       extra={'step': int(step), 'workdir': str(workdir)}, overwrite=overwrite,
-                       copies=copies, workdir=workdir)
+  info = write(params, config.model, out, dtype, max_shard_bytes, image_token_index,
+               extra={'step': int(step), 'workdir': str(workdir)}, overwrite=overwrite,
+               copies=copies, workdir=workdir, data_cfg=config.data)
   info.update(step=int(step), config=config, params=params)
   return info
 
@@ -428,33 +497,74 @@ def load_export(folder, dtype=None):
   return from_hf.llava_params(from_hf.open_checkpoint(folder), model_cfg, dtype), model_cfg
 
 
-def verify_export(out, params, config, batch: int = 2, text_len: int = 16, seed: int = 0
-                  ) -> float:
-  """Max |logit difference| between torch_model on the export `out` and our model on `params`
-  (the original tree, LoRA unmerged), on the same random inputs; real positions only.
-
-  The JAX side runs dropless (the capacity backend would drop tokens the torch model keeps).
-  """
-  import torch  # pylint: disable=import-outside-toplevel
-  from skymoe_jax.interop import torch_model  # pylint: disable=import-outside-toplevel
+def _jax_logits(params, config, batch: int, text_len: int, seed: int, image_token: int):
+  """Our model's logits on random inputs, and the inputs: images, text avoiding the image
+  placeholder id, the second row right-padded as the input pipeline pads, random task and
+  granularity ids. The JAX side runs dropless (the capacity backend would drop tokens the
+  PyTorch models keep)."""
   config = ml_collections.ConfigDict(config.to_dict())
   if config.model.moe.backend == 'capacity':
     config.model.moe.backend = 'dense'
   config.model.moe.ep_strategy = 'none'
-  model = factory.create_model(config)
   v, llm, m = config.model.vision, config.model.llm, config.model.moe
   rng = np.random.default_rng(seed)
-  images = rng.normal(size=(batch, v.image_size, v.image_size, 3)).astype(np.float32)
-  tokens = rng.integers(0, llm.vocab_size, size=(batch, text_len)).astype(np.int32)
-  mask = np.ones((batch, text_len), bool)
-  mask[1:, text_len // 2:] = False  # right padding, as the input pipeline makes it
-  task = rng.integers(0, m.num_tasks, size=(batch,)).astype(np.int32)
-  gran = rng.integers(0, m.num_granularities, size=(batch,)).astype(np.int32)
-  ours = np.asarray(jax.jit(lambda p, *a: model.apply({'params': p}, *a)[0])(
-      params, images, tokens, mask, task, gran))
+  x = {'images': rng.normal(size=(batch, v.image_size, v.image_size, 3)).astype(np.float32),
+       'tokens': rng.integers(0, llm.vocab_size, size=(batch, text_len)).astype(np.int32),
+       'mask': np.ones((batch, text_len), bool),
+       'task': rng.integers(0, max(m.num_tasks, 1), size=(batch,)).astype(np.int32),
+       'gran': rng.integers(0, max(m.num_granularities, 1), size=(batch,)).astype(np.int32)}
+  x['tokens'][x['tokens'] == image_token] = (image_token + 1) % llm.vocab_size
+  x['mask'][1:, text_len // 2:] = False
+  model = factory.create_model(config)
+  ours = jax.jit(lambda p, *a: model.apply({'params': p}, *a)[0])(
+      params, x['images'], x['tokens'], x['mask'], x['task'], x['gran'])
+  return np.asarray(ours), x
+
+
+def verify_export(out, params, config, batch: int = 2, text_len: int = 16, seed: int = 0
+                  ) -> float:
+  """Max |logit difference| between torch_model on the export `out` and our model on `params`
+  (the original tree, LoRA unmerged), on the same random inputs; real positions only."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from skymoe_jax.interop import torch_model  # pylint: disable=import-outside-toplevel
+  ours, x = _jax_logits(params, config, batch, text_len, seed, image_token=-1)
   tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+  t = {k: torch.from_numpy(v) for k, v in x.items()}
   with torch.no_grad():
-    theirs = tm(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(tokens).long(),
-                torch.from_numpy(mask), torch.from_numpy(task).long(),
-                torch.from_numpy(gran).long()).numpy()
-  return float(np.abs(ours - theirs)[mask].max())
+    theirs = tm(t['images'].permute(0, 3, 1, 2), t['tokens'].long(), t['mask'],
+                t['task'].long(), t['gran'].long()).numpy()
+  return float(np.abs(ours - theirs)[x['mask']].max())
+
+
+def verify_hf_export(out, params, config, batch: int = 2, text_len: int = 16, seed: int = 0,
+                     native: bool = False, adapter=None) -> float:
+  """As verify_export, through transformers on LLaVA's layout (the image placeholders, then the
+  text): AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True), or with
+  native=True LlavaForConditionalGeneration without remote code (native_export's folders; with
+  `adapter`, a PEFT adapter folder applied by peft.PeftModel). Max |logit difference| over the
+  real text positions."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  image_token = int(export_format.read_config(out, our_layout=False)['image_token_index'])
+  ours, x = _jax_logits(params, config, batch, text_len, seed, image_token)
+  if native:
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(
+        out, dtype=torch.float32, attn_implementation='eager')
+    if adapter is not None:
+      import peft  # pylint: disable=import-outside-toplevel
+      hf = peft.PeftModel.from_pretrained(hf, adapter)
+  else:
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(
+        out, trust_remote_code=True, dtype=torch.float32)
+  v = config.model.vision
+  nv = (v.image_size // v.patch_size) ** 2
+  ids = np.concatenate([np.full((batch, nv), image_token, np.int64), x['tokens']], axis=1)
+  attention = np.concatenate([np.ones((batch, nv), bool), x['mask']], axis=1)
+  inputs = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attention),
+                pixel_values=torch.from_numpy(x['images']).permute(0, 3, 1, 2))
+  if not native:  # the adaptive router's inputs
+    inputs.update(task_ids=torch.from_numpy(x['task']).long(),
+                  granularity_ids=torch.from_numpy(x['gran']).long())
+  with torch.no_grad():
+    theirs = hf.eval()(**inputs).logits[:, nv:].numpy()
+  return float(np.abs(ours - theirs)[x['mask']].max())

@@ -1,11 +1,14 @@
 """SkyMoE in plain PyTorch: loads an exported folder (to_torch.py) and runs it.
 
-It needs torch and the safetensors package (no transformers), and of this project only
-model/layout.py, which says which decoder layers are MoE for every caller, and
-interop/export_format.py (plain Python), which reads and checks the folder's config.json the
-same way the JAX side does: a damaged or foreign folder raises one LoadError naming the file. Module names mirror the
-export's tensor names, so loading copies each file's tensors, one at a time, into the parameter
-of the same name (every parameter must be filled, every tensor used):
+It needs torch and the safetensors package, nothing of JAX or of the rest of this project but
+export_format.py (plain Python, imported relatively), which reads and checks the folder's
+config.json the same way the JAX side does: a damaged or foreign folder raises one LoadError
+naming the file. So this very file is also shipped into every export folder, where
+modeling_skymoe.py (transformers' remote code) builds on it: one home for the PyTorch model,
+in the repository and in the exported Hugging Face repository alike. Which decoder layers are
+MoE comes from the export's `skymoe.moe_layers` (written from model/layout.py). Module names
+mirror the export's tensor names, so loading copies each file's tensors, one at a time, into the
+parameter of the same name (every parameter must be filled, every tensor used):
 
   vision_tower.vision_model.*        CLIP ViT (quick-GELU, pre-LN); features = the output of the
                                      last block, CLS dropped; other input sizes resize the
@@ -20,23 +23,26 @@ of the same name (every parameter must be filled, every tensor used):
 The maths follows the JAX model step by step (image tokens first, then text; RoPE positions
 count real tokens only; statistics and softmaxes in fp32), so in float32 the logits agree to
 rounding. Inputs: images [B, 3, H, W] normalised pixels (torch's channel-first layout), tokens
-and token_mask [B, T], task_id and granularity_id [B]. `generate` decodes greedily with a KV
-cache, right-aligning each row's real tokens like the JAX generator so one cache index serves
-the batch.
+and token_mask [B, T], task_id and granularity_id [B]. The decoder (`decode`) runs on any
+key/value cache with transformers' Cache interface (`update(k, v, layer)`, `get_seq_length()`):
+`KVCache` here, transformers' DynamicCache under generate(). `generate` decodes greedily,
+right-aligning each row's real tokens like the JAX generator so one cache index serves the
+batch.
 """
 import json
 import math
 import pathlib
 from types import SimpleNamespace
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import safetensors
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from skymoe_jax.interop import export_format
-from skymoe_jax.model import layout
+# Relative, so that the file runs the same in skymoe_jax/interop/ and in an export folder
+# (transformers copies a remote module's relative imports along with it).
+from .export_format import INDEX_FILE, WEIGHTS_FILE, read_config
 
 
 class LoadError(ValueError):
@@ -83,10 +89,10 @@ def read_safetensors(path) -> Dict[str, torch.Tensor]:
 def export_files(folder) -> Tuple[dict, List[pathlib.Path]]:
   """(config.json, its safetensors files) of an export folder, single file or sharded."""
   folder = pathlib.Path(folder)
-  config = export_format.read_config(folder, LoadError)  # names the file and field at fault
-  index = folder / export_format.INDEX_FILE
-  if (folder / export_format.WEIGHTS_FILE).exists():
-    files = [folder / export_format.WEIGHTS_FILE]
+  config = read_config(folder, LoadError)  # names the file and field at fault
+  index = folder / INDEX_FILE
+  if (folder / WEIGHTS_FILE).exists():
+    files = [folder / WEIGHTS_FILE]
   elif index.exists():
     try:
       weight_map = json.loads(index.read_text())['weight_map']
@@ -256,26 +262,48 @@ def apply_rope(x, positions, theta):
   return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+class KVCache:
+  """Keys and values of every layer, [B, Hkv, S, Dh] grown along S, behind the two methods of
+  transformers' Cache the decoder uses, so `decode` runs on this and on a DynamicCache alike."""
+
+  def __init__(self):
+    self.layers: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+  def update(self, k, v, layer_idx: int, *args, **kwargs):
+    del args, kwargs  # transformers' Cache takes extra arguments this one does not need
+    if layer_idx == len(self.layers):
+      self.layers.append((k, v))
+    else:
+      old_k, old_v = self.layers[layer_idx]
+      self.layers[layer_idx] = (torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2))
+    return self.layers[layer_idx]
+
+  def get_seq_length(self, layer_idx: int = 0) -> int:
+    return self.layers[layer_idx][0].shape[2] if layer_idx < len(self.layers) else 0
+
+
 class Attention(nn.Module):
-  def __init__(self, llm):
+  def __init__(self, llm, layer_idx: int):
     super().__init__()
     d, self.h, self.hkv, self.dh = llm.embed_dim, llm.num_heads, llm.num_kv_heads, llm.head_dim
-    self.theta = llm.rope_theta
+    self.theta, self.layer_idx = llm.rope_theta, layer_idx
     self.q_proj = nn.Linear(d, self.h * self.dh, bias=False)
     self.k_proj = nn.Linear(d, self.hkv * self.dh, bias=False)
     self.v_proj = nn.Linear(d, self.hkv * self.dh, bias=False)
     self.o_proj = nn.Linear(self.h * self.dh, d, bias=False)
 
   def forward(self, x, positions, mask, cache=None):
-    """mask [B, T, S] over the cache's slots then the new ones; returns (y, (k, v) of all S)."""
+    """mask [B, T, S] over the cache's slots then the new ones; the new keys and values are
+    appended to `cache` (a KVCache or a transformers Cache) when one is given."""
     b, t, _ = x.shape
     q = apply_rope(self.q_proj(x).reshape(b, t, self.h, self.dh), positions, self.theta)
     k = apply_rope(self.k_proj(x).reshape(b, t, self.hkv, self.dh), positions, self.theta)
     v = self.v_proj(x).reshape(b, t, self.hkv, self.dh)
-    if cache is not None:
-      k, v = torch.cat([cache[0], k], dim=1), torch.cat([cache[1], v], dim=1)
+    if cache is not None:  # caches hold [B, Hkv, S, Dh], transformers' layout
+      k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+      k, v = k.transpose(1, 2), v.transpose(1, 2)
     out = _attend(q, k, v, mask).reshape(b, t, self.h * self.dh)
-    return self.o_proj(out), (k, v)
+    return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -344,12 +372,12 @@ class SparseMoe(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  def __init__(self, cfg, is_moe):
+  def __init__(self, cfg, layer_idx: int, is_moe: bool):
     super().__init__()
     llm = cfg.llm
     self.is_moe = is_moe
     self.input_layernorm = RMSNorm(llm.embed_dim, llm.norm_eps)
-    self.self_attn = Attention(llm)
+    self.self_attn = Attention(llm, layer_idx)
     self.post_attention_layernorm = RMSNorm(llm.embed_dim, llm.norm_eps)
     if is_moe:
       self.block_sparse_moe = SparseMoe(llm, cfg.moe)
@@ -357,34 +385,57 @@ class DecoderLayer(nn.Module):
       self.mlp = MLP(llm.embed_dim, llm.mlp_dim)
 
   def forward(self, x, positions, mask, token_mask, task_id, granularity_id, cache=None):
-    h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache)
-    x = x + h
+    x = x + self.self_attn(self.input_layernorm(x), positions, mask, cache)
     h = self.post_attention_layernorm(x)
     if self.is_moe:
-      return x + self.block_sparse_moe(h, token_mask, task_id, granularity_id), cache
-    return x + self.mlp(h), cache
+      return x + self.block_sparse_moe(h, token_mask, task_id, granularity_id)
+    return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):
-  def __init__(self, cfg):
+  def __init__(self, cfg, moe_layers: Sequence[int]):
     super().__init__()
     llm = cfg.llm
-    moe = set(layout.moe_layers(cfg))
+    moe = set(moe_layers)
     self.embed_tokens = nn.Embedding(llm.vocab_size, llm.embed_dim)
-    self.layers = nn.ModuleList(DecoderLayer(cfg, i in moe) for i in range(llm.num_layers))
+    self.layers = nn.ModuleList(DecoderLayer(cfg, i, i in moe) for i in range(llm.num_layers))
     self.norm = RMSNorm(llm.embed_dim, llm.norm_eps)
 
 
 class LanguageModel(nn.Module):
-  def __init__(self, cfg):
+  def __init__(self, cfg, moe_layers: Sequence[int]):
     super().__init__()
     self.tied = bool(cfg.llm.tie_embeddings)
-    self.model = LlamaModel(cfg)
+    self.model = LlamaModel(cfg, moe_layers)
     if not self.tied:
       self.lm_head = nn.Linear(cfg.llm.embed_dim, cfg.llm.vocab_size, bias=False)
 
   def head(self):
     return self.model.embed_tokens.weight if self.tied else self.lm_head.weight
+
+  def decode(self, x, slot_mask, task_id, granularity_id, cache=None):
+    """The decoder on embeddings x [B, T, D] that fill the last T of the S slots of slot_mask
+    [B, S] (which slots hold real tokens: the cache's S - T, then the new T).
+
+    RoPE positions count the real slots before each one. Returns fp32 logits [B, T, V]; the new
+    keys and values are appended to `cache`, which must hold exactly S - T slots.
+    """
+    t, s = x.shape[1], slot_mask.shape[1]
+    index = s - t
+    past = cache.get_seq_length() if cache is not None else 0
+    if past != index:
+      raise ValueError(f'the mask covers {s} slots for {t} new tokens, so {index} earlier ones, '
+                       f'but the cache holds {past}')
+    slot_mask = slot_mask.bool()
+    positions = positions_from_mask(slot_mask)[:, index:]
+    causal = torch.arange(s, device=x.device)[None, :] <= (index + torch.arange(
+        t, device=x.device))[:, None]
+    mask = causal[None] & slot_mask[:, None, :]
+    token_mask = slot_mask[:, index:]
+    for layer in self.model.layers:
+      x = layer(x, positions, mask, token_mask, task_id, granularity_id, cache)
+    x = self.model.norm(x)
+    return F.linear(x.float(), self.head().float())
 
 
 def positions_from_mask(mask):
@@ -392,30 +443,48 @@ def positions_from_mask(mask):
   return torch.clamp(torch.cumsum(mask.long(), dim=1) - 1, min=0)
 
 
-class SkyMoEForConditionalGeneration(nn.Module):
-  """The whole model. Build it with `from_pretrained(folder)` or from a `skymoe` model config."""
+def vision_view(model_config: dict) -> dict:
+  """The HF CLIPVisionConfig fields of the exported tower (its blocks up to the feature layer)."""
+  v = _namespace(model_config).vision
+  feature = v.feature_layer
+  blocks = v.depth + 1 + feature if feature < 0 else feature
+  return dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=blocks,
+              num_attention_heads=v.num_heads, image_size=v.image_size,
+              patch_size=v.patch_size, layer_norm_eps=v.norm_eps)
 
-  def __init__(self, model_config: dict, vision_config: Optional[dict] = None):
+
+def submodules(model_config: dict, moe_layers: Sequence[int]) -> Dict[str, nn.Module]:
+  """The model's three parts, named as the export's tensors: this class and the transformers
+  model of modeling_skymoe.py both hold exactly these, so both load the same files."""
+  cfg = _namespace(model_config)
+  return {'vision_tower': VisionTower(_namespace(vision_view(model_config))),
+          'multi_modal_projector': Projector(cfg.vision.width, cfg.llm.embed_dim),
+          'language_model': LanguageModel(cfg, moe_layers)}
+
+
+def encode_images(model: nn.Module, images):
+  """[B, 3, H, W] -> [B, Nv, D] image tokens in the LLM's embedding space (`model` holds the
+  parts of `submodules`)."""
+  return model.multi_modal_projector(model.vision_tower(images))
+
+
+class SkyMoEForConditionalGeneration(nn.Module):
+  """The whole model. Build it with `from_pretrained(folder)`, or from a `skymoe` model config
+  and the indices of its MoE decoder layers."""
+
+  def __init__(self, model_config: dict, moe_layers: Sequence[int]):
     super().__init__()
-    cfg = self.config = _namespace(model_config)
-    v = cfg.vision
-    if vision_config is None:  # the HF-style view of the exported tower
-      feature = v.feature_layer
-      blocks = v.depth + 1 + feature if feature < 0 else feature
-      vision_config = dict(hidden_size=v.width, intermediate_size=v.mlp_dim,
-                           num_hidden_layers=blocks, num_attention_heads=v.num_heads,
-                           image_size=v.image_size, patch_size=v.patch_size,
-                           layer_norm_eps=v.norm_eps)
-    self.vision_tower = VisionTower(_namespace(vision_config))
-    self.multi_modal_projector = Projector(v.width, cfg.llm.embed_dim)
-    self.language_model = LanguageModel(cfg)
+    self.config = _namespace(model_config)
+    for name, module in submodules(model_config, moe_layers).items():
+      setattr(self, name, module)
 
   @classmethod
   def from_pretrained(cls, folder, dtype=torch.float32, device='cpu'):
     """The model of an export folder. Tensors are read one at a time and copied into their
     parameters, so the host holds the model plus one tensor, never a second state dict."""
     config, files = export_files(folder)  # config.json checked: a skymoe section, every field
-    model = cls(config['skymoe']['model'])  # the HF vision view derived from it, as exported
+    skymoe = config['skymoe']
+    model = cls(skymoe['model'], skymoe['moe_layers'])
     own = model.state_dict()
     filled, unexpected = set(), []
     with torch.no_grad():
@@ -435,31 +504,9 @@ class SkyMoEForConditionalGeneration(nn.Module):
                       f'{sorted(unexpected)[:5]}')
     return model.to(device=device, dtype=dtype).eval()
 
-  # The pieces, usable on their own.
-
   def encode_images(self, images):
     """[B, 3, H, W] -> [B, Nv, D] image tokens in the LLM's embedding space."""
-    return self.multi_modal_projector(self.vision_tower(images))
-
-  def decode(self, x, positions, slot_mask, task_id, granularity_id, caches=None, index=0):
-    """The decoder on embeddings x [B, T, D] written at slots index..index+T-1.
-
-    slot_mask [B, S]: which of the S = index + T slots hold real tokens. Returns (fp32 logits
-    [B, T, V], the new per-layer caches).
-    """
-    t, s = x.shape[1], slot_mask.shape[1]
-    causal = torch.arange(s, device=x.device)[None, :] <= (index + torch.arange(
-        t, device=x.device))[:, None]
-    mask = causal[None] & slot_mask[:, None, :]
-    token_mask = slot_mask[:, index:index + t]
-    new_caches = []
-    for i, layer in enumerate(self.language_model.model.layers):
-      x, c = layer(x, positions, mask, token_mask, task_id, granularity_id,
-                   None if caches is None else caches[i])
-      new_caches.append(c)
-    x = self.language_model.model.norm(x)
-    logits = F.linear(x.float(), self.language_model.head().float())
-    return logits, new_caches
+    return encode_images(self, images)
 
   def _prefix(self, images, tokens, token_mask):
     image_embeds = self.encode_images(images)
@@ -473,8 +520,7 @@ class SkyMoEForConditionalGeneration(nn.Module):
   def forward(self, images, tokens, token_mask, task_id, granularity_id):
     """Logits [B, T, V] (fp32) at the text positions: logits[:, t] predicts tokens[:, t + 1]."""
     x, mask, nv = self._prefix(images, tokens, token_mask)
-    logits, _ = self.decode(x, positions_from_mask(mask), mask, task_id, granularity_id)
-    return logits[:, nv:]
+    return self.language_model.decode(x, mask, task_id, granularity_id)[:, nv:]
 
   @torch.no_grad()
   def generate(self, images, tokens, token_mask, task_id, granularity_id,
@@ -486,11 +532,10 @@ class SkyMoEForConditionalGeneration(nn.Module):
     order = torch.sort(mask.int(), dim=1, stable=True).indices
     x = torch.gather(x, 1, order[:, :, None].expand_as(x))
     mask = torch.gather(mask, 1, order)
-    positions = positions_from_mask(mask)
-    b, t = mask.shape
-    logits, caches = self.decode(x, positions, mask, task_id, granularity_id)
+    b = mask.shape[0]
+    cache = KVCache()
+    logits = self.language_model.decode(x, mask, task_id, granularity_id, cache)
     token = logits[:, -1].argmax(-1)
-    last = positions[:, -1]
     done = torch.zeros(b, dtype=torch.bool, device=x.device)
     lengths = torch.zeros(b, dtype=torch.long, device=x.device)
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=x.device)
@@ -498,9 +543,8 @@ class SkyMoEForConditionalGeneration(nn.Module):
       if step:
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=x.device)], dim=1)
         emb = self.language_model.model.embed_tokens(out[:, step - 1:step]).to(x.dtype)
-        logits, caches = self.decode(emb, (last + step)[:, None], mask, task_id,
-                                     granularity_id, caches, t + step - 1)
-        token = logits[:, 0].argmax(-1)
+        token = self.language_model.decode(emb, mask, task_id, granularity_id, cache)[:, 0]
+        token = token.argmax(-1)
       token = torch.where(done, torch.full_like(token, pad_id), token)
       done = done | (token == eos_id)
       lengths += (~done).long()

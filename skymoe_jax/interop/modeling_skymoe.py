@@ -1,0 +1,106 @@
+"""SkyMoE as a transformers model (remote code shipped into every export folder).
+
+  model = AutoModelForImageTextToText.from_pretrained(export, trust_remote_code=True)
+  out = model.generate(**processor(images=image, text=question, return_tensors='pt'))
+
+The parts and the maths are torch_model.py's (this class holds the same three submodules under
+the same names, so it loads the export's tensors as they are); this file adds what transformers
+expects of a model: a PreTrainedModel, the GenerationMixin's `generate` (greedy by default from
+generation_config.json, eos and pad set), its key/value cache (a DynamicCache: the decoder
+appends to it) and LLaVA's input layout. `input_ids` hold the image as
+`config.image_token_index` placeholders, one per image token, where the image features go
+(the processor puts them first, then the prompt, as the JAX model's layout); `attention_mask`
+covers the cache's slots and the new ones, so left-padded batches work, RoPE positions counting
+the real tokens only. The adaptive router reads `task_ids` and `granularity_ids` [B] (ids into
+the export's `skymoe.tasks` / `skymoe.granularities`); the processor infers them from the
+prompt's task tag or keywords, as the chat command does.
+"""
+import torch
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_skymoe import SkyMoEConfig
+from .torch_model import encode_images, submodules
+
+
+class SkyMoEPreTrainedModel(PreTrainedModel):
+  config_class = SkyMoEConfig
+  base_model_prefix = ''
+  main_input_name = 'input_ids'
+  input_modalities = ('image', 'text')
+  _no_split_modules = ['ClipLayer', 'DecoderLayer']
+
+
+class SkyMoEForImageTextToText(SkyMoEPreTrainedModel, GenerationMixin):
+  """SkyMoE (vision tower, projector, LLaMA decoder with adaptive-router MoE layers)."""
+
+  def __init__(self, config: SkyMoEConfig):
+    super().__init__(config)
+    if not isinstance(config.skymoe, dict) or 'model' not in config.skymoe:
+      raise ValueError('config.json has no skymoe section with the model config: not a SkyMoE '
+                       'export (export it again with python -m skymoe_jax.export)')
+    self.skymoe = config.skymoe['model']
+    for name, module in submodules(self.skymoe, config.skymoe['moe_layers']).items():
+      setattr(self, name, module)
+    self.post_init()
+
+  def get_input_embeddings(self):
+    return self.language_model.model.embed_tokens
+
+  def set_input_embeddings(self, value):
+    self.language_model.model.embed_tokens = value
+
+  def _router_inputs(self, task_ids, granularity_ids, batch: int, device):
+    """[B] task and granularity ids; required by an adaptive router, else zeros (unused)."""
+    moe = self.skymoe['moe']
+    if not (moe['num_experts'] and moe.get('adaptive')):
+      zeros = torch.zeros(batch, dtype=torch.long, device=device)
+      return (zeros if task_ids is None else task_ids), (
+          zeros if granularity_ids is None else granularity_ids)
+    if task_ids is None or granularity_ids is None:
+      raise ValueError('this model\'s adaptive router needs task_ids and granularity_ids [batch]: '
+                       'the processor infers them from the prompt (pass its output to the model)')
+    ids = []
+    for name, value, n in (('task_ids', task_ids, moe['num_tasks']),
+                           ('granularity_ids', granularity_ids, moe['num_granularities'])):
+      value = torch.as_tensor(value, device=device).long().reshape(-1)
+      if value.shape[0] != batch or bool(((value < 0) | (value >= n)).any()):
+        raise ValueError(f'{name} {value.tolist()}: expected {batch} ids in [0, {n})')
+      ids.append(value)
+    return ids
+
+  def _embed(self, input_ids, pixel_values):
+    """Token embeddings, the image features in place of the image placeholders."""
+    x = self.language_model.model.embed_tokens(input_ids)
+    if pixel_values is None:
+      return x
+    features = encode_images(self, pixel_values.to(self.dtype)).to(x.dtype)
+    slots = input_ids == self.config.image_token_index
+    counts = slots.sum(1)
+    if features.shape[0] != input_ids.shape[0] or bool((counts != features.shape[1]).any()):
+      raise ValueError(f'input_ids hold {counts.tolist()} image tokens '
+                       f'(id {self.config.image_token_index}) per row for {features.shape[0]} '
+                       f'images of {features.shape[1]} tokens each: build the inputs with the '
+                       'processor')
+    return x.masked_scatter(slots[..., None], features)
+
+  def forward(self, input_ids=None, pixel_values=None, attention_mask=None, task_ids=None,
+              granularity_ids=None, cache=None, use_cache=None, return_dict=None, **kwargs):
+    """fp32 logits [B, T, V] of the T new tokens; `cache` (created when use_cache) gets their
+    keys and values. attention_mask [B, S] covers the cache's slots, then the new ones."""
+    del return_dict, kwargs  # always a ModelOutput; generate's other keys are not used
+    if input_ids is None:
+      raise ValueError('input_ids are required (build them with the processor)')
+    b, t = input_ids.shape
+    past = cache.get_seq_length() if cache is not None else 0
+    if past == 0 and pixel_values is None:
+      raise ValueError('pixel_values are required for a prompt (the first forward of generate)')
+    if use_cache and cache is None:
+      cache = DynamicCache(config=self.config)
+    x = self._embed(input_ids, pixel_values if past == 0 else None)
+    slot_mask = (torch.ones(b, past + t, dtype=torch.bool, device=x.device)
+                 if attention_mask is None else attention_mask.bool())
+    task_ids, granularity_ids = self._router_inputs(task_ids, granularity_ids, b, x.device)
+    logits = self.language_model.decode(x, slot_mask, task_ids, granularity_ids, cache)
+    return CausalLMOutputWithPast(logits=logits, cache=cache)
