@@ -340,7 +340,7 @@ def ask_in_chromium(url: str, image_path, question: str, screenshot: pathlib.Pat
 def test_demo_page_in_headless_chromium_answers_a_grounding_question(grounded_run, tmp_path):
   if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
     pytest.skip(f'needs Debian chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}); '
-                '.ci/run installs them')
+                'apt-get install chromium chromium-driver)')
   workdir, image_path, question, want = grounded_run
   shot = tmp_path / 'demo_grounding.png'
   with demo_process(workdir, _free_port(), tmp_path / 'demo.log', '--max_new_tokens=24') as url:
