@@ -179,6 +179,7 @@ REMAT_POLICIES = {
     'auto': jax.checkpoint_policies.nothing_saveable,
 }
 
+
 def maybe_remat(block_cls, policy_name: str):
   """Wraps a layer class in nn.remat with a named policy ('none' leaves it as is)."""
   policy = registry.lookup(REMAT_POLICIES, policy_name, 'config.model.remat_policy',
