@@ -110,8 +110,7 @@ class Chat:
         self.model, self.config, max_new_tokens, self.tokenizer.eos_id, self.tokenizer.pad_id,
         mesh=self.mesh)
     # The router statistics of one forward pass, with the dropless model generation uses.
-    measured = generate_lib.dropless_model(self.model)
-    self._prefill = jax.jit(lambda p, *a: measured.apply({'params': p}, *a)[1]['moe'])
+    self._prefill = routing_lib.router_outputs_fn(generate_lib.dropless_model(self.model))
 
   def answer(self, image_bytes: bytes, question: str) -> str:
     """The answer to `question` about the encoded image `image_bytes` (ImageError if they do not

@@ -8,9 +8,16 @@ import collections
 import pathlib
 from typing import Dict, Optional
 
+import jax
 import numpy as np
 
 from skymoe_jax.data import tasks
+
+
+def router_outputs_fn(model):
+  """jit(params, *model inputs) -> the MoE layers' aux outputs of one forward pass (what
+  RoutingStats.add takes): the routing of a prompt, measured without generating."""
+  return jax.jit(lambda params, *inputs: model.apply({'params': params}, *inputs)[1]['moe'])
 
 
 class RoutingStats:

@@ -205,7 +205,7 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
   use_settings(out, settings)
   generate = generate_lib.make_generate_fn(model, config, e.max_new_tokens, tokenizer.eos_id,
                                            tokenizer.pad_id, e.temperature, e.top_p, mesh)
-  prefill = jax.jit(lambda p, *a: model.apply({'params': p}, *a)[1]['moe'])
+  prefill = routing_lib.router_outputs_fn(model)
   answers_path = out / ANSWERS_FILE
   done = load_answers(answers_path)
   questions = eval_questions(config)
