@@ -10,6 +10,9 @@ INSTALL_REQUIRES = [
     'orbax-checkpoint==0.12.8',
     'tensorflow-cpu==2.21.0',
     'tensorflow-datasets==4.9.10',
+    'array_record==0.8.6',     # tfds datasets as ArrayRecord, read by random access
+    # Bucket paths (storage.py): epath's fsspec backend for GCS (EPATH_USE_TF=false).
+    'gcsfs==2026.10.1',
     'sentencepiece==0.2.3',
     'ml_collections==1.1.0',
     'clu==0.0.12',
@@ -30,7 +33,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # import-linter: the package's layer contract (.importlinter), checked by tests/test_layers.py.
-    'test': ['pytest==9.2.0', 'import-linter==2.16', 'selenium==4.51.0'],
+    'test': ['pytest==9.2.0', 'import-linter==2.16', 'selenium==4.51.0',
+           'gcp-storage-emulator==2026.7.19'],   # a local GCS server for the bucket tests
     # PyTorch export and the parity tests against HF transformers.
     # gguf + accelerate: the GGUF reader and transformers' GGUF loading in the parity test.
     'export': ['torch==2.13.0', 'transformers==5.24.0', 'gguf==0.19.0', 'accelerate==1.15.0',
