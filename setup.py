@@ -41,6 +41,11 @@ EXTRAS_REQUIRE = {
                'peft==0.21.2'],
     # The web demo (python -m skymoe_jax.demo).
     'demo': ['gradio==6.31.0', 'gradio_client==2.7.2'],
+    # The `tfds` console script: tensorflow-datasets 4.9.10's CLI imports apache_beam and
+    # mlcroissant at start-up even when no Beam pipeline runs. apache-beam pins protobuf < 7,
+    # which breaks transformers' tokenizer conversion (export extra): use a venv of its own, or
+    # `python data_prep/tfds_build.py build ...`, tfds' own build command without that import.
+    'data': ['apache-beam==2.77.0', 'mlcroissant==1.1.1'],
     'tpu': ['jax[tpu]==0.10.2'],
     'gpu': ['jax[cuda12]==0.10.2'],
 }

@@ -12,7 +12,10 @@ after a warm-up, for each data.num_parallel_batches. images/s counts both views 
 Need: step time = training/loop.py's flops_per_step (global batch 144, seq 2048) / (chips x peak
 bf16 x MFU); samples/s per host = global batch / step time / hosts (v5p: 4 chips per host; both
 figures from parallel/hardware.py). An estimate, not a measurement: MFU is assumed. The ratio
-capacity / need > 1 means this machine keeps up.
+capacity / need > 1 means this machine keeps up. Per core: samples/s per CPU core = 1 / process CPU
+seconds per sample; times the cores of one v5p host (--host_cores, parallel/hardware.py) over the
+need is the headroom of a host whose cores all ran the pipeline (an upper bound: the trainer's own
+host work and tf.data's scaling across that many cores are not measured here).
 """
 import argparse
 import json
@@ -139,6 +142,9 @@ def main():
   p.add_argument('--peak', type=float, default=V5P.peak_bf16_flops_per_s,
                  help='peak bf16 FLOP/s per chip (default: v5p, parallel/hardware.py)')
   p.add_argument('--mfu', type=float, default=0.4)
+  p.add_argument('--host_cores', type=int, default=V5P.host_vcpus,
+                 help='CPU cores of one TPU host, to scale samples/s per core (default: a v5p '
+                      'host, parallel/hardware.py)')
   args = p.parse_args()
   num_hosts = args.num_chips // args.chips_per_host
   load_before = os.getloadavg()
@@ -150,7 +156,7 @@ def main():
     t = time.perf_counter()
     data_dir, tok = make_data(cache, args.num_images, args.image_size, args.vocab)
     data_seconds = time.perf_counter() - t
-    train_records = len(records.ShardReader(data_dir, 'train'))
+    train_records = len(records.open_split(data_dir, 'train'))
     config = make_config(args.config, data_dir, args.global_batch)
     results = [measure(config, tok, num_hosts, int(n), args.warmup, args.steps)
                for n in args.parallel.split(',')]
@@ -164,6 +170,10 @@ def main():
     r['capacity_over_need'] = r['samples_per_s'] / need['samples_per_s_per_host']
     # Load-independent view: cores this pipeline would keep busy at the needed rate.
     r['cores_needed_at_need'] = r['cpu_seconds_per_sample'] * need['samples_per_s_per_host']
+    # Per core, scaled to the host's cores: the headroom if the pipeline used all of them.
+    r['samples_per_s_per_core'] = 1 / r['cpu_seconds_per_sample']
+    r['host_capacity_over_need'] = (r['samples_per_s_per_core'] * args.host_cores /
+                                    need['samples_per_s_per_host'])
 
   out = {
       'benchmark': 'input_pipeline', 'command': ' '.join(sys.argv),
@@ -186,6 +196,7 @@ def main():
                'global_batch': args.global_batch, 'num_hosts': num_hosts,
                'rows_per_host': args.global_batch // num_hosts,
                'generate_and_tokenizer_seconds': data_seconds},
+      'host_cores': args.host_cores,
       'capacity': results, 'need': need,
       'best_capacity_over_need': best['capacity_over_need'],
       'total_seconds': time.perf_counter() - start,
@@ -199,13 +210,15 @@ def main():
         f"({best['originals']} originals + {best['cda_edits']} CDA edits), 2 views at "
         f"{config.model.vision.image_size} px")
   print(f"{'pipeline':34s} {'batch/s':>8s} {'samples/s':>10s} {'images/s':>9s} "
-        f"{'cpu s/sample':>12s} {'capacity/need':>13s}")
+        f"{'cpu s/sample':>12s} {'capacity/need':>13s} {'per core':>9s} "
+        f"{'x host cores / need':>19s}")
   for r in results:
     name = (f"DataIterator parallel={r['num_parallel_batches']}" if r['num_parallel_batches']
             else 'builder.build loop')
     print(f"{name:34s} {r['batches_per_s']:8.3f} {r['samples_per_s']:10.2f} "
           f"{r['images_per_s']:9.2f} {r['cpu_seconds_per_sample']:12.3f} "
-          f"{r['capacity_over_need']:12.2f}x")
+          f"{r['capacity_over_need']:12.2f}x {r['samples_per_s_per_core']:9.2f} "
+          f"{r['host_capacity_over_need']:18.1f}x")
   print(f"{'need: v5p host':34s} {1 / need['step_seconds']:8.3f} "
         f"{need['samples_per_s_per_host']:10.2f} {need['images_per_s_per_host']:9.2f}   "
         f"({need['flops_per_step'] / 1e15:.2f} PFLOP/step, {args.num_chips} chips, "

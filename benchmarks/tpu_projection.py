@@ -6,6 +6,8 @@ time, projected MFU, and MaxText's published Mixtral 8x7B MFU on v5p for compari
       [--config=configs/skymoe_7b.py] [--save_dir=/tmp/tpu_proj]
   python benchmarks/tpu_projection.py --from_json=/tmp/tpu_proj/A.aot.json,/tmp/tpu_proj/B.aot.json
   python benchmarks/tpu_projection.py --self_check      # the HLO counters on small functions
+  python benchmarks/tpu_projection.py --cases=v5p:2x2x4 --num_slices=2 \
+      --out=benchmarks/results/tpu_projection_v5p_2slices.json    # a multislice job
 
 A case is TOPOLOGY[/DATAxFSDPxEXPERTxTENSOR][@REMAT_POLICY]; without them the config's own
 mesh and remat policy (skymoe_7b: resolved for the topology). Each is compiled with
@@ -21,6 +23,12 @@ skymoe_jax/parallel/hardware.py (v5p), roofline step = max(compute, memory) with
 assumed hidden under it (the no-overlap sum is given too), projected MFU = model FLOPs /
 (chips x peak x step). This script adds MaxText's published MFU for comparison, prints a table
 and writes JSON.
+
+--num_slices=N compiles each case for N slices of its topology (config.mesh.dcn_* lay them out):
+the program is compiled per slice, its in-slice collectives are costed as above, and what
+crosses the data-centre network between slices (the megascale transfers of the compiled HLO,
+profiling/hlo.py) is listed under `cross_slice` with its bytes per step; the roofline does not
+include that traffic.
 """
 import argparse
 import gzip
@@ -41,6 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 from skymoe_jax import config as config_lib  # noqa: E402
 from skymoe_jax.parallel import hardware  # noqa: E402
 from skymoe_jax.profiling import aot  # noqa: E402
+from skymoe_jax.profiling import hlo  # noqa: E402
 from skymoe_jax.profiling import roofline  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -90,21 +99,23 @@ def parse_case(case: str) -> tuple:
   return topology, dict(zip(MESH_AXES, sizes)), policy
 
 
-def case_tag(topology: str, mesh: dict, policy: str = '') -> str:
+def case_tag(topology: str, mesh: dict, policy: str = '', num_slices: int = 1) -> str:
   mesh_text = 'x'.join(str(mesh[a]) for a in MESH_AXES) if mesh else 'default'
-  return topology.replace(':', '_') + '_' + mesh_text + (f'_{policy}' if policy else '')
+  return (topology.replace(':', '_') + (f'_x{num_slices}slices' if num_slices > 1 else '') + '_'
+          + mesh_text + (f'_{policy}' if policy else ''))
 
 
 def compile_case(config_path, topology, mesh, batch_size, seq_len, save_dir,
-                 policy='') -> tuple:
+                 policy='', num_slices: int = 1) -> tuple:
   """aot_compile for one case; returns (report, hlo text) and saves both under save_dir."""
   config = config_lib.load(str(config_path))
   config.mesh.update(mesh)
   if policy:
     config.model.remat_policy = policy
   report, hlo_text = aot.aot_compile(config, topology, batch_size, seq_len,
-                                     name=pathlib.Path(config_path).name, with_hlo=True)
-  tag = case_tag(topology, mesh, policy)
+                                     name=pathlib.Path(config_path).name, with_hlo=True,
+                                     num_slices=num_slices)
+  tag = case_tag(topology, mesh, policy, num_slices)
   save_dir = pathlib.Path(save_dir)
   save_dir.mkdir(parents=True, exist_ok=True)
   hlo_file = save_dir / f'{tag}.hlo.txt.gz'
@@ -135,13 +146,34 @@ def read_case(path) -> tuple:
   return report, None
 
 
+def cross_slice(report: dict, hlo_text: str) -> dict:
+  """What crosses between slices per device and step, recounted from the HLO: by kind and axes,
+  the transfers that are no data-parallel gradient reduction, and the per-step total."""
+  axes = report.get('slice_axes', [])
+  transfers = [dict(t, axes=axes) for t in hlo.megascale_transfers(hlo_text)]
+  per_step = [t['bytes'] * t['runs'] for t in transfers if t['runs'] is not None]
+  return {'slice_axes': axes,
+          'summary': hlo.summarize_cross_slice(transfers),
+          'not_gradient_reductions': hlo.not_gradient_reductions(transfers),
+          'bytes_per_step_per_device': (sum(per_step) if len(per_step) == len(transfers)
+                                        else None),
+          'sources': sorted({t['source'].rsplit('_', 1)[0] for t in transfers}),
+          'note': ('one send per transfer (its recv is the other half); bytes: the sent buffer '
+                   'of one device; per step: times the runs of its loop')}
+
+
 def run_case(report: dict, hlo_text) -> dict:
   analysis = None
+  slices = report.get('num_slices', 1)
   if hlo_text is not None:
     moe = report.get('moe', {})
-    analysis = roofline.analyze_hlo(hlo_text, report['num_devices'], moe.get('num_experts', 0),
-                                    moe.get('ep_strategy', ''))
-  return {'projection': project(report, analysis), 'hlo_analysis': analysis, 'aot_report': report}
+    # A multislice program is compiled per slice: its groups count one slice's devices.
+    analysis = roofline.analyze_hlo(hlo_text, report['num_devices'] // slices,
+                                    moe.get('num_experts', 0), moe.get('ep_strategy', ''))
+  out = {'projection': project(report, analysis), 'hlo_analysis': analysis, 'aot_report': report}
+  if slices > 1 and hlo_text is not None:
+    out['cross_slice'] = cross_slice(report, hlo_text)
+  return out
 
 
 # --- Self check: the counters against hand counts and cost_analysis ------------------------------
@@ -307,6 +339,8 @@ def main():
   parser.add_argument('--batch_size', type=int, default=144)
   parser.add_argument('--seq_len', type=int, default=2048)
   parser.add_argument('--save_dir', default='/tmp/tpu_proj')
+  parser.add_argument('--num_slices', type=int, default=1,
+                      help='compile each case for this many slices of its topology')
   parser.add_argument('--from_json', default='',
                       help='comma-separated AOT JSON files written earlier (no compile)')
   parser.add_argument('--self_check', action='store_true')
@@ -323,7 +357,7 @@ def main():
       topology, mesh, policy = parse_case(case)
       start = time.perf_counter()
       sources.append(compile_case(args.config, topology, mesh, args.batch_size, args.seq_len,
-                                  args.save_dir, policy))
+                                  args.save_dir, policy, args.num_slices))
       print(f'compiled {case} in {time.perf_counter() - start:.0f} s', flush=True)
   for report, hlo_text in sources:
     results.append(run_case(report, hlo_text))

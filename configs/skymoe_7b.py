@@ -6,6 +6,11 @@ largest share of the rest that the global batch of 144 divides over data x fsdp 
 what is left (v5p:2x2x4 -> 1x8x2x1, v5p:4x4x4 -> 1x8x2x4); the remat policy saves as much as
 the activations one device holds leave room for in its 95 GiB (model.remat_auto, measured by
 ahead-of-time compiles for v5p).
+
+Several slices keep the base config's config.mesh.dcn_data=-1, dcn_fsdp=1: the slices split the
+batch (data), everything above stays inside each slice and is resolved for its share of the
+batch (2 slices of v5p:2x2x4 at 144: 2x4x2x2 over the 32 chips; at 288 each slice is the
+1x8x2x1 of one slice; benchmarks/results/tpu_projection_v5p_2slices.json).
 """
 from skymoe_jax import config as config_lib
 

@@ -1,10 +1,14 @@
-"""Renders the synthetic aerial-scene dataset (skymoe_jax.data.synthetic) into DIR.
+"""Renders the synthetic aerial-scene dataset (tfds builder skymoe_synthetic) into DIR.
 
   python data_prep/make_synthetic.py --out=DIR --num_images=N --seed=S \
-      [--image_size=128] [--val_fraction=0.2] [--records_per_shard=1000]
+      [--image_size=128] [--val_fraction=0.2]
 
+DIR becomes the dataset's tfds version folder (the data_dir a config's source names); an older
+synthetic dataset there is replaced once the new one is complete. The same dataset from tfds:
+  tfds build skymoe_synthetic/n2000-s0-i128-v0.1 --imports=skymoe_jax.data.builders --data_dir=D
+(the configs listed in data/builders.py; any other params through this command).
 The last stdout line is the JSON summary (images and records per split, samples per task and per
-granularity), so scripts can read it with `tail -n 1`.
+granularity, `out`), so scripts can read it with `tail -n 1`.
 """
 import argparse
 import json
@@ -19,10 +23,9 @@ def main(argv=None):
   parser.add_argument('--seed', type=int, required=True)
   parser.add_argument('--image_size', type=int, default=128)
   parser.add_argument('--val_fraction', type=float, default=0.2)
-  parser.add_argument('--records_per_shard', type=int, default=1000)
   args = parser.parse_args(argv)
   summary = synthetic.generate(args.out, args.num_images, args.seed, args.image_size,
-                               args.val_fraction, args.records_per_shard)
+                               args.val_fraction)
   print(json.dumps(summary, sort_keys=True), flush=True)
 
 

@@ -147,7 +147,15 @@ def base_config() -> ml_collections.ConfigDict:
       init_from='',                # stage II: a stage-I workdir whose last checkpoint is upcycled
       total_steps=1000,
       log_every=10,
+      # TensorBoard event files in the workdir (clu -> tf.summary, which writes gs:// through
+      # TensorFlow's GCS client). False: metrics.jsonl and the log alone (a GCS emulator: tf's
+      # client cannot be pointed at one).
+      tensorboard=True,
       checkpoint_every=200,
+      # Orbax's OCDBT layout (a few large files per host). False: one zarr folder per array; a
+      # restore reads either. The GCS emulator tests use False: OCDBT's conditional writes need
+      # GCS's generation headers, which gcp-storage-emulator does not send.
+      checkpoint_ocdbt=True,
       keep_checkpoints=3,
       eval_every=0,                # evaluate every N steps (evaluation/runner.py); 0 = never
       contrastive_weight=0.0,      # local/global InfoNCE (needs data.local_views)
@@ -168,6 +176,13 @@ def base_config() -> ml_collections.ConfigDict:
   # left (parallel/mesh.py mesh_shape).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   c.mesh.rules = DEFAULT_RULES
+  # Several slices (multislice over the data-centre network): the sizes above are per slice;
+  # dcn_data x dcn_fsdp lay the slices along data and fsdp (-1 on one: the slices the other
+  # leaves); expert and tensor stay inside a slice. The default: slices only split the batch.
+  # num_slices: the slices the devices must be in (the launcher sets it); 0 = from the devices.
+  c.mesh.dcn_data = -1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.num_slices = 0
 
   # Multi-process start-up (parallel/multihost.py); unset fields fall back to the environment
   # (SKYMOE_COORDINATOR, SKYMOE_NUM_PROCESSES, SKYMOE_PROCESS_ID); none at all = one process.

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from skymoe_jax import cli  # noqa: E402
+from skymoe_jax import storage  # noqa: E402
 from skymoe_jax.data import image_ops, tasks  # noqa: E402
 from skymoe_jax.evaluation import chat  # noqa: E402
 
@@ -98,7 +99,7 @@ def respond(bot: chat.Chat, image_path: Optional[str], question: str):
 
 def default_examples_dir(workdir) -> Optional[pathlib.Path]:
   """The recipe's examples beside the stage workdirs (WORKDIR/../examples), if there are any."""
-  folder = pathlib.Path(workdir).resolve().parent / chat.EXAMPLES_DIR
+  folder = storage.resolve(workdir).parent / chat.EXAMPLES_DIR  # gs://b/run -> gs://b/examples
   return folder if (folder / chat.QUESTIONS_FILE).is_file() else None
 
 
@@ -144,7 +145,7 @@ def main(argv):
   cli.quiet_library_logs()
   f = flags.FLAGS
   examples_dir = f.examples or default_examples_dir(f.workdir)
-  if f.examples and not (pathlib.Path(f.examples) / chat.QUESTIONS_FILE).is_file():
+  if f.examples and not (storage.path(f.examples) / chat.QUESTIONS_FILE).is_file():
     raise app.UsageError(f'--examples={f.examples}: no {chat.QUESTIONS_FILE} there')
   try:
     examples = ([[str(r['image']), r['question']] for r in chat.read_examples(examples_dir)]

@@ -37,6 +37,7 @@ from absl import flags
 
 from skymoe_jax.interop import native_export, peft_export, to_torch
 from skymoe_jax import cli
+from skymoe_jax import storage
 
 _UNITS = {'': 1, 'B': 1, 'KB': 10 ** 3, 'MB': 10 ** 6, 'GB': 10 ** 9, 'KIB': 2 ** 10,
           'MIB': 2 ** 20, 'GIB': 2 ** 30}
@@ -89,19 +90,28 @@ def main(argv):
   print(f'exported step {info["step"]}: {info["num_tensors"]} tensors, '
         f'{info["total_bytes"] / 1e6:.1f} MB in {len(info["files"])} file(s), '
         f'{info["seconds"]:.1f} s -> {f.out}')
-  if f.verify and f.layout == 'native':
-    adapter = f'{f.out}/{peft_export.ADAPTER_FOLDER}' if f.lora == 'adapter' else None
-    diff = native_export.verify_native(f.out, info['params'], info['config'], adapter)
-    print(f'verify: max abs logit difference transformers LlavaForConditionalGeneration'
-          f'{" + PEFT adapter" if adapter else ""} vs JAX = {diff:.3g}')
-  elif f.verify:
-    diff = to_torch.verify_export(f.out, info['params'], info['config'])
-    print(f'verify: max abs logit difference PyTorch vs JAX = {diff:.3g}')
-    diff = to_torch.verify_hf_export(f.out, info['params'], info['config'])
-    print(f'verify: max abs logit difference transformers AutoModelForImageTextToText vs JAX = '
-          f'{diff:.3g}')
+  if f.verify:
+    # transformers and safetensors load local files: a gs:// --out is copied to a temporary
+    # folder for the check (a local one is used as it is).
+    with storage.local_folder(f.out) as local:
+      verify(f, str(local), info)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
   print(f'peak host memory (max RSS) {peak:.0f} MiB')
+
+
+def verify(f, out: str, info) -> None:
+  """--verify: the export in the local folder `out` against the JAX model's logits."""
+  if f.layout == 'native':
+    adapter = f'{out}/{peft_export.ADAPTER_FOLDER}' if f.lora == 'adapter' else None
+    diff = native_export.verify_native(out, info['params'], info['config'], adapter)
+    print(f'verify: max abs logit difference transformers LlavaForConditionalGeneration'
+          f'{" + PEFT adapter" if adapter else ""} vs JAX = {diff:.3g}')
+  else:
+    diff = to_torch.verify_export(out, info['params'], info['config'])
+    print(f'verify: max abs logit difference PyTorch vs JAX = {diff:.3g}')
+    diff = to_torch.verify_hf_export(out, info['params'], info['config'])
+    print(f'verify: max abs logit difference transformers AutoModelForImageTextToText vs JAX = '
+          f'{diff:.3g}')
 
 
 if __name__ == '__main__':

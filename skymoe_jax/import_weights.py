@@ -23,7 +23,6 @@ GGUF metadata) and a disagreement with the config is refused, naming both values
 NaN / inf values are logged by name; tensors sharing bytes in a file are refused.
 """
 import pathlib
-import shutil
 
 from absl import app
 from absl import flags
@@ -34,6 +33,7 @@ import numpy as np
 
 from skymoe_jax import cli
 from skymoe_jax import config as config_lib
+from skymoe_jax import storage
 from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.interop import from_hf, gguf
 from skymoe_jax.model import factory
@@ -133,7 +133,7 @@ def import_workdir(config, out, clip=None, llm=None) -> dict:
     candidate = (llm_path if llm_path.is_dir() else llm_path.parent) / 'tokenizer.model'
     if candidate.exists():
       tokenizer = workdir_lib.tokenizer_path(out)
-      shutil.copyfile(candidate, tokenizer)
+      storage.copy_file(candidate, tokenizer)  # out may be gs://
     else:
       logging.warning('%s has no tokenizer.model: training will make its own tokenizer, whose '
                       'ids do not match the imported LLM vocabulary; pass '

@@ -10,8 +10,11 @@ files are read by array_record's own GCS client; both take the same URLs.
 
 This is the project's lowest layer beside registry.py: every module may use it.
 """
+import contextlib
 import os
-from typing import Union
+import shutil
+import tempfile
+from typing import Iterator, Union
 
 from etils import epath
 
@@ -25,6 +28,12 @@ def path(p: PathLike) -> epath.Path:
   if not is_remote(text):
     text = os.path.expanduser(text)
   return epath.Path(text)
+
+
+def resolve(p: PathLike) -> epath.Path:
+  """path(p), and for a local path absolute with symlinks resolved (a URL is already absolute)."""
+  out = path(p)
+  return out if is_remote(out) else out.resolve()
 
 
 def is_remote(p: PathLike) -> bool:
@@ -50,3 +59,55 @@ def write_bytes_atomically(p: PathLike, data: bytes) -> None:
   tmp = target.with_name(f'.{target.name}.{os.getpid()}.tmp')
   tmp.write_bytes(data)
   os.replace(tmp, target)
+
+
+def append_text(p: PathLike, text: str) -> None:
+  """Adds text to the end of a file (made if missing). Locally an O_APPEND write, as before; a
+  bucket object cannot grow, so there it is read and written again whole (one writer per file:
+  process 0 of one trainer, which TrainerLock guarantees)."""
+  target = path(p)
+  if not is_remote(target):
+    with open(target, 'a') as f:
+      f.write(text)
+    return
+  old = target.read_text() if target.exists() else ''
+  target.write_text(old + text)
+
+
+def copy_file(source: PathLike, target: PathLike) -> None:
+  """source's bytes into target, either of them local or in a bucket (target written whole)."""
+  src, dst = path(source), path(target)
+  if not is_remote(src) and not is_remote(dst):
+    shutil.copyfile(src, dst)
+    return
+  dst.write_bytes(src.read_bytes())
+
+
+def copy_tree(source: PathLike, target: PathLike) -> None:
+  """Every file under source into the same relative place under target (made as needed)."""
+  src, dst = path(source), path(target)
+  dst.mkdir(parents=True, exist_ok=True)
+  for item in sorted(src.iterdir()):
+    if item.is_dir():
+      copy_tree(item, dst / item.name)
+    else:
+      copy_file(item, dst / item.name)
+
+
+@contextlib.contextmanager
+def local_folder(p: PathLike, *, read: bool = True, write: bool = False) -> Iterator[epath.Path]:
+  """A local folder standing for p, for libraries that take only local files (transformers,
+  safetensors' mmap, a torch load). A local p is itself; for a URL, a temporary folder holding
+  a copy of p's files (read) whose files are copied back to p on a clean exit (write), then
+  deleted."""
+  if not is_remote(p):
+    yield path(p)
+    return
+  remote = path(p)
+  with tempfile.TemporaryDirectory(prefix='skymoe_stage_') as tmp:
+    local = epath.Path(tmp)
+    if read and remote.is_dir():
+      copy_tree(remote, local)
+    yield local
+    if write:
+      copy_tree(local, remote)

@@ -51,9 +51,7 @@ import fcntl
 import fnmatch
 import json
 import os
-import pathlib
 import re
-import shutil
 import socket
 from typing import Callable, Optional
 
@@ -68,6 +66,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from skymoe_jax import config as config_lib
+from skymoe_jax import storage
 from skymoe_jax.data import sources
 from skymoe_jax.data import tokenizer as tokenizer_lib
 from skymoe_jax.model.layout import param_path
@@ -85,19 +84,20 @@ CHECKPOINTS = 'checkpoints'
 EVAL = 'eval'
 
 
-def resolve(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir).expanduser().resolve()
+def resolve(workdir) -> epath.Path:
+  """The workdir as a path: local ones absolute, bucket URLs (gs://) as they are."""
+  return storage.resolve(workdir)
 
 
-def checkpoint_dir(workdir) -> pathlib.Path:
+def checkpoint_dir(workdir) -> epath.Path:
   return resolve(workdir) / CHECKPOINTS
 
 
-def tokenizer_path(workdir) -> pathlib.Path:
+def tokenizer_path(workdir) -> epath.Path:
   return resolve(workdir) / TOKENIZER_FILE
 
 
-def eval_dir(workdir, step: int) -> pathlib.Path:
+def eval_dir(workdir, step: int) -> epath.Path:
   return resolve(workdir) / EVAL / str(step)
 
 
@@ -131,11 +131,9 @@ def write_config(config, workdir) -> None:
                       config.to_json_best_effort(indent=1) + '\n')
 
 
-def write_atomically(path: pathlib.Path, text: str) -> None:
+def write_atomically(path, text: str) -> None:
   """A reader (or a kill mid-write) sees the old file or the new one, never half of one."""
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  storage.write_text_atomically(path, text)
 
 
 # -- the config on resume -----------------------------------------------------------------------
@@ -147,7 +145,9 @@ def write_atomically(path: pathlib.Path, text: str) -> None:
 # step may use (remat), how the input pipeline overlaps, and where the same data lives. Any
 # other change would make a mixed run; it is refused, and a new workdir is the way to make it.
 RESUMABLE_FIELDS = (
-    'train.total_steps', 'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
+    'train.total_steps', 'train.log_every', 'train.tensorboard', 'train.checkpoint_every',
+    'train.checkpoint_ocdbt',
+    'train.keep_checkpoints',
     'train.eval_every', 'eval.*', 'distributed.*',
     'mesh.data', 'mesh.fsdp', 'mesh.expert', 'mesh.tensor', 'model.remat_policy',
     'model.remat_auto',
@@ -232,12 +232,13 @@ def commit_config(config, workdir, step: int) -> list:
   if jax.process_index() == 0:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
     if changes:
-      with open(resolve(workdir) / CONFIG_HISTORY_FILE, 'a') as f:
-        for field, old, new in changes:
-          logging.warning('%s: config.%s changed from %r to %r at step %d', workdir, field, old,
-                          new, step)
-          f.write(json.dumps({'step': int(step), 'field': field, 'old': old, 'new': new,
-                              'time': now}) + '\n')
+      rows = []
+      for field, old, new in changes:
+        logging.warning('%s: config.%s changed from %r to %r at step %d', workdir, field, old,
+                        new, step)
+        rows.append(json.dumps({'step': int(step), 'field': field, 'old': old, 'new': new,
+                                'time': now}) + '\n')
+      storage.append_text(resolve(workdir) / CONFIG_HISTORY_FILE, ''.join(rows))
     if changes or saved is None:
       write_config(config, workdir)
   return changes
@@ -294,11 +295,16 @@ class TrainerLock:
   refused (its pid cannot be checked from here), and the message says which file to delete
   when that trainer is gone. Process 0 takes it; the lock is released on exit, exceptions
   included.
+
+  In a bucket there is no flock: the lock is the object alone, written by its holder and deleted
+  on release. One left by a killed trainer is stale when it names this host and a pid that no
+  longer runs; one naming another host is refused as above.
   """
 
   def __init__(self, workdir):
     self.path = resolve(workdir) / LOCK_FILE
     self._fd = None
+    self._remote_held = False
 
   def __enter__(self):
     if jax.process_index() == 0:
@@ -315,7 +321,28 @@ class TrainerLock:
         f'{holder.get("since", "?")}){why}. Wait for it to finish, or delete {self.path} if '
         'that trainer no longer runs.')
 
+  def _acquire_remote(self):
+    me = {'host': socket.gethostname(), 'pid': os.getpid()}
+    if self.path.exists():
+      try:
+        holder = json.loads(self.path.read_text() or '{}')
+      except (ValueError, UnicodeDecodeError):
+        holder = {'host': '?', 'pid': '?', 'since': 'unreadable lock file'}
+      holder = holder if isinstance(holder, dict) else {}
+      if holder.get('host') != me['host']:
+        self._refuse(holder, ' on another host')
+      if _pid_alive(holder.get('pid')):  # this process too: one lock per workdir
+        self._refuse(holder)
+      logging.warning('%s: taking over the stale lock of pid %s on %s (since %s): that '
+                      'process no longer runs', self.path, holder.get('pid'),
+                      holder.get('host'), holder.get('since'))
+    since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+    self.path.write_text(json.dumps(dict(me, since=since)) + '\n')
+    self._remote_held = True
+
   def _acquire(self):
+    if storage.is_remote(self.path):
+      return self._acquire_remote()
     me = {'host': socket.gethostname(), 'pid': os.getpid()}
     for _ in range(5):
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -362,6 +389,13 @@ class TrainerLock:
     return holder if isinstance(holder, dict) else {}
 
   def release(self):
+    if self._remote_held:
+      self._remote_held = False
+      try:
+        self.path.unlink()
+      except FileNotFoundError:
+        pass
+      return
     if self._fd is None:
       return
     try:
@@ -374,10 +408,14 @@ class TrainerLock:
       self._fd = None
 
 
-def init_workdir(config, workdir) -> pathlib.Path:
-  """config.train.init_from: absolute, or relative to the workdir's parent (a sibling stage)."""
-  path = pathlib.Path(os.path.expanduser(config.train.init_from))
-  return path if path.is_absolute() else resolve(workdir).parent / path
+def init_workdir(config, workdir) -> epath.Path:
+  """config.train.init_from: absolute (or a bucket URL), or relative to the workdir's parent (a
+  sibling stage, in the same bucket for a gs:// workdir)."""
+  text = config.train.init_from
+  if storage.is_remote(text):
+    return storage.path(text)
+  path = storage.path(text)
+  return path if path.is_absolute() else resolve(workdir).parent / text
 
 
 def prepare_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
@@ -390,9 +428,9 @@ def prepare_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
     return tokenizer_lib.Tokenizer(local)
   d = config.data
   if d.tokenizer:
-    shutil.copyfile(os.path.expanduser(d.tokenizer), local)
+    storage.copy_file(d.tokenizer, local)
   elif config.train.init_from:
-    shutil.copyfile(tokenizer_path(init_workdir(config, workdir)), local)
+    storage.copy_file(tokenizer_path(init_workdir(config, workdir)), local)
   else:
     vocab = d.tokenizer_vocab_size or config.model.llm.vocab_size
     tokenizer_lib.ensure(local.with_suffix(''), [s.data_dir for s in d.sources.values()], vocab)
@@ -531,7 +569,7 @@ class Checkpointer:
   """Save / restore of (train state, data state) at integer steps under one directory."""
 
   def __init__(self, directory, save_interval_steps: int = 1, max_to_keep: Optional[int] = None,
-               async_save: bool = True):
+               async_save: bool = True, use_ocdbt: bool = True):
     directory = os.fspath(directory)
     if '://' not in directory:
       directory = os.path.abspath(directory)  # Orbax wants absolute local paths
@@ -547,7 +585,7 @@ class Checkpointer:
     # Handlers named up front, so a fresh process can read a step's metadata before restoring.
     self._manager = ocp.CheckpointManager(
         directory, options=options,
-        item_handlers={_STATE: ocp.StandardCheckpointHandler(),
+        item_handlers={_STATE: ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt),
                        _DATA: ocp.JsonCheckpointHandler()})
     self._partial = None   # a second manager for partial (params-only) restores, made on use
     self._unverified = []  # saved steps whose manifest is not written yet
@@ -592,9 +630,8 @@ class Checkpointer:
       step_dir = self._step_dir(step)
       if not step_dir.exists():
         continue  # the save failed; Orbax logged why
-      tmp = step_dir / f'.{MANIFEST_FILE}.tmp'
-      tmp.write_text(json.dumps({'step': step, 'files': _files(step_dir)}, indent=0))
-      tmp.rename(step_dir / MANIFEST_FILE)
+      storage.write_text_atomically(
+          step_dir / MANIFEST_FILE, json.dumps({'step': step, 'files': _files(step_dir)}, indent=0))
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()

@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 from skymoe_jax import config as config_lib  # noqa: E402
 from skymoe_jax.data import sources  # noqa: E402
 from skymoe_jax.training import loop  # noqa: E402
+from gcs_emulator import gcs_bucket  # noqa: E402,F401  (the bucket tests' fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

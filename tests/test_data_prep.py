@@ -1,20 +1,21 @@
-"""Converters (data_prep/, skymoe_jax/data/convert/): small files in each published layout, written
-here, converted and read back through records.ShardReader."""
+"""The instruction and NEON builders (data/builders.py over convert/instruct.py, convert/neon.py)
+and their data_prep/ commands: small files in each layout, written here, built as tfds datasets
+and read back through records.open_split. (The benchmark builders: test_benchmark_builders.py.)"""
 import io
 import json
 import logging
 import pathlib
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from skymoe_jax.data import boxes
+from skymoe_jax.data import builders
 from skymoe_jax.data import records
-from skymoe_jax.data.convert import benchmarks, instruct, neon
+from skymoe_jax.data.convert import instruct, neon
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def _decode(data):
 
 
 def _read(out, split):
-  reader = records.ShardReader(out, split)
+  reader = records.open_split(out, split)
   try:
     return [reader.record(i) for i in range(len(reader))]
   finally:
@@ -94,18 +95,22 @@ def _instruct_files(tmp_path):
 
 
 def test_instruct_geochat_records_and_skips(tmp_path, caplog):
-  images, entries, want_skips, a_pixels, c_pixels = _instruct_files(tmp_path)
-  src = tmp_path / 'geochat.json'
-  src.write_text(json.dumps(entries))
-  out = tmp_path / 'out'
+  images, entries, want_skips, a_pixels, c_pixels = _instruct_files(tmp_path / 'geochat')
+  (tmp_path / 'geochat' / 'train.json').write_text(json.dumps(entries))
   with caplog.at_level(logging.WARNING):
-    summary = instruct.convert(src, images, out, split='train', licence='test-licence')
+    summary = builders.build('instruct', tmp_path / 'geochat', tmp_path / 'tfds',
+                             licence='test-licence')
+  out = tmp_path / 'tfds' / 'skymoe_instruct' / 'geochat' / '1.0.0'
+  assert summary['out'] == str(out)
   assert summary['skipped'] == want_skips
   assert summary['written'] == 4 and summary['splits'] == {'train': 4}
+  assert summary['written'] + sum(summary['skipped'].values()) == len(entries)
   info = records.read_info(out)
-  assert info['name'] == 'geochat' and info['skipped'] == want_skips
+  assert info['name'] == 'skymoe_instruct' and info['metadata']['skipped'] == want_skips
+  assert info['metadata']['skipped_per_split'] == {'train': want_skips}
+  assert info['licence'] == 'test-licence' and info['metadata']['box_dialect'] == 'geochat'
   # Every skip is logged with the file, the record and the field.
-  assert any('geochat.json' in r.message and "'b1'" in r.message and 'conversations' in r.message
+  assert any('train.json' in r.message and "'b1'" in r.message and 'conversations' in r.message
              and 'unparsable_box' in r.message for r in caplog.records)
   assert any("'f1'" in r.message and "'image'" in r.message for r in caplog.records)
 
@@ -113,7 +118,7 @@ def test_instruct_geochat_records_and_skips(tmp_path, caplog):
   assert list(got) == ['g1', 'g2', 'g3', '7']
   g1, g2, g3, g7 = got['g1'], got['g2'], got['g3'], got['7']
   assert (g1.task, g1.granularity, g1.source, g1.licence) == (
-      'grounding', 'local', 'geochat', 'test-licence')
+      'grounding', 'local', 'geochat', 'test-licence')   # source: the manual_dir's name
   np.testing.assert_allclose(g1.boxes, [[4, 4, 20, 12]])
   assert g1.labels == ['the red car']
   assert _decode(g1.image)[0] == 'PNG' and g1.image == (images / 'a.png').read_bytes()
@@ -135,23 +140,25 @@ def test_instruct_geochat_records_and_skips(tmp_path, caplog):
   assert (g7.task, g7.granularity, len(g7.conversations), len(g7.boxes)) == ('vqa', 'local', 4, 0)
 
 
-def test_instruct_jsonl_merges_splits(tmp_path):
-  images, entries, want_skips, _, _ = _instruct_files(tmp_path)
-  out = tmp_path / 'out'
-  (tmp_path / 'd.json').write_text(json.dumps(entries[:2]))
-  instruct.convert(tmp_path / 'd.json', images, out, split='train')
+def test_instruct_json_and_jsonl_splits(tmp_path):
+  images, entries, want_skips, _, _ = _instruct_files(tmp_path / 'd')
+  (tmp_path / 'd' / 'train.json').write_text(json.dumps(entries[:2]))
   lines = [json.dumps(e) for e in entries] + ['{not json', '']
-  (tmp_path / 'd.jsonl').write_text('\n'.join(lines))
-  summary = instruct.convert(tmp_path / 'd.jsonl', images, out, split='test', source='d')
-  assert summary['skipped'] == dict(sorted({**want_skips, 'invalid_json': 1}.items()))
+  (tmp_path / 'd' / 'test.jsonl').write_text('\n'.join(lines))
+  out = tmp_path / 'out'
+  summary = builders.build_at(out, 'instruct', tmp_path / 'd', source='d')
+  test_skips = dict(sorted({**want_skips, 'invalid_json': 1}.items()))
+  assert summary['skipped'] == test_skips
+  assert summary['splits'] == {'test': 4, 'train': 2}
   info = records.read_info(out)
-  assert {s: e['records'] for s, e in info['splits'].items()} == {'train': 2, 'test': 4}
-  assert info['skipped_per_split'] == {'test': summary['skipped']}
+  assert info['splits'] == {'train': 2, 'test': 4}
+  assert info['metadata']['skipped_per_split'] == {'test': test_skips}
   assert [r.id for r in _read(out, 'train')] == ['g1', 'g2']
   assert [r.id for r in _read(out, 'test')] == ['g1', 'g2', 'g3', '7']
-  # Another dataset's folder is refused before anything in it is touched.
-  with pytest.raises(ValueError, match="holds dataset 'd'"):
-    instruct.convert(tmp_path / 'd.jsonl', images, out, split='test', source='other')
+  # A split with both a .json and a .jsonl file is refused: which one is meant is unknown.
+  (tmp_path / 'd' / 'test.json').write_text('[]')
+  with pytest.raises(ValueError, match="split 'test' has two files"):
+    builders.build_at(out, 'instruct', tmp_path / 'd')
   assert len(_read(out, 'test')) == 4
 
 
@@ -172,197 +179,17 @@ def test_instruct_other_dialects(dialect, answer, want):
 
 
 def test_convert_instruct_cli(tmp_path):
-  images, entries, want_skips, _, _ = _instruct_files(tmp_path)
-  (tmp_path / 'd.jsonl').write_text('\n'.join(json.dumps(e) for e in entries))
+  images, entries, want_skips, _, _ = _instruct_files(tmp_path / 'd')
+  (tmp_path / 'd' / 'val.jsonl').write_text('\n'.join(json.dumps(e) for e in entries))
   proc = subprocess.run(
       [sys.executable, str(REPO / 'data_prep' / 'convert_instruct.py'),
-       f'--input={tmp_path / "d.jsonl"}', f'--images={images}', f'--out={tmp_path / "out"}',
-       '--split=val'], capture_output=True, text=True, cwd=REPO, timeout=120)
+       f'--manual_dir={tmp_path / "d"}', f'--out={tmp_path / "out"}', '--box_dialect=geochat'],
+      capture_output=True, text=True, cwd=REPO, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout.strip().split('\n')[-1])
   assert summary['written'] == 4 and summary['skipped'] == want_skips
-  assert summary['splits'] == {'val': 4}
-  assert 'unparsable_box' in proc.stderr and 'd.jsonl' in proc.stderr
-
-
-# --------------------------------------------------------------------------------- benchmarks
-
-@pytest.mark.filterwarnings('ignore:Corrupt EXIF')  # PIL, on the deliberately broken TIFF
-def test_ucmerced_stratified_split(tmp_path):
-  images = tmp_path / 'manual' / 'UCMerced_LandUse' / 'Images'
-  pixels = {}
-  for k, cls in enumerate(('agricultural', 'denseresidential', 'airplane')):
-    for i in range(5):
-      pixels[f'{cls}{i:02d}'] = _save(images / cls / f'{cls}{i:02d}.tif', (8, 8), 10 * k + i,
-                                      fmt='TIFF')
-  # A class of one broken image: one image goes to train (20% of 1 rounds to 0), and is skipped.
-  (images / 'beach').mkdir()
-  (images / 'beach' / 'beach00.tif').write_bytes(b'II*\x00not a tiff')
-  (images / 'airplane' / 'Thumbs.db').write_bytes(b'x')
-  summary = benchmarks.convert('ucmerced', tmp_path / 'manual', tmp_path / 'out', seed=3)
-  assert summary['skipped'] == {'not_an_image_file': 1, 'undecodable_image': 1}
-  # 5 per class: 60/20/20 -> 3/1/1.
-  assert summary['splits'] == {'train': 9, 'val': 3, 'test': 3}
-  per_split = {s: _read(tmp_path / 'out', s) for s in ('train', 'val', 'test')}
-  for split, recs in per_split.items():
-    answers = sorted(r.conversations[1]['value'] for r in recs)
-    if split != 'train':
-      assert answers == ['agricultural', 'airplane', 'dense residential']
-  r = per_split['test'][0]
-  assert (r.task, r.granularity, r.source) == ('scene_classification', 'global', 'ucmerced')
-  assert r.conversations[0]['value'].startswith('<image>\nClassify the scene of this image')
-  assert 'dense residential' in r.conversations[0]['value']
-  fmt, got = _decode(r.image)
-  assert fmt == 'PNG'
-  np.testing.assert_array_equal(got, pixels[r.id.split('/')[-1]])
-  # The split is a function of the seed.
-  ids = lambda out: sorted(r.id for r in _read(out, 'test'))
-  benchmarks.convert('ucmerced', tmp_path / 'manual', tmp_path / 'again', seed=3)
-  assert ids(tmp_path / 'again') == ids(tmp_path / 'out')
-
-
-def test_resisc45_split_lists(tmp_path):
-  root = tmp_path / 'manual' / 'NWPU-RESISC45'
-  for cls in ('airplane', 'baseball_diamond'):
-    for i in range(1, 4):
-      _save(root / cls / f'{cls}_{i:03d}.jpg', (8, 8), i)
-  manual = tmp_path / 'manual'
-  (manual / 'resisc45-train.txt').write_text('airplane_001.jpg\nairplane_002.jpg\n'
-                                             'baseball_diamond_001.jpg\n')
-  (manual / 'resisc45-test.txt').write_text('airplane_003.jpg\nbaseball_diamond_002.jpg\n')
-  summary = benchmarks.convert('nwpu_resisc45', manual, tmp_path / 'out')
-  assert summary['splits'] == {'train': 3, 'test': 2}
-  assert summary['skipped'] == {'not_in_split_lists': 1}   # baseball_diamond_003.jpg
-  test = _read(tmp_path / 'out', 'test')
-  assert [r.conversations[1]['value'] for r in test] == ['airplane', 'baseball diamond']
-  assert test[0].image == (root / 'airplane' / 'airplane_003.jpg').read_bytes()
-  assert records.read_info(tmp_path / 'out')['licence'] == benchmarks.LICENCES['nwpu_resisc45']
-
-
-def _rsvqa_files(root):
-  _save(root / 'Images_LR' / '0.tif', (16, 16), 0, fmt='TIFF')
-  _save(root / 'Images_LR' / '1.tif', (16, 16), 1, fmt='TIFF')
-  qs = [  # (id, img_id, type, question, answer)
-      (10, 0, 'presence', 'Is a road present?', 'yes'),
-      (11, 0, 'comparison', 'Are there more buildings than water areas?', 'no'),
-      (12, 1, 'rural_urban', 'Is it a rural or an urban area', 'rural'),
-      (13, 1, 'count', 'How many buildings are there?', '4'),
-      (14, 2, 'presence', 'Is there a farmland?', 'no'),   # image 2 listed, file missing
-  ]
-  questions = [dict(id=q, img_id=i, type=t, question=text, answers_ids=[100 + q], active=True)
-               for q, i, t, text, _ in qs]
-  questions.append(dict(id=15, img_id=0, type='presence', question='old', answers_ids=[115],
-                        active=False))
-  questions.append(dict(id=16, img_id=0, type='presence', question='Is there water?',
-                        answers_ids=[999], active=True))     # no such answer
-  answers = [dict(id=100 + q, question_id=q, answer=a, active=True) for q, _, _, _, a in qs]
-  images = [dict(id=i, questions_ids=[], active=True) for i in range(3)]
-  for split in ('train', 'val', 'test'):
-    for key, value in (('questions', questions), ('answers', answers), ('images', images)):
-      (root / f'LR_split_{split}_{key}.json').write_text(json.dumps({key: value}))
-
-
-def test_rsvqa_lr(tmp_path):
-  _rsvqa_files(tmp_path)
-  summary = benchmarks.convert('rsvqa_lr', tmp_path, tmp_path / 'out')
-  assert summary['splits'] == {'train': 4, 'val': 4, 'test': 4}
-  assert summary['skipped'] == {'inactive_question': 3, 'missing_answer': 3, 'missing_image': 3}
-  test = _read(tmp_path / 'out', 'test')
-  assert [r.id for r in test] == ['rsvqa_lr/test/10/presence', 'rsvqa_lr/test/11/comparison',
-                                  'rsvqa_lr/test/12/rural_urban', 'rsvqa_lr/test/13/count']
-  assert [r.meta['question_type'] for r in test] == [
-      'presence', 'comparison', 'rural_urban', 'count']
-  assert test[0].meta == {'question_type': 'presence', 'question_id': 10, 'image_id': 0}
-  assert [r.conversations[1]['value'] for r in test] == ['yes', 'no', 'rural', '4']
-  assert test[0].conversations[0]['value'] == (
-      '<image>\nIs a road present? Answer the question using a single word or phrase.')
-  assert [(r.task, r.granularity) for r in test] == [('vqa', 'mixed')] * 3 + [('counting', 'local')]
-  np.testing.assert_array_equal(_decode(test[3].image)[1], _pixels((16, 16), 1))
-
-
-def _voc(path, filename, size, objects):
-  root = ET.Element('annotation')
-  ET.SubElement(root, 'filename').text = filename
-  sz = ET.SubElement(root, 'size')
-  for k, v in zip(('width', 'height', 'depth'), (*size, 3)):
-    ET.SubElement(sz, k).text = str(v)
-  for name, box, description in objects:
-    obj = ET.SubElement(root, 'object')
-    ET.SubElement(obj, 'name').text = name
-    bb = ET.SubElement(obj, 'bndbox')
-    for k, v in zip(('xmin', 'ymin', 'xmax', 'ymax'), box):
-      ET.SubElement(bb, k).text = str(v)
-    if description is not None:
-      ET.SubElement(obj, 'description').text = description
-  path.parent.mkdir(parents=True, exist_ok=True)
-  ET.ElementTree(root).write(path)
-
-
-def test_dior_rsvg(tmp_path):
-  root = tmp_path / 'DIOR_RSVG'
-  for stem in ('00001', '00002', '00010'):
-    _save(root / 'JPEGImages' / f'{stem}.jpg', (80, 40), int(stem))
-  # Object indices in file order: 0, 1 (00001), 2 (00002), 3, 4 (00010).
-  _voc(root / 'Annotations' / '00001.xml', '00001.jpg', (80, 40), [
-      ('vehicle', (8, 4, 40, 20), 'the white car on the left'),
-      ('ship', (0, 0, 80, 40), 'the big ship')])
-  _voc(root / 'Annotations' / '00002.xml', '00002.jpg', (80, 40), [
-      ('dam', (10, 10, 5, 30), 'a broken box')])          # x2 < x1
-  _voc(root / 'Annotations' / '00010.xml', '00010.jpg', (80, 40), [
-      ('bridge', (20, 8, 60, 32), None),                  # no description
-      ('windmill', (40, 20, 60, 40), 'the windmill at the bottom')])
-  (root / 'train.txt').write_text('0\n2\n')
-  (root / 'val.txt').write_text('1\n3\n')
-  (root / 'test.txt').write_text('4\n9\n')
-  summary = benchmarks.convert('dior_rsvg', tmp_path, tmp_path / 'out')
-  assert summary['splits'] == {'train': 1, 'val': 1, 'test': 1}
-  assert summary['skipped'] == {'bad_box': 1, 'index_not_found': 1, 'missing_field': 1}
-  train, test = _read(tmp_path / 'out', 'train'), _read(tmp_path / 'out', 'test')
-  r = train[0]
-  assert r.id == 'dior_rsvg/train/0' and (r.task, r.granularity) == ('grounding', 'local')
-  assert r.conversations[0]['value'] == '<image>\n[refer] the white car on the left'
-  # 80x40: 8/80 -> 10, 4/40 -> 10, 40/80 -> 50, 20/40 -> 50.
-  assert r.conversations[1]['value'] == '{<10><10><50><50>}'
-  np.testing.assert_allclose(r.boxes, [[8, 4, 40, 20]])
-  assert r.labels == ['vehicle']
-  assert r.image == (root / 'JPEGImages' / '00001.jpg').read_bytes()
-  # The answer parses back to the record's box within half a quantisation step (0.5% of a side).
-  t = test[0]
-  got = boxes.parse('geochat', t.conversations[1]['value'], 80, 40)[0]
-  np.testing.assert_allclose([got.x1, got.y1, got.x2, got.y2], t.boxes[0], atol=0.4)
-  assert t.labels == ['windmill']
-
-
-def test_ucm_captions(tmp_path):
-  manual = tmp_path / 'manual'
-  for i in (1, 2, 3):
-    _save(manual / 'imgs' / f'{i}.tif', (8, 8), i, fmt='TIFF')
-  caps = lambda *c: [{'raw': x, 'tokens': x.split()} for x in c]
-  (manual / 'dataset.json').write_text(json.dumps({'dataset': 'ucm', 'images': [
-      {'filename': '1.tif', 'imgid': 0, 'split': 'train',
-       'sentences': caps('There is a farmland .', ' Many fields . ')},
-      {'filename': '2.tif', 'imgid': 1, 'split': 'test', 'sentences': caps('A runway .')},
-      {'filename': '3.tif', 'imgid': 2, 'split': 'test', 'sentences': []},
-      {'filename': '4.tif', 'imgid': 3, 'split': 'val', 'sentences': caps('Missing image .')},
-  ]}))
-  summary = benchmarks.convert('ucm_captions', manual, tmp_path / 'out')
-  assert summary['splits'] == {'train': 1, 'test': 1}
-  assert summary['skipped'] == {'missing_field': 1, 'missing_image': 1}
-  r = _read(tmp_path / 'out', 'train')[0]
-  assert (r.id, r.task, r.granularity) == ('ucm_captions/train/0', 'captioning', 'global')
-  assert r.conversations[1]['value'] == 'There is a farmland .'
-  assert r.meta == {'references': ['There is a farmland .', 'Many fields .']}
-  assert _decode(r.image)[0] == 'PNG'
-
-
-@pytest.mark.parametrize('name,expected', [
-    ('ucmerced', 'UCMerced_LandUse/Images'), ('nwpu_resisc45', 'NWPU-RESISC45/<class>'),
-    ('rsvqa_lr', 'Images_LR'), ('dior_rsvg', 'DIOR_RSVG/Annotations'),
-    ('ucm_captions', 'dataset.json')])
-def test_missing_layout_names_expected_path(tmp_path, name, expected):
-  with pytest.raises(benchmarks.LayoutError, match='published layout') as e:
-    benchmarks.convert(name, tmp_path, tmp_path / 'out')
-  assert expected in str(e.value) and str(tmp_path) in str(e.value)
+  assert summary['splits'] == {'val': 4} and summary['out'] == str(tmp_path / 'out')
+  assert 'unparsable_box' in proc.stderr and 'val.jsonl' in proc.stderr
 
 
 # ------------------------------------------------------------------------------------- NEON
@@ -414,7 +241,8 @@ def test_neon_layout_synthetic(tmp_path):
   (data / 'trees.csv').write_text('\n'.join(rows) + '\n')
   (data / 'partial.csv').write_text(('\n'.join(rows[:2]) + '\n').replace('png', 'tif'))
   (data / 'classes.csv').write_text('Dead,0\nAlive,1\n')
-  summary = neon.convert(tmp_path / 'out', data_dir=data, test_tiles=())
+  summary = builders.build_at(tmp_path / 'out', 'neon', data, test_tiles=())
+  assert summary['written'] + sum(summary['skipped'].values()) == 4 + 1   # records + bad box
   assert summary['tiles'] == 1 and summary['crops'] == 2 and summary['boxes'] == 4
   assert summary['annotation_files'] == {'tile': 'trees.csv'}
   assert summary['skipped'] == {'bad_box': 1}
@@ -432,7 +260,7 @@ def test_neon_deepforest_data(tmp_path):
   data = neon.find_data_dir()
   if data is None:
     pytest.skip('deepforest not installed (pip install --no-deps deepforest==2.1.0)')
-  summary = neon.convert(tmp_path / 'out', data_dir=data)
+  summary = builders.build_at(tmp_path / 'out', 'neon', None)   # found as the wheel's data/
   # docs/design.md section 5: 951 tree boxes; 4 distinct tiles (OSBS_029 ships as .tif and .png).
   assert summary['tiles'] == 4 and summary['boxes'] == 951 and summary['skipped'] == {}
   crops = _check_neon(tmp_path / 'out', summary)

@@ -79,7 +79,7 @@ def bot(run):
 
 def _validation_images(config):
   """{record id prefix 'syn-validation-00000i': its records} of the tiny run's validation split."""
-  reader = records.ShardReader(config.data.sources.synthetic.data_dir, 'validation')
+  reader = records.open_split(config.data.sources.synthetic.data_dir, 'validation')
   by_image = {}
   for i in range(len(reader)):
     r = reader.record(i)
@@ -256,7 +256,7 @@ def grounded_run(run, tmp_path_factory):
   config.train.update(total_steps=900, log_every=100, checkpoint_every=900)
   loop.train(config, workdir)
   bot = chat.Chat(workdir, max_new_tokens=24)
-  reader = records.ShardReader(config.data.sources.synthetic.data_dir, 'train')
+  reader = records.open_split(config.data.sources.synthetic.data_dir, 'train')
   grounding = (r for r in map(reader.record, range(len(reader))) if r.task == 'grounding')
   for r in itertools.islice(grounding, 10):
     question = r.conversations[0]['value'].removeprefix('<image>\n')

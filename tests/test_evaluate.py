@@ -24,7 +24,7 @@ def test_evaluate_writes_all_four_files(run):
   for name in ('metrics.json', 'answers.jsonl', 'routing.json', 'routing.png'):
     assert (out / name).stat().st_size > 0, name
   answers = [json.loads(l) for l in (out / 'answers.jsonl').read_text().splitlines()]
-  reader = records.ShardReader(config.data.sources.synthetic.data_dir, 'validation')
+  reader = records.open_split(config.data.sources.synthetic.data_dir, 'validation')
   assert len(answers) == min(len(reader), 6)
   assert all(set(a) >= {'question_id', 'answer'} for a in answers)
   metrics = json.loads((out / 'metrics.json').read_text())
@@ -61,7 +61,7 @@ def test_table_lists_every_task(run):
 
 def test_chat_answers_a_question(run):
   config, workdir = run
-  record = records.ShardReader(config.data.sources.synthetic.data_dir, 'validation').record(0)
+  record = records.open_split(config.data.sources.synthetic.data_dir, 'validation').record(0)
   bot = chat.Chat(workdir, max_new_tokens=5)
   answer = bot.answer(record.image, 'How many ships are there in the image?')
   assert isinstance(answer, str)

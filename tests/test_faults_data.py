@@ -1,7 +1,7 @@
 """Fault probes of the data layer: nothing a user has is lost, nothing wrong gets in silently.
 
 Each test is one probe that once failed: a malformed turn aborting a conversion, a crash mid-way
-leaving a dataset without the split it was replacing, image paths escaping --images, images too
+leaving a dataset without what it was replacing, image paths escaping --images, images too
 large to decode at train time, and a corrupt record stopping the tokenizer trainer.
 """
 import io
@@ -15,15 +15,15 @@ import sys
 import zlib
 
 import numpy as np
-import tensorflow as tf
+from array_record.python import array_record_module as arm
 import pytest
 from PIL import Image, ImageFile
 
 from conftest import load_config
-from skymoe_jax.data import image_ops, pipeline, records, synthetic
+from skymoe_jax.data import builders, image_ops, pipeline, records, synthetic
 from skymoe_jax.data import template as template_lib
 from skymoe_jax.data import tokenizer as tokenizer_lib
-from skymoe_jax.data.convert import benchmarks, instruct, neon
+from skymoe_jax.data.convert import instruct, neon
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # PIL warns when it opens the 12000x12000 probe image (above its own, process-global limit); the
@@ -49,18 +49,31 @@ def _entry(id_, image='a.png', answer='x'):
 
 
 def _read_ids(out, split):
-  reader = records.ShardReader(out, split)
+  reader = records.open_split(out, split)
   try:
     return [reader.record(i).id for i in range(len(reader))]
   finally:
     reader.close()
 
 
+def _files(out):
+  return {p.name: p.read_bytes() for p in sorted(pathlib.Path(out).iterdir())}
+
+
 def _leftovers(out):
-  """Anything in a dataset folder that its dataset_info.json does not account for."""
-  info = records.read_info(out)
-  listed = {f for s in info['splits'].values() for f in s['files']} | {records.INFO_FILE}
-  return sorted(p.name for p in pathlib.Path(out).iterdir() if p.name not in listed)
+  """Hidden folders beside the dataset folder (the staging folders of a build left behind)."""
+  return sorted(p.name for p in pathlib.Path(out).parent.iterdir() if p.name.startswith('.'))
+
+
+def _instruct(images, out, split_entries, **options):
+  """Builds skymoe_instruct from {split: entries} (manual_dir: <split>.json + images/)."""
+  manual = pathlib.Path(out).parent / f'in-{pathlib.Path(out).name}'
+  manual.mkdir(exist_ok=True)
+  if not (manual / 'images').exists():
+    (manual / 'images').symlink_to(images)
+  for split, entries in split_entries.items():
+    (manual / f'{split}.json').write_text(json.dumps(entries))
+  return builders.build_at(out, 'instruct', manual, **options)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -97,15 +110,13 @@ def test_non_string_speaker_or_value_is_a_counted_skip(tmp_path, caplog):
   }
   entries = [_entry('ok1')] + [{'id': k, 'image': 'a.png', 'conversations': v}
                                for k, v in bad_turns.items()] + [_entry('ok2')]
-  src = tmp_path / 'mixed.json'
-  src.write_text(json.dumps(entries))
   with caplog.at_level(logging.WARNING):
-    summary = instruct.convert(src, images, tmp_path / 'out')
+    summary = _instruct(images, tmp_path / 'out', {'train': entries})
   assert summary['written'] == 2
   assert summary['skipped'] == {'malformed_conversation': len(bad_turns)}
   assert _read_ids(tmp_path / 'out', 'train') == ['ok1', 'ok2']
   for k in bad_turns:  # file, record and field in each warning
-    assert any('mixed.json' in r.message and repr(k) in r.message and "'conversations'" in
+    assert any('train.json' in r.message and repr(k) in r.message and "'conversations'" in
                r.message for r in caplog.records), k
   # The template's own error is a ConversationError, never a TypeError, for the pipeline too.
   with pytest.raises(template_lib.ConversationError, match='turn 0'):
@@ -118,107 +129,72 @@ class _Crash(Exception):
   pass
 
 
-def test_instruct_crash_keeps_the_old_split(tmp_path, monkeypatch):
+def test_instruct_crash_keeps_the_old_dataset(tmp_path, monkeypatch):
   images = tmp_path / 'images'
   _save(images / 'a.png')
   out = tmp_path / 'out'
-  (tmp_path / 'train.json').write_text(json.dumps([_entry('old1'), _entry('old2')]))
-  (tmp_path / 'test.json').write_text(json.dumps([_entry('t1')]))
-  instruct.convert(tmp_path / 'train.json', images, out, split='train', source='d',
-                   records_per_shard=1)
-  instruct.convert(tmp_path / 'test.json', images, out, split='test', source='d')
-  info_before = records.read_info(out)
-  (tmp_path / 'new.json').write_text(json.dumps([_entry(f'new{i}') for i in range(5)]))
+  _instruct(images, out, {'train': [_entry('old1'), _entry('old2')], 'test': [_entry('t1')]},
+            source='d')
+  before = _files(out)
   real = instruct.to_record
   calls = []
 
   def crashing(entry, *args, **kwargs):
     calls.append(entry['id'])
-    if len(calls) == 3:   # two new records already written, as if killed here
+    if len(calls) == 4:   # records already written, as if killed here
       raise _Crash('power cut')
     return real(entry, *args, **kwargs)
   monkeypatch.setattr(instruct, 'to_record', crashing)
   with pytest.raises(_Crash):
-    instruct.convert(tmp_path / 'new.json', images, out, split='train', source='d',
-                     records_per_shard=1)
-  # The old dataset, whole: both splits, nothing half-written beside them.
-  assert records.read_info(out) == info_before
+    _instruct(images, out, {'train': [_entry(f'new{i}') for i in range(5)]}, source='d')
+  # The old dataset, whole: both splits, nothing half-written beside it.
+  assert _files(out) == before
   assert _read_ids(out, 'train') == ['old1', 'old2']
   assert _read_ids(out, 'test') == ['t1']
   assert _leftovers(out) == []
 
   monkeypatch.setattr(instruct, 'to_record', real)
-  (tmp_path / 'one.json').write_text(json.dumps([_entry('new0')]))
-  summary = instruct.convert(tmp_path / 'one.json', images, out, split='train', source='d',
-                             records_per_shard=1)
+  (tmp_path / 'in-out' / 'test.json').unlink()
+  summary = _instruct(images, out, {'train': [_entry('new0')]}, source='d')
   assert summary['splits'] == {'train': 1}
-  assert _read_ids(out, 'train') == ['new0'] and _read_ids(out, 'test') == ['t1']
-  assert _leftovers(out) == []   # the old split's second shard went with it
-
-
-def test_a_failed_swap_puts_the_old_split_back(tmp_path, monkeypatch):
-  images = tmp_path / 'images'
-  _save(images / 'a.png')
-  out = tmp_path / 'out'
-  (tmp_path / 'old.json').write_text(json.dumps([_entry('old1'), _entry('old2')]))
-  instruct.convert(tmp_path / 'old.json', images, out, records_per_shard=1)
-  info_before = records.read_info(out)
-
-  def no_info(*args, **kwargs):  # the last step of the swap fails (say, the disk is full)
-    raise OSError('No space left on device')
-  monkeypatch.setattr(records, 'write_info', no_info)
-  (tmp_path / 'new.json').write_text(json.dumps([_entry('new1')]))
-  with pytest.raises(OSError, match='No space'):
-    instruct.convert(tmp_path / 'new.json', images, out, source='old', records_per_shard=1)
-  assert records.read_info(out) == info_before
-  assert _read_ids(out, 'train') == ['old1', 'old2'] and _leftovers(out) == []
-
-
-def _ucmerced(manual, n=4):
-  images = manual / 'UCMerced_LandUse' / 'Images'
-  for k, cls in enumerate(('agricultural', 'airplane')):
-    for i in range(n):
-      _save(images / cls / f'{cls}{i:02d}.png', (8, 8), 10 * k + i)
-
-
-def test_benchmark_crash_keeps_the_old_dataset(tmp_path, monkeypatch):
-  _ucmerced(tmp_path / 'manual')
-  out = tmp_path / 'out'
-  benchmarks.convert('ucmerced', tmp_path / 'manual', out, records_per_shard=1)
-  before = {s: _read_ids(out, s) for s in ('train', 'val', 'test')}
-  real, calls = benchmarks.load_image, []
-
-  def crashing(*args, **kwargs):
-    calls.append(args)
-    if len(calls) == 5:
-      raise _Crash('power cut')
-    return real(*args, **kwargs)
-  monkeypatch.setattr(benchmarks, 'load_image', crashing)
-  with pytest.raises(_Crash):
-    benchmarks.convert('ucmerced', tmp_path / 'manual', out, records_per_shard=1)
-  assert {s: _read_ids(out, s) for s in ('train', 'val', 'test')} == before
+  assert _read_ids(out, 'train') == ['new0']
   assert _leftovers(out) == []
 
 
+def test_a_failed_swap_keeps_the_old_dataset(tmp_path, monkeypatch):
+  images = tmp_path / 'images'
+  _save(images / 'a.png')
+  out = tmp_path / 'out'
+  _instruct(images, out, {'train': [_entry('old1'), _entry('old2')]})
+  before = _files(out)
+  def no_info(*args, **kwargs):  # the last step fails (say, the disk is full): nothing swapped
+    raise OSError('No space left on device')
+  monkeypatch.setattr(builders.tfds.core.DatasetInfo, 'write_to_directory', no_info)
+  with pytest.raises(OSError, match='No space'):
+    _instruct(images, out, {'train': [_entry('new1')]})
+  assert _files(out) == before
+  assert _read_ids(out, 'train') == ['old1', 'old2'] and _leftovers(out) == []
+
+
 def test_neon_crash_keeps_the_old_dataset(tmp_path, monkeypatch):
-  data = tmp_path / 'data'
+  data = tmp_path / 'in-data'
   _save(data / 'tile.png', (500, 300), 0)
   (data / 'trees.csv').write_text('image_path,xmin,ymin,xmax,ymax,label\n'
                                   'tile.png,150,10,200,60,Tree\n')
   out = tmp_path / 'out'
-  neon.convert(out, data_dir=data, test_tiles=(), records_per_shard=1)
+  builders.build_at(out, 'neon', data, test_tiles=())
   before = _read_ids(out, 'train')
   assert len(before) == 4   # two crops x (count, refer)
   real, calls = neon.encode_image, []
 
   def crashing(*args, **kwargs):
     calls.append(args)
-    if len(calls) == 2:   # the first crop's records are written
+    if len(calls) == 3:   # the first crops' records are written
       raise _Crash('power cut')
     return real(*args, **kwargs)
   monkeypatch.setattr(neon, 'encode_image', crashing)
   with pytest.raises(_Crash):
-    neon.convert(out, data_dir=data, test_tiles=(), records_per_shard=1)
+    builders.build_at(out, 'neon', data, test_tiles=())
   assert _read_ids(out, 'train') == before
   assert _leftovers(out) == []
 
@@ -237,28 +213,13 @@ def test_image_paths_outside_the_images_folder_are_refused(tmp_path, caplog):
              _entry('rel', '../secret.png'), _entry('abs', str(outside)),
              _entry('link', 'link.png'), _entry('passwd', '../../../../../../etc/passwd'),
              _entry('nul', 'a.png\0.png')]
-  src = tmp_path / 'escape.json'
-  src.write_text(json.dumps(entries))
   with caplog.at_level(logging.WARNING):
-    summary = instruct.convert(src, images, tmp_path / 'out')
+    summary = _instruct(images, tmp_path / 'out', {'escape': entries})
   assert summary['written'] == 3
   assert summary['skipped'] == {'image_outside_images_dir': 4, 'missing_image': 1}
-  assert _read_ids(tmp_path / 'out', 'train') == ['ok', 'sub', 'inner']
+  assert _read_ids(tmp_path / 'out', 'escape') == ['ok', 'sub', 'inner']
   assert any('escape.json' in r.message and "'passwd'" in r.message and "'image'" in r.message
              and 'image_outside_images_dir' in r.message for r in caplog.records)
-
-
-def test_benchmark_file_names_cannot_escape(tmp_path):
-  manual = tmp_path / 'manual'
-  _save(manual / 'imgs' / '1.png', (8, 8), 1)
-  _save(tmp_path / 'secret.png', (8, 8), 2)
-  caps = [{'raw': 'A runway .'}]
-  (manual / 'dataset.json').write_text(json.dumps({'images': [
-      {'filename': '1.png', 'imgid': 0, 'split': 'train', 'sentences': caps},
-      {'filename': '../../secret.png', 'imgid': 1, 'split': 'train', 'sentences': caps}]}))
-  summary = benchmarks.convert('ucm_captions', manual, tmp_path / 'out')
-  assert summary['splits'] == {'train': 1}
-  assert summary['skipped'] == {'image_outside_images_dir': 1}
 
 
 # ----------------------------------------------------------------- pixel limits: conversion
@@ -273,9 +234,7 @@ def test_conversion_refuses_images_above_the_pixel_limit(tmp_path, huge_png, mon
   _save(images / 'a.png', (40, 20))          # 800 pixels
   _save(images / 'b.png', (20, 20))          # 400 pixels
   (images / 'huge.png').write_bytes(huge_png)
-  src = tmp_path / 'd.json'
-  src.write_text(json.dumps([_entry('a', 'a.png'), _entry('b', 'b.png'),
-                             _entry('huge', 'huge.png')]))
+  entries = {'train': [_entry('a', 'a.png'), _entry('b', 'b.png'), _entry('huge', 'huge.png')]}
   # The default limit refuses the 12000x12000 image from its header, before any pixel.
   decoded = []
   real_load = ImageFile.ImageFile.load
@@ -284,7 +243,7 @@ def test_conversion_refuses_images_above_the_pixel_limit(tmp_path, huge_png, mon
     decoded.append(self.size)
     return real_load(self)
   monkeypatch.setattr(ImageFile.ImageFile, 'load', load)
-  summary = instruct.convert(src, images, tmp_path / 'out')
+  summary = _instruct(images, tmp_path / 'out', entries)
   assert summary['skipped'] == {'image_too_large': 1} and summary['written'] == 2
   assert (12000, 12000) not in decoded
   # A lower limit is a converter flag: the command line passes it through.
@@ -293,22 +252,21 @@ def test_conversion_refuses_images_above_the_pixel_limit(tmp_path, huge_png, mon
     import convert_instruct  # noqa: E402 (a script, not a package module)
   finally:
     sys.path.remove(str(REPO / 'data_prep'))
-  convert_instruct.main([f'--input={src}', f'--images={images}', f'--out={tmp_path / "cli"}',
+  convert_instruct.main([f'--manual_dir={tmp_path / "in-out"}', f'--out={tmp_path / "cli"}',
                          '--max_image_pixels=500'])
-  assert records.read_info(tmp_path / 'cli')['skipped'] == {'image_too_large': 2}
+  meta = records.read_info(tmp_path / 'cli')['metadata']
+  assert meta['skipped'] == {'image_too_large': 2}
+  assert meta['skipped_per_split'] == {'train': {'image_too_large': 2}}
   assert _read_ids(tmp_path / 'cli', 'train') == ['b']
-  # The benchmark and NEON converters take the same limit.
-  _ucmerced(tmp_path / 'manual', n=2)
-  summary = benchmarks.convert('ucmerced', tmp_path / 'manual', tmp_path / 'bench',
-                               max_image_pixels=63)
-  assert summary['written'] == 0 and summary['skipped'] == {'image_too_large': 4}
+  # The NEON builder takes the same limit (the benchmark builders: test_benchmark_builders.py).
   data = tmp_path / 'neon'
   _save(data / 'tile.png', (50, 30), 0)
+  _save(data / 'tile2.png', (20, 20), 1)
   (data / 'trees.csv').write_text('image_path,xmin,ymin,xmax,ymax,label\n'
-                                  'tile.png,1,1,20,20,Tree\n')
-  summary = neon.convert(tmp_path / 'neon_out', data_dir=data, test_tiles=(),
-                         max_image_pixels=1000)
-  assert summary['written'] == 0 and summary['skipped'] == {'image_too_large': 1}
+                                  'tile.png,1,1,20,20,Tree\ntile2.png,1,1,9,9,Tree\n')
+  summary = builders.build_at(tmp_path / 'neon_out', 'neon', data, test_tiles=(),
+                              max_image_pixels=1000)
+  assert summary['written'] == 2 and summary['skipped'] == {'image_too_large': 1}
 
 
 # ---------------------------------------------------------------- pixel limits: train time
@@ -337,13 +295,11 @@ def syn(tmp_path_factory):
 
 def test_pipeline_counts_images_above_the_limit(syn, tmp_path, huge_png):
   root, tok = syn
-  good = records.ShardReader(root / 'syn', 'train').record(0)
-  writer = records.ShardWriter(tmp_path, 'train')
-  writer.write(good)
-  writer.write(records.Record(**{**good.__dict__, 'id': 'huge', 'image': huge_png}))
-  records.write_info(tmp_path, 'huge', '', {'train': writer.close()})
+  good = records.open_split(root / 'syn', 'train').record(0)
+  huge = records.Record(**{**good.__dict__, 'id': 'huge', 'image': huge_png})
+  builders.write_records(tmp_path / 'huge', {'train': [good, huge]})
   config = load_config('tiny')
-  config.data.sources.synthetic.update(data_dir=str(tmp_path), generate='')
+  config.data.sources.synthetic.update(data_dir=str(tmp_path / 'huge'), generate='')
   config.data.batch_size = 8
   batch = pipeline.BatchBuilder(config, tok).build(0)
   counts = dict(zip(pipeline.COUNTERS, batch['counters'].tolist()))
@@ -358,18 +314,21 @@ def test_pipeline_counts_images_above_the_limit(syn, tmp_path, huge_png):
 # ------------------------------------------------------------ the tokenizer trainer's records
 
 def _corrupt_dataset(out):
-  """3 records: good, not a tf.train.Example, a conversation the template rejects."""
+  """3 records: good, not a tf.train.Example, a conversation the template rejects (record 1 is
+  replaced in the ArrayRecord file after the build: no builder writes such a record)."""
   good = records.Record(id='good', image=b'', task='vqa', granularity='mixed',
                         conversations=_turns('<image>\nWhat is the river beside?', 'A road.'))
   empty = records.Record(id='empty', image=b'', task='vqa', granularity='mixed',
                          conversations=[])
-  out.mkdir(parents=True)
-  with tf.io.TFRecordWriter(str(out / 'train-00000.tfrecord')) as w:
-    w.write(records.encode(good))
-    w.write(b'\x08garbage, not an Example')
-    w.write(records.encode(empty))
-  records.write_info(out, 'corrupt', '', {'train': {'files': ['train-00000.tfrecord'],
-                                                    'records': 3}})
+  builders.write_records(out, {'train': [good, good, empty]})
+  [path] = out.glob('*-train.array_record-*')
+  reader = arm.ArrayRecordReader(str(path))
+  options, stored = reader.writer_options_string(), reader.read_all()
+  reader.close()
+  writer = arm.ArrayRecordWriter(str(path), options)
+  for data in (stored[0], b'\x08garbage, not an Example', stored[2]):
+    writer.write(data)
+  writer.close()
 
 
 def test_tokenizer_texts_skip_and_count_corrupt_records(tmp_path, caplog):
@@ -379,7 +338,7 @@ def test_tokenizer_texts_skip_and_count_corrupt_records(tmp_path, caplog):
     texts = tokenizer_lib.texts_from_records(tmp_path / 'd', 'train', skipped=skipped)
   assert skipped == {'unreadable_record': 1, 'malformed_conversation': 1}
   assert any('What is the river beside?' in t for t in texts)
-  assert any('train-00000.tfrecord record 1' in r.message for r in caplog.records)
+  assert any('split train record 1' in r.message for r in caplog.records)
   assert any('record 2' in r.message and "'empty'" in r.message and 'conversations' in r.message
              for r in caplog.records)
 
@@ -394,4 +353,4 @@ def test_train_tokenizer_cli_reports_skips(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary['skipped'] == {'malformed_conversation': 1, 'unreadable_record': 1}
-  assert 'train-00000.tfrecord record 1' in proc.stderr
+  assert 'split train record 1' in proc.stderr

@@ -166,7 +166,8 @@ def test_xpk_dry_run_multislice(capsys):
   assert _flag(argv, 'workload').startswith('a-')
   assert shlex.split(_flag(argv, 'command')) == [
       'SKYMOE_COORDINATOR=auto', 'SKYMOE_NUM_PROCESSES=32', 'python', '-m', 'skymoe_jax.train',
-      '--config=configs/tiny.py', '--workdir=/gcs/runs/a', '--config.seed=1']
+      '--config=configs/tiny.py', '--workdir=/gcs/runs/a', '--config.mesh.num_slices=2',
+      '--config.seed=1']
 
 
 # -- SLURM --------------------------------------------------------------------------------------
@@ -333,3 +334,27 @@ def test_two_local_processes_train_like_one(tmp_path, capsys):
   for g, w in zip(got, want):
     assert g['loss'] == pytest.approx(w['loss'], rel=1e-5)
     assert g['ce_loss'] == pytest.approx(w['ce_loss'], rel=1e-5)
+
+
+def test_dry_runs_with_a_bucket_workdir(tmp_path, capsys, monkeypatch):
+  """gs:// workdirs pass through as they are; what must be local (the sbatch script, SLURM's
+  output, process logs) goes under --log_dir, or ~/skymoe_logs/BUCKET/PATH."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  slurm.main(['--nodes=2', '--config=' + TINY, '--workdir=gs://my-bucket/runs/a', '--dry_run',
+              *OVERRIDES])
+  out = capsys.readouterr().out
+  logs = tmp_path / 'skymoe_logs' / 'my-bucket' / 'runs' / 'a'
+  assert f'#SBATCH --output={logs / "slurm" / "%j.out"}' in out
+  assert _commands(out)[-1] == ['sbatch', str(logs / 'slurm' / 'train.sbatch')]
+  assert '--workdir=gs://my-bucket/runs/a' in out and 'gs:/my-bucket' not in out
+
+  slurm.main(['--nodes=1', '--log_dir=' + str(tmp_path / 'shared'), '--config=' + TINY,
+              '--workdir=gs://my-bucket/runs/a', '--dry_run'])
+  assert str(tmp_path / 'shared' / 'slurm' / 'train.sbatch') in capsys.readouterr().out
+
+  local.main(['--num_processes=2', '--devices_per_process=4', '--config=' + TINY,
+              '--workdir=gs://my-bucket/runs/b', '--dry_run'])
+  out = capsys.readouterr().out
+  assert '--workdir=gs://my-bucket/runs/b' in out
+  logs = tmp_path / 'skymoe_logs' / 'my-bucket' / 'runs' / 'b'
+  assert str(logs / 'logs' / 'process_0.log') in out

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from skymoe_jax.data import boxes, cda, image_ops, pipeline, records, synthetic, tasks
+from skymoe_jax.data import boxes, builders, cda, image_ops, pipeline, records, synthetic, tasks
 from skymoe_jax.data import template as template_lib
 from skymoe_jax.data import tokenizer as tokenizer_lib
 
@@ -48,7 +48,7 @@ def test_batch_shapes_and_loss_mask(data):
   b, t = batch['tokens'].shape
   assert (b, t) == (config.data.batch_size, config.data.text_len)
   assert np.isfinite(batch['images']).all()
-  reader = records.ShardReader(root / 'syn', 'train')
+  reader = records.open_split(root / 'syn', 'train')
   answers = {}
   for i in range(len(reader)):
     r = reader.record(i)
@@ -186,16 +186,12 @@ def test_mixture_weights_are_exact_and_epochs_do_not_repeat():
 
 def test_bad_records_are_counted_and_replaced(data, tmp_path):
   root, tok = data
-  good = records.ShardReader(root / 'syn', 'train').record(0)
-  writer = records.ShardWriter(tmp_path, 'train')
-  writer.write(good)
+  good = records.open_split(root / 'syn', 'train').record(0)
   bad_image = records.Record(**{**good.__dict__, 'id': 'bad-image', 'image': b'not an image'})
   empty = records.Record(**{**good.__dict__, 'id': 'empty', 'conversations': []})
-  writer.write(bad_image)
-  writer.write(empty)
-  records.write_info(tmp_path, 'broken', '', {'train': writer.close()})
+  builders.write_records(tmp_path / 'broken', {'train': [good, bad_image, empty]})
   config = _config(root, batch_size=8)
-  config.data.sources.synthetic.data_dir = str(tmp_path)
+  config.data.sources.synthetic.data_dir = str(tmp_path / 'broken')
   batch = pipeline.BatchBuilder(config, tok).build(0)
   counts = dict(zip(pipeline.COUNTERS, batch['counters'].tolist()))
   assert counts['undecodable_image'] >= 1 and counts['malformed_conversation'] >= 1

@@ -24,14 +24,14 @@ PARAMS = dict(num_images=24, seed=7, image_size=128, val_fraction=0.25)
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
   out = tmp_path_factory.mktemp('syn') / 'data'
-  summary = synthetic.generate(out, records_per_shard=40, **PARAMS)
+  summary = synthetic.generate(out, **PARAMS)
   return out, summary
 
 
 def _all_records(data_dir):
   out = {}
   for split in synthetic.SPLITS:
-    reader = records.ShardReader(data_dir, split)
+    reader = records.open_split(data_dir, split)
     out[split] = [reader.record(i) for i in range(len(reader))]
     reader.close()
   return out
@@ -149,13 +149,14 @@ def test_answers_match_annotations(dataset):
 def test_files_read_back(dataset):
   data_dir, summary = dataset
   info = records.read_info(data_dir)
-  assert info['name'] == synthetic.NAME and info['licence'] == synthetic.LICENCE
-  assert info['generator'] == PARAMS and info['format_version'] == synthetic.FORMAT_VERSION
+  assert info['name'] == synthetic.BUILDER and info['licence'] == synthetic.LICENCE
+  meta = info['metadata']
+  assert meta['generator'] == PARAMS and meta['format_version'] == synthetic.FORMAT_VERSION
+  assert meta['skipped'] == {} and meta['counts']['tasks'] == summary['tasks']
   by_split = _all_records(data_dir)
-  assert len(info['splits']['train']['files']) > 1    # records_per_shard=40 spills over
   assert summary['images'] == {'train': 18, 'validation': 6}
   for split, recs in by_split.items():
-    assert len(recs) == summary['records'][split] == info['splits'][split]['records']
+    assert len(recs) == summary['records'][split] == info['splits'][split]
     assert len({r.id.rsplit('-', 1)[0] for r in recs}) == summary['images'][split]
   ids = [r.id for recs in by_split.values() for r in recs]
   assert len(ids) == len(set(ids))
@@ -173,11 +174,12 @@ def test_files_read_back(dataset):
 
 def test_deterministic(dataset, tmp_path):
   data_dir, _ = dataset
-  synthetic.generate(tmp_path / 'same', records_per_shard=40, **PARAMS)
+  synthetic.generate(tmp_path / 'same', **PARAMS)
   assert _files(tmp_path / 'same') == _files(data_dir)
-  synthetic.generate(tmp_path / 'other', records_per_shard=40, **dict(PARAMS, seed=8))
+  synthetic.generate(tmp_path / 'other', **dict(PARAMS, seed=8))
   same, other = _files(data_dir), _files(tmp_path / 'other')
-  assert same['train-00000.tfrecord'] != other['train-00000.tfrecord']
+  shard = 'skymoe_synthetic-train.array_record-00000-of-00001'
+  assert same[shard] != other[shard]
 
 
 def test_ensure(tmp_path):
@@ -189,11 +191,12 @@ def test_ensure(tmp_path):
   assert (out / 'marker').exists()
   synthetic.ensure(out, **dict(params, seed=2))
   assert not (out / 'marker').exists()
-  assert records.read_info(out)['generator']['seed'] == 2
-  # A missing shard also triggers regeneration.
-  (out / 'train-00000.tfrecord').unlink()
+  assert records.read_info(out)['metadata']['generator']['seed'] == 2
+  # A missing data file also triggers regeneration.
+  shard = out / 'skymoe_synthetic-train.array_record-00000-of-00001'
+  shard.unlink()
   synthetic.ensure(out, **dict(params, seed=2))
-  assert (out / 'train-00000.tfrecord').exists()
+  assert shard.exists()
   # A folder that is not a synthetic dataset is never replaced.
   foreign = tmp_path / 'foreign'
   foreign.mkdir()
@@ -241,17 +244,18 @@ def test_cli(cli_run):
   summary = json.loads(stdout.strip().splitlines()[-1])
   info = records.read_info(out)
   assert summary['images'] == {'train': 4, 'validation': 1}
-  assert summary['records'] == {s: info['splits'][s]['records'] for s in synthetic.SPLITS}
+  assert summary['records'] == {s: info['splits'][s] for s in synthetic.SPLITS}
+  assert summary['out'] == str(out)
   assert sum(summary['tasks'].values()) == sum(summary['records'].values())
   assert sum(summary['granularities'].values()) == sum(summary['records'].values())
-  assert info['generator'] == CLI_PARAMS
+  assert info['metadata']['generator'] == CLI_PARAMS
 
 
 def test_same_records_across_processes(cli_run, tmp_path):
   out, _ = cli_run
   synthetic.generate(tmp_path / 'here', **CLI_PARAMS)
   for split in synthetic.SPLITS:
-    theirs, ours = records.ShardReader(out, split), records.ShardReader(tmp_path / 'here', split)
+    theirs, ours = records.open_split(out, split), records.open_split(tmp_path / 'here', split)
     assert len(theirs) == len(ours)
     for i in range(len(ours)):
       a, b = theirs.record(i), ours.record(i)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from skymoe_jax.data import builders
 from skymoe_jax.data import records
 from skymoe_jax.data import tasks
 from skymoe_jax.data import template as tmpl
@@ -278,12 +279,10 @@ def test_llama_style_model_without_pad_or_symbols(corpus, tmp_path):
 
 def _write_records(out_dir, n=40, seed=0):
   rng = random.Random(seed)
-  writer = records.ShardWriter(out_dir, 'train', records_per_shard=16)
-  for i in range(n):
-    writer.write(records.Record(id=f'r{i}', image=b'not decoded here',
-                                conversations=_conversation(rng, turns=1 + i % 2),
-                                task='vqa', granularity='mixed'))
-  records.write_info(out_dir, 'synthetic-test', 'CC0', {'train': writer.close()})
+  builders.write_records(out_dir, {'train': [
+      records.Record(id=f'r{i}', image=b'not decoded here',
+                     conversations=_conversation(rng, turns=1 + i % 2), task='vqa',
+                     granularity='mixed') for i in range(n)]}, licence='CC0')
 
 
 def test_texts_from_records_and_ensure(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """The training input pipeline: a pure function of (seed, step, host), run by tf.data.
 
-  step -> positions in the source mixture -> records (random access, records.ShardReader)
+  step -> positions in the source mixture -> records (random access, records.open_split: tfds)
        -> decode -> CDA edits (cda.py) -> global view + local crop (image_ops.py)
        -> chat template -> tokens with a loss mask on assistant turns -> pad to data.text_len
        -> one fixed-shape host batch
@@ -134,7 +134,7 @@ class BatchBuilder:
     names = sorted(d.sources)
     if not names:
       raise DataError('config.data.sources is empty')
-    self.sources = [records.ShardReader(d.sources[n].data_dir, d.sources[n].split)
+    self.sources = [records.open_split(d.sources[n].data_dir, d.sources[n].split)
                     for n in names]
     self.source_names = names
     self.mixture = Mixture([len(r) for r in self.sources], [d.sources[n].weight for n in names],

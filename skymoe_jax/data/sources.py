@@ -1,15 +1,16 @@
 """The config's data sources on disk: generated ones made when missing, every one checked early.
 
-config.data.sources maps a name to {data_dir, split, weight, generate}; generate='synthetic'
-renders the synthetic scenes (data/synthetic.py) into a cache folder named by their settings.
+config.data.sources maps a name to {data_dir, split, weight, generate}; data_dir is a tfds
+version folder (data/builders.py, e.g. .../skymoe_ucmerced/1.0.0; a bucket URL works too);
+generate='synthetic' renders the synthetic scenes (data/synthetic.py) into a cache folder named
+by their settings. A folder in the old shard format is refused here, with its migration command.
 """
-import os
-import pathlib
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
 
+from skymoe_jax import storage
 from skymoe_jax.data import records, synthetic
 
 
@@ -19,9 +20,9 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def synthetic_dir(config) -> pathlib.Path:
+def synthetic_dir(config):
   s = config.data.synthetic
-  return (pathlib.Path(os.path.expanduser(s.cache_dir)) /
+  return (storage.path(s.cache_dir) /
           f'synthetic-n{s.num_images}-s{s.seed}-i{s.image_size}-v{s.val_fraction}')
 
 

@@ -33,27 +33,30 @@ The granularities are those `tasks.classify` gives each prompt (docs/design.md s
 "other VQA", so mixed), so training and inference condition the router alike. Texts use a small
 vocabulary (a demo model with a 1024-piece tokenizer learns it).
 
-`generate` writes into a temporary sibling folder and renames it into place, so an interrupted
-run never leaves half a dataset; `ensure` regenerates only when the recorded generator params
-differ.
+Stored as the tfds dataset skymoe_synthetic (data/builders.py; the generator params are its
+builder config, e.g. skymoe_synthetic/n2000-s0-i128-v0.1), records in the order above. `generate`
+builds it beside out_dir and swaps it into place (out_dir is the version folder a source's
+data_dir names), so an interrupted run never leaves half a dataset; `ensure` regenerates only
+when the generator params or FORMAT_VERSION recorded in its metadata differ.
 """
 import io
 import json
 import logging
 import os
-import pathlib
-import shutil
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from skymoe_jax import storage
 from skymoe_jax.data import boxes as boxes_lib
 from skymoe_jax.data import cda
+from skymoe_jax.data import convert
 from skymoe_jax.data import records
 from skymoe_jax.data import tasks
 
-NAME = 'synthetic_scenes'
+NAME = 'synthetic_scenes'   # the records' source
+BUILDER = 'skymoe_synthetic'  # the tfds builder (data/builders.py)
 LICENCE = 'CC0-1.0 (rendered by SkyMoE-JAX)'
 FORMAT_VERSION = 1          # bump whenever rendering or texts change: ensure() then regenerates
 SPLITS = ('train', 'validation')
@@ -587,21 +590,59 @@ def split_sizes(num_images: int, val_fraction: float) -> Dict[str, int]:
   return {'train': num_images - n_val, 'validation': n_val}
 
 
-def _is_ours(path: pathlib.Path) -> bool:
+def split_samples(split: str, num_images: int, seed: int, image_size: int = 128,
+                  val_fraction: float = 0.2) -> Iterator[convert.Sample]:
+  """The samples of one split, image by image (each rendered when the builder reaches it)."""
+  for index in range(split_sizes(num_images, val_fraction)[split]):
+    for record in image_records(seed, split, index, image_size):
+      yield split, NAME, record.id, (lambda r=record: r)
+
+
+def _samples(manual_dir, skips, *, seed: int, licence: str, max_image_pixels: int,
+             num_images: int = 2000, image_size: int = 128, val_fraction: float = 0.1):
+  del manual_dir, skips, licence, max_image_pixels  # nothing is read, nothing can be skipped
+  for split in SPLITS:
+    yield from split_samples(split, num_images, seed, image_size, val_fraction)
+
+
+SPEC = convert.SourceSpec(
+    name='synthetic', version='1.0.0',
+    description='Procedurally rendered aerial scenes with exact boxes, labels and colours and '
+                'one instruction sample per task kind (skymoe_jax/data/synthetic.py).',
+    homepage='', citation='', licence=LICENCE, layout='(none: rendered, nothing is read)',
+    splits=SPLITS, samples=_samples)
+
+
+def empty_counts() -> Dict[str, Dict[str, int]]:
+  return {'tasks': {t: 0 for t in tasks.TASKS},
+          'granularities': {g: 0 for g in tasks.GRANULARITIES},
+          'kinds': {k: 0 for k in KINDS}}
+
+
+def count(counts: Dict, record: records.Record) -> None:
+  """Adds a record to the summary's samples per task, granularity and kind."""
+  counts['tasks'][record.task] += 1
+  counts['granularities'][record.granularity] += 1
+  counts['kinds'][record.id.rsplit('-', 1)[1]] += 1
+
+
+def _is_ours(path) -> bool:
   """True when path is missing, empty, or a dataset this module wrote (safe to replace)."""
   if not path.exists():
     return True
   if path.is_dir() and not any(path.iterdir()):
     return True
   try:
-    return records.read_info(path).get('name') == NAME
-  except (FileNotFoundError, ValueError, NotADirectoryError):
+    info = json.loads((path / records.INFO_FILE).read_text())
+  except (OSError, ValueError):
     return False
+  return info.get('name') in (NAME, BUILDER)   # the old shard format or the tfds one
 
 
 def generate(out_dir, num_images: int, seed: int, image_size: int = 128,
-             val_fraction: float = 0.2, records_per_shard: int = 1000) -> Dict:
-  """Renders the dataset into out_dir (replacing an older synthetic dataset there); returns the
+             val_fraction: float = 0.2) -> Dict:
+  """Renders the dataset (the tfds builder skymoe_synthetic) into out_dir, its version folder,
+  replacing an older synthetic dataset there only once the new one is complete; returns the
   summary: images and records per split, samples per task and per granularity."""
   if num_images < 1:
     raise ValueError(f'num_images must be at least 1, got {num_images}')
@@ -609,60 +650,31 @@ def generate(out_dir, num_images: int, seed: int, image_size: int = 128,
     raise ValueError(f'val_fraction must be in [0, 1), got {val_fraction}')
   if image_size < 32:
     raise ValueError(f'image_size must be at least 32 pixels, got {image_size}')
-  out = pathlib.Path(out_dir)
+  out = storage.path(out_dir)
   if not _is_ours(out):
     raise FileExistsError(f'{out} exists and is not a {NAME} dataset; not replacing it')
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
-  shutil.rmtree(tmp, ignore_errors=True)
-  images = split_sizes(num_images, val_fraction)
-  summary = {'images': images, 'records': {},
-             'tasks': {t: 0 for t in tasks.TASKS},
-             'granularities': {g: 0 for g in tasks.GRANULARITIES},
-             'kinds': {k: 0 for k in KINDS}}
-  try:
-    splits = {}
-    for split in SPLITS:
-      writer = records.ShardWriter(tmp, split, records_per_shard)
-      for index in range(images[split]):
-        for record in image_records(seed, split, index, image_size):
-          writer.write(record)
-          summary['tasks'][record.task] += 1
-          summary['granularities'][record.granularity] += 1
-          summary['kinds'][record.id.rsplit('-', 1)[1]] += 1
-      splits[split] = writer.close()
-      summary['records'][split] = splits[split]['records']
-    records.write_info(tmp, name=NAME, licence=LICENCE, splits=splits,
-                       generator=_params(num_images, seed, image_size, val_fraction),
-                       format_version=FORMAT_VERSION, summary=summary)
-    # Swap into place: the old dataset moves aside first (a folder can't replace a full one).
-    old = None
-    if out.exists():
-      old = out.with_name(f'.{out.name}.old-{os.getpid()}')
-      shutil.rmtree(old, ignore_errors=True)
-      os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  from skymoe_jax.data import builders  # pylint: disable=g-import-not-at-top (imports tfds)
+  built = builders.build_at(out, BUILDER, None, builders.synthetic_config(
+      num_images, seed, image_size, val_fraction), replaces=(NAME,))
+  summary = {'images': split_sizes(num_images, val_fraction), 'records': built['splits'],
+             **built['counts'], 'out': os.fspath(out)}
   logging.info('synthetic scenes written to %s: %s', out, json.dumps(summary))
   return summary
 
 
 def ensure(out_dir, num_images: int, seed: int, image_size: int = 128,
-           val_fraction: float = 0.2) -> pathlib.Path:
-  """out_dir, generated first unless it already holds this exact dataset (same generator params,
-  format version and all shard files present)."""
-  out = pathlib.Path(out_dir)
+           val_fraction: float = 0.2):
+  """out_dir, generated first unless it already holds this exact dataset (same generator params
+  and format version, in the tfds format, every data file present)."""
+  out = storage.path(out_dir)
   want = _params(num_images, seed, image_size, val_fraction)
   try:
     info = records.read_info(out)
   except (FileNotFoundError, ValueError, NotADirectoryError):
     info = None
-  if (info and info.get('name') == NAME and info.get('generator') == want
-      and info.get('format_version') == FORMAT_VERSION
-      and all((out / f).exists() for s in info['splits'].values() for f in s['files'])):
+  if (info and info['name'] == BUILDER and info['metadata'].get('generator') == want
+      and info['metadata'].get('format_version') == FORMAT_VERSION
+      and not records.missing_files(out)):
     return out
   logging.info('generating synthetic scenes in %s (%s)', out, want)
   generate(out, num_images, seed, image_size, val_fraction)

@@ -27,12 +27,12 @@ import hashlib
 import io
 import logging
 import os
-import pathlib
 from typing import Any, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import numpy as np
 import sentencepiece as spm
 
+from skymoe_jax import storage
 from skymoe_jax.data import tasks
 from skymoe_jax.data import template as tmpl
 
@@ -51,7 +51,7 @@ class Tokenizer:
 
   def __init__(self, path):
     self.path = str(path)
-    self._load(pathlib.Path(path).read_bytes())
+    self._load(storage.path(path).read_bytes())  # bytes: a gs:// model loads as a local one
 
   @classmethod
   def from_bytes(cls, model: bytes, path: str = '') -> 'Tokenizer':
@@ -259,11 +259,10 @@ def train(texts: Iterable[str], model_prefix: Optional[str], vocab_size: int, *,
   tok = Tokenizer.from_bytes(writer.getvalue())
   assert tok.vocab_size <= vocab_size, (tok.vocab_size, vocab_size)
   if model_prefix is not None:
-    path = pathlib.Path(str(model_prefix) + '.model')
+    path = storage.path(str(model_prefix) + '.model')
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
-    tmp.write_bytes(tok.model_bytes)
-    os.replace(tmp, path)  # concurrent writers (one per host) never leave a half-written file
+    # concurrent writers (one per host) never leave a half-written file
+    storage.write_bytes_atomically(path, tok.model_bytes)
     tok.path = str(path)
   return tok
 
@@ -296,7 +295,7 @@ def texts_from_records(data_dir, split: str = 'train',
   from skymoe_jax.data import records  # tensorflow, only needed here
   texts = template_texts(template)
   counts = skipped if skipped is not None else {}
-  reader = records.ShardReader(data_dir, split)
+  reader = records.open_split(data_dir, split)
   try:
     for i in range(len(reader)):
       try:
@@ -321,7 +320,7 @@ def ensure(prefix, data_dirs: Sequence, vocab_size: int, split: str = 'train',
   """The tokenizer at PREFIX.model, trained on the records of `data_dirs` if it is missing."""
   if isinstance(data_dirs, (str, os.PathLike)):
     data_dirs = [data_dirs]
-  path = pathlib.Path(str(prefix) + '.model')
+  path = storage.path(str(prefix) + '.model')
   if path.exists():
     tok = Tokenizer(path)
   else:

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 import jax
 import numpy as np
 
+from skymoe_jax import storage
 from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.data import boxes as boxes_lib
 from skymoe_jax.data import image_ops, records, tasks, template as template_lib
@@ -58,7 +59,7 @@ def read_image(path) -> bytes:
   The chat command calls this before it loads the model (which takes a while), so that a wrong
   --image fails at once and names the file.
   """
-  path = pathlib.Path(path)
+  path = storage.path(path)  # a local file or gs://
   if not path.exists():
     raise ImageError(f'{path}: no such file')
   if not path.is_file():
@@ -175,7 +176,7 @@ def held_out_examples(config, num_images: int = 6) -> List[Dict]:
   """
   name = sorted(config.data.sources)[0]
   data_dir = config.data.sources[name].data_dir
-  reader = records.ShardReader(data_dir, config.eval.split)
+  reader = records.open_split(data_dir, config.eval.split)
   examples, group, key = [], [], None
   try:
     for i in range(len(reader) + 1):
@@ -214,7 +215,7 @@ def _example(group: List[records.Record]) -> Dict:
 def write_examples(config, out_dir, num_images: int = 6) -> pathlib.Path:
   """Writes held_out_examples(config, num_images) into out_dir (the module docstring's files);
   returns the questions file."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = storage.path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   rows = []
   for example in held_out_examples(config, num_images):
@@ -233,7 +234,7 @@ def read_examples(folder) -> List[Dict]:
   """The rows of folder/questions.jsonl (write_examples), each with 'image' made the image's
   path; a row without "image" and "question", or whose image is missing, is a ValueError naming
   the file and line."""
-  folder = pathlib.Path(folder)
+  folder = storage.path(folder)
   path = folder / QUESTIONS_FILE
   rows = []
   for number, line in enumerate(path.read_text().splitlines(), 1):

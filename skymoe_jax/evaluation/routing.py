@@ -5,12 +5,14 @@ RoutingStats sums each batch's per-(layer, task, granularity, expert) counts and
 token count and mean entropy; plot_routing draws one heatmap per layer.
 """
 import collections
+import io
 import pathlib
 from typing import Dict, Optional
 
 import jax
 import numpy as np
 
+from skymoe_jax import storage
 from skymoe_jax.data import tasks
 
 
@@ -75,5 +77,7 @@ def plot_routing(routing: Dict, path: pathlib.Path) -> None:
     ax.set_yticks(range(len(cells)))
     ax.set_yticklabels(cells if ax is axes[0][0] else [''] * len(cells), fontsize=7)
   fig.colorbar(im, ax=axes[0].tolist(), label='share of routed tokens')
-  fig.savefig(path, dpi=100, bbox_inches='tight')
+  png = io.BytesIO()  # matplotlib writes local files only; the bytes go anywhere (gs://)
+  fig.savefig(png, format='png', dpi=100, bbox_inches='tight')
   plt.close(fig)
+  storage.write_bytes_atomically(path, png.getvalue())

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional
 import jax
 import numpy as np
 
+from skymoe_jax import storage
 from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.data import records, tasks, template as template_lib
 from skymoe_jax.data import tokenizer as tokenizer_lib
@@ -55,7 +56,7 @@ def eval_questions(config) -> List[Dict]:
   questions = []
   for name in sorted(config.data.sources):
     source = config.data.sources[name]
-    reader = records.ShardReader(source.data_dir, config.eval.split)
+    reader = records.open_split(source.data_dir, config.eval.split)
     n = len(reader) if not config.eval.max_samples else min(len(reader), config.eval.max_samples)
     for i in range(n):
       r = reader.record(i)
@@ -76,7 +77,7 @@ def load_answers(path: pathlib.Path) -> Dict[str, Dict]:
   newline is added, so that the next row appended starts on a line of its own. Any other line
   that is not a JSON row with a question_id is a ValueError naming the file and line.
   """
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if not path.exists():
     return {}
   data = path.read_bytes()
@@ -94,13 +95,52 @@ def load_answers(path: pathlib.Path) -> Dict[str, Dict]:
     except ValueError as e:
       logging.warning('%s: line %d is cut short (a run stopped while writing it); dropping it '
                       'and answering its question again (%s)', path, number, e)
-      with open(path, 'r+b') as f:
-        f.truncate(len(data) - len(last))
+      if storage.is_remote(path):
+        path.write_bytes(data[:len(data) - len(last)])  # an object is rewritten, not cut
+      else:
+        with open(path, 'r+b') as f:
+          f.truncate(len(data) - len(last))
     else:
       done[row['question_id']] = row
-      with open(path, 'ab') as f:
-        f.write(b'\n')
+      storage.append_text(path, '\n')
   return done
+
+
+class _AnswerLog:
+  """answers.jsonl opened for adding rows, each batch's rows on disk before the next batch:
+  locally appended and flushed (as ever); in a bucket, where an object cannot grow, the file is
+  written again whole at each flush (one object write per batch of answers)."""
+
+  def __init__(self, path):
+    self.path = storage.path(path)
+    self._remote = storage.is_remote(self.path)
+    if self._remote:
+      self._text = self.path.read_text() if self.path.exists() else ''
+      self._dirty = False
+    else:
+      self._file = open(self.path, 'a')
+
+  def write(self, text: str) -> None:
+    if self._remote:
+      self._text += text
+      self._dirty = True
+    else:
+      self._file.write(text)
+
+  def flush(self) -> None:
+    if not self._remote:
+      self._file.flush()
+    elif self._dirty:
+      self.path.write_text(self._text)
+      self._dirty = False
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.flush()
+    if not self._remote:
+      self._file.close()
 
 
 def _parse_row(line: bytes, path: pathlib.Path, number: int) -> Dict:
@@ -185,7 +225,10 @@ def _move(source: pathlib.Path, target: pathlib.Path) -> None:
       if (target / name).exists():
         raise FileExistsError(f'{target / name} exists: not moving {source / name} over it; '
                               'move one of them away')
-      os.replace(source / name, target / name)
+      if storage.is_remote(target):
+        (source / name).rename(target / name)  # a copy and a delete in a bucket
+      else:
+        os.replace(source / name, target / name)
 
 
 def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
@@ -219,7 +262,7 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
   routing = routing_lib.RoutingStats()
   rng = jax.random.key(config.seed)
   text_len = config.data.text_len
-  with open(answers_path, 'a') as answers_file:
+  with _AnswerLog(answers_path) as answers_file:
     for (task, gran), group in sorted(groups.items()):
       for start in range(0, len(group), e.batch_size):
         chunk = group[start:start + e.batch_size]

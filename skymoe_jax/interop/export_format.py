@@ -15,9 +15,10 @@ config.json has a `skymoe` section whose `model` is our model config (`REQUIRED`
 fields of it that the readers use) and whose `moe_layers` lists the MoE decoder layers.
 """
 import json
-import pathlib
 import re
 from typing import List, Optional
+
+from skymoe_jax import storage
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -77,7 +78,7 @@ def missing_fields(model: dict) -> List[str]:
 
 def read_json(path, error=ValueError):
   """The JSON document of a file, or `error` naming the file (unreadable, not JSON)."""
-  path = pathlib.Path(path)
+  path = storage.path(path)
   try:
     text = path.read_text(encoding='utf-8')
   except (OSError, UnicodeDecodeError) as e:
@@ -93,7 +94,7 @@ def read_config(folder, error=ValueError, our_layout: bool = True) -> dict:
   format_version whose `model` holds every REQUIRED field, and (our_layout) tensors in our
   layout, not native_export's Qwen2-MoE one. Anything else raises `error` naming the file and
   what is wrong."""
-  folder = pathlib.Path(folder)
+  folder = storage.path(folder)
   path = folder / CONFIG_FILE
   if not path.is_file():
     raise error(f'{folder}: no {CONFIG_FILE} (not an export folder)')
@@ -138,7 +139,7 @@ def read_config(folder, error=ValueError, our_layout: bool = True) -> dict:
 
 def is_export(folder) -> Optional[dict]:
   """The config.json of `folder` if it is an export of ours (its skymoe section), else None."""
-  path = pathlib.Path(folder) / CONFIG_FILE
+  path = storage.path(folder) / CONFIG_FILE
   try:
     config = json.loads(path.read_text(encoding='utf-8'))
   except (OSError, UnicodeDecodeError, ValueError):

@@ -48,6 +48,7 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 import time
 import uuid
 from typing import Callable, Dict, List, NamedTuple, Optional
@@ -58,6 +59,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from skymoe_jax import config as config_lib
+from skymoe_jax import storage
 from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.config import num_feature_layers
 from skymoe_jax.data import tokenizer as tokenizer_lib
@@ -273,7 +275,7 @@ _NEVER_A_WORKDIR = 'an export never writes into a training workdir: choose an --
 def check_out(out, overwrite: bool = False, workdir=None) -> pathlib.Path:
   """The resolved `out` if an export may write it (see the module docstring), else raises
   OutputFolderError saying why. `workdir`: the one being exported, never written into."""
-  out = pathlib.Path(out).expanduser().resolve()
+  out = storage.resolve(out)
   if workdir is not None:
     workdir = workdir_lib.resolve(workdir)
     if out == workdir or workdir in out.parents:
@@ -283,7 +285,7 @@ def check_out(out, overwrite: bool = False, workdir=None) -> pathlib.Path:
     if out in workdir.parents:
       raise OutputFolderError(f'--out {out} contains the workdir {workdir} being exported: '
                               f'{_NEVER_A_WORKDIR}')
-  for folder in (out, *out.parents):
+  for folder in (out, *_parents(out)):
     why = _training_workdir(folder, strict=folder != out)
     if why:
       where = '' if folder == out else f' is inside {folder}, which'
@@ -315,6 +317,13 @@ def check_out(out, overwrite: bool = False, workdir=None) -> pathlib.Path:
     raise OutputFolderError(f'--out {out} holds an earlier export{made}: pass --overwrite '
                             '(overwrite=True) to replace it, or choose another --out')
   return out
+
+
+def _parents(out) -> list:
+  """out's parent folders; of a bucket URL those inside the bucket (gs://b/x: gs://b)."""
+  if not storage.is_remote(out):
+    return list(out.parents)
+  return [p for p in out.parents if storage.is_remote(p) and str(p).rstrip('/').count('/') >= 2]
 
 
 def _sibling(out: pathlib.Path, what: str) -> pathlib.Path:
@@ -356,7 +365,7 @@ def _write_folder(folder: pathlib.Path, tensors, shards, config: dict, copies,
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=1) + '\n')
   (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1) + '\n')
   for name, source in (copies or {}).items():
-    shutil.copyfile(source, folder / name)
+    storage.copy_file(source, folder / name)
   if write_more is not None:
     write_more(folder)
   return files
@@ -429,6 +438,8 @@ def write_export(out, tensors: List[Tensor], config: dict,
   Returns the weight files' names."""
   out = check_out(out, overwrite, workdir)
   shards = plan_shards(tensors, max_shard_bytes)
+  if storage.is_remote(out):
+    return _write_remote(out, tensors, shards, config, copies, overwrite, workdir, write_more)
   out.parent.mkdir(parents=True, exist_ok=True)
   staging = _sibling(out, 'partial')
   staging.mkdir()
@@ -438,6 +449,26 @@ def write_export(out, tensors: List[Tensor], config: dict,
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+  return files
+
+
+def _write_remote(out, tensors, shards, config: dict, copies, overwrite: bool, workdir,
+                  write_more) -> List[str]:
+  """write_export into a bucket, which has no rename: the folder is written complete in a
+  local temporary folder (safetensors and transformers write local files), checked again, an
+  earlier export's files deleted (overwrite), then each file uploaded, config.json last: an
+  object appears only once uploaded, and a loader looks for config.json first."""
+  with tempfile.TemporaryDirectory(prefix='skymoe_export_') as tmp:
+    staging = pathlib.Path(tmp)
+    files = _write_folder(staging, tensors, shards, config, copies, write_more)
+    check_out(out, overwrite, workdir)
+    if out.is_dir():
+      for old in out.iterdir():  # check_out allowed only an export of ours here
+        old.rmtree() if old.is_dir() else old.unlink()
+    names = sorted(staging.rglob('*'), key=lambda p: (p.name == export_format.CONFIG_FILE, p))
+    for path in names:
+      if path.is_file():
+        storage.copy_file(path, out / path.relative_to(staging).as_posix())
   return files
 
 

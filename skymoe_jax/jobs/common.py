@@ -29,6 +29,7 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 from skymoe_jax import config as config_lib
+from skymoe_jax import storage
 
 REPO = pathlib.Path(__file__).resolve().parents[2]  # the checkout: launch/ and configs/ in it
 TRAIN_MODULE = 'skymoe_jax.train'
@@ -122,8 +123,24 @@ def run_name(overrides: Dict) -> str:
   return safe
 
 
+def local_dir(workdir, log_dir: str = '') -> pathlib.Path:
+  """Where a launcher keeps what must be a local file (process logs, a SLURM script and its
+  output): log_dir when given, else the workdir itself, or for a bucket workdir (gs://b/run)
+  ~/skymoe_logs/b/run, since shell redirects and sbatch take local paths only."""
+  if log_dir:
+    return pathlib.Path(log_dir).expanduser().absolute()
+  if storage.is_remote(workdir):
+    return pathlib.Path('~/skymoe_logs').expanduser() / str(workdir).split('://', 1)[1]
+  return pathlib.Path(workdir).expanduser()
+
+
+def workdir_arg(workdir: str) -> str:
+  """--workdir as the launchers pass it on: local ones absolute, bucket URLs as they are."""
+  return str(storage.resolve(workdir))
+
+
 def read_json(path) -> Optional[Dict]:
-  path = pathlib.Path(path)
+  path = storage.path(path)
   return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -180,8 +197,12 @@ def render(plan) -> str:
   for step in plan:
     if isinstance(step, WriteFile):
       tag = 'SKYMOE_EOF'
-      lines += [f'mkdir -p {shlex.quote(str(pathlib.Path(step.path).parent))}',
-                f"cat > {shlex.quote(step.path)} <<'{tag}'", step.text.rstrip('\n'), tag]
+      if storage.is_remote(step.path):  # an object: uploaded from stdin, no folder to make
+        lines += [f"gcloud storage cp - {shlex.quote(step.path)} <<'{tag}'",
+                  step.text.rstrip('\n'), tag]
+      else:
+        lines += [f'mkdir -p {shlex.quote(str(pathlib.Path(step.path).parent))}',
+                  f"cat > {shlex.quote(step.path)} <<'{tag}'", step.text.rstrip('\n'), tag]
     else:
       if step.comment:
         lines += [f'# {c}' for c in step.comment.splitlines()]
@@ -193,8 +214,8 @@ def execute(plan) -> int:
   """Runs a plan in order; stops at the first command that fails and returns its exit code."""
   for step in plan:
     if isinstance(step, WriteFile):
-      path = pathlib.Path(step.path).expanduser()
-      path.parent.mkdir(parents=True, exist_ok=True)
+      path = storage.path(step.path)
+      path.parent.mkdir(parents=True, exist_ok=True)  # nothing to make in a bucket
       path.write_text(step.text)
       continue
     print('+ ' + shell_line(step.argv, step.env), flush=True)

@@ -3,14 +3,16 @@
   python launch/local.py --config=configs/demo.py --workdir=/tmp/demo [--config.F=V ...]
   python launch/local.py --num_processes=2 --devices_per_process=4 \
       --config=configs/tiny.py --workdir=/tmp/tiny2 [--dry_run]
+  python launch/local.py --config=configs/demo.py --workdir=gs://my-bucket/runs/demo
 
 One process runs the trainer as it is (whatever platform jax picks; --devices_per_process forces
 that many CPU devices). N > 1 is for testing multi-host code on one machine: every process gets
 JAX_PLATFORMS=cpu, its own D forced host devices (XLA_FLAGS), and SKYMOE_COORDINATOR=
 127.0.0.1:PORT, SKYMOE_NUM_PROCESSES=N, SKYMOE_PROCESS_ID=i, exactly what a pod or SLURM job
 gives each host; CPU collectives go over gloo (parallel/multihost.py). launch/prepare.py runs
-first. Each process logs to WORKDIR/logs/process_<i>.log; when one fails the others are stopped
-(a lone survivor would wait in a collective until its timeout) and the failing log's tail is
+first. Each process logs to WORKDIR/logs/process_<i>.log (for a gs:// workdir, whose files
+the trainer writes into the bucket itself, to ~/skymoe_logs/BUCKET/PATH/logs/); when one
+fails the others are stopped (a lone survivor would wait in a collective until its timeout) and the failing log's tail is
 printed. On success the last line printed is process 0's summary JSON.
 """
 import argparse
@@ -65,8 +67,9 @@ def plan(job: common.Job, num_processes: int = 1, devices_per_process: int = 0, 
   return steps
 
 
-def log_path(workdir, i: int) -> pathlib.Path:
-  return pathlib.Path(workdir).expanduser() / 'logs' / f'process_{i}.log'
+def log_path(workdir, i: int, log_dir: str = '') -> pathlib.Path:
+  """The process's log: under the workdir, or for a gs:// one under common.local_dir."""
+  return common.local_dir(workdir, log_dir) / 'logs' / f'process_{i}.log'
 
 
 def render(steps, workdir, num_processes: int) -> str:
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
   parser.add_argument('--timeout_s', type=float, default=0, help='0 = no limit.')
   parser.add_argument('--no_prepare', action='store_true', help='Skip launch/prepare.py.')
   args, overrides = common.parse_args(parser, argv)
-  workdir = str(pathlib.Path(args.workdir).expanduser().resolve())
+  workdir = common.workdir_arg(args.workdir)  # may be gs://bucket/run
   job = common.Job(args.config, workdir, overrides)
   port = args.port or (common.free_port() if args.num_processes > 1 else 0)
   steps = plan(job, args.num_processes, args.devices_per_process, port,

@@ -1,6 +1,7 @@
 """The one-process step before a job: generated data, the workdir's tokenizer, provenance.json.
 
   python launch/prepare.py --config=FILE[:ARG] --workdir=DIR [--swept=f1,f2] [--config.F=V ...]
+  python launch/prepare.py --config=configs/my_pod.py:stage1 --workdir=gs://my-bucket/runs/stage1
 
 Every launcher runs it once (one process, no accelerator) before the trainer's processes start,
 so that those find the data and tokenizer ready instead of racing to make them (see prepare).
@@ -13,7 +14,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import pathlib
 import platform
 import socket
 import sys
@@ -22,6 +22,7 @@ from typing import Dict
 import jax
 
 from skymoe_jax import config as config_lib
+from skymoe_jax import storage
 from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.data import records
 from skymoe_jax.data import sources
@@ -59,16 +60,24 @@ def source_dirs(config) -> Dict[str, str]:
 
 
 def data_manifest(config) -> Dict:
-  """Hashes of the sources' dataset_info.json (None for one not made yet), and of all of them.
+  """Hashes of the sources' tfds dataset_info.json + metadata.json (None for a source not made
+  yet), and of all of them.
 
-  dataset_info.json lists every shard with its record count and the converter's settings, so
-  its hash changes whenever the data does, without reading the shards.
+  dataset_info.json lists every split's shards with their record counts and bytes, metadata.json
+  the builder's settings and skip counts, so the hash changes whenever the data does, without
+  reading the records. Folders may be bucket URLs.
   """
   manifest = {}
   for name, folder in sorted(source_dirs(config).items()):
-    info = pathlib.Path(folder).expanduser() / records.INFO_FILE
-    manifest[name] = {'data_dir': folder, 'info_sha256': (
-        hashlib.sha256(info.read_bytes()).hexdigest() if info.exists() else None)}
+    info = storage.path(folder) / records.INFO_FILE
+    digest = None
+    if info.exists():
+      h = hashlib.sha256(info.read_bytes())
+      meta = info.parent / 'metadata.json'
+      if meta.exists():
+        h.update(meta.read_bytes())
+      digest = h.hexdigest()
+    manifest[name] = {'data_dir': folder, 'info_sha256': digest}
   joined = json.dumps({n: s['info_sha256'] for n, s in manifest.items()}, sort_keys=True)
   return {'hash': hashlib.sha256(joined.encode()).hexdigest(), 'sources': manifest}
 
@@ -106,7 +115,8 @@ def prepare(job: common.Job) -> Dict:
   previous = common.read_json(workdir / common.PROVENANCE_FILE)
   if previous and previous.get('config_hash') != record['config_hash']:
     record['previous_config_hash'] = previous.get('config_hash')  # e.g. total_steps raised
-  (workdir / common.PROVENANCE_FILE).write_text(json.dumps(record, indent=1) + '\n')
+  storage.write_text_atomically(workdir / common.PROVENANCE_FILE,
+                                json.dumps(record, indent=1) + '\n')
   return record
 
 

@@ -1,10 +1,10 @@
 """A SLURM GPU cluster: one sbatch script; srun starts the trainer once per task.
 
   python launch/slurm.py --nodes=2 --gpus_per_node=8 [--partition=P --time=24:00:00] \
-      --config=configs/my_cluster.py:stage1 --workdir=/shared/runs/stage1 [--dry_run] \
+      --config=configs/my_cluster.py:stage1 --workdir=gs://my-bucket/runs/stage1 [--dry_run] \
       [--config.F=V ...]
 
-Writes WORKDIR/slurm/train.sbatch and submits it with sbatch (--dry_run prints both as a shell
+Writes LOGS/slurm/train.sbatch and submits it with sbatch (--dry_run prints both as a shell
 snippet). The script, on the job's first node:
   SKYMOE_COORDINATOR    the first host of $SLURM_JOB_NODELIST (scontrol show hostnames), with
                         a port from the job id so that jobs sharing a node do not collide
@@ -17,11 +17,12 @@ Process layout (--processes=node|gpu):
                   set-up; fewer processes, intra-node collectives stay inside one process).
   gpu             one process per GPU: --ntasks-per-node=GPUS and CUDA_VISIBLE_DEVICES=
                   $SLURM_LOCALID in each task, for clusters that bind one task to one GPU.
-The repository and its .venv (pip install -e ".[gpu]") must be on a filesystem the nodes share,
-as must the workdir and the data.
+The repository and its .venv (pip install -e ".[gpu]") must be on a filesystem the nodes share;
+the workdir and the data may be a bucket (gs://...) or a shared folder. LOGS (the sbatch script
+and SLURM's output, local files by nature) is --log_dir, default the workdir, or for a gs://
+workdir ~/skymoe_logs/BUCKET/PATH (a home directory the nodes share).
 """
 import argparse
-import pathlib
 import shlex
 
 from skymoe_jax.jobs import common
@@ -45,6 +46,8 @@ def add_args(parser):
   g.add_argument('--repo_dir', default=str(common.REPO), help='The checkout on the shared FS.')
   g.add_argument('--python', default='.venv/bin/python', help='Relative to --repo_dir or absolute.')
   g.add_argument('--no_prepare', action='store_true', help='Skip launch/prepare.py.')
+  g.add_argument('--log_dir', default='', help='Shared local folder for the sbatch script and '
+                 'its output; default the workdir, or ~/skymoe_logs/BUCKET/PATH for gs://.')
 
 
 def tasks_per_node(args) -> int:
@@ -53,7 +56,7 @@ def tasks_per_node(args) -> int:
 
 def sbatch_script(args, job: common.Job) -> str:
   per_node = tasks_per_node(args)
-  workdir = pathlib.Path(job.workdir)
+  workdir = common.local_dir(job.workdir, args.log_dir)
   directives = [f'--job-name={args.job_name}', f'--nodes={args.nodes}',
                 f'--ntasks-per-node={per_node}', f'--gpus-per-node={args.gpus_per_node}',
                 f'--output={workdir / "slurm" / "%j.out"}']
@@ -86,7 +89,7 @@ def sbatch_script(args, job: common.Job) -> str:
 
 
 def plan(args, job: common.Job):
-  path = str(pathlib.Path(job.workdir) / 'slurm' / 'train.sbatch')
+  path = str(common.local_dir(job.workdir, args.log_dir) / 'slurm' / 'train.sbatch')
   return [common.WriteFile(path, sbatch_script(args, job)),
           common.Command(['sbatch', path], comment='submit')]
 
@@ -96,6 +99,6 @@ def main(argv=None) -> int:
   common.add_job_args(parser)
   add_args(parser)
   args, overrides = common.parse_args(parser, argv)
-  workdir = str(pathlib.Path(args.workdir).expanduser().absolute())
+  workdir = common.workdir_arg(args.workdir)  # may be gs://bucket/run
   return common.run_plan(plan(args, common.Job(args.config, workdir, overrides)), args.dry_run)
 

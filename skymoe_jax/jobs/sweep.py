@@ -2,9 +2,9 @@
 
   python launch/sweep.py --config=configs/tiny.py --workdir_root=/tmp/sweep --local \
       [--config.train.total_steps=4 ...]
-  python launch/sweep.py --config=configs/my_pod.py:stage1 --workdir_root=/mnt/shared/lr \
+  python launch/sweep.py --config=configs/my_pod.py:stage1 --workdir_root=gs://my-bucket/lr \
       --target=tpu --dry_run --tpu=my-pod --zone=us-east5-a --accelerator_type=v5p-128
-  python launch/sweep.py --config=... --workdir_root=/shared/lr --target=slurm --nodes=2
+  python launch/sweep.py --config=... --workdir_root=gs://my-bucket/lr --target=slurm --nodes=2
   python launch/sweep.py --summarize --workdir_root=/tmp/sweep
 
 A config file may define, next to get_config(arg),
@@ -34,7 +34,6 @@ import csv
 import dataclasses
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from typing import Dict, List, Optional
 import jax
 
 from skymoe_jax import config as config_lib
+from skymoe_jax import storage
 from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.jobs import common
 from skymoe_jax.jobs import prepare
@@ -101,7 +101,7 @@ def expand(config: str, workdir_root: str, sweep: List[Dict], base_overrides: Di
     if name in names:
       raise SystemExit(f'get_sweep() has the run {swept} twice')
     names[name] = swept
-    workdir = str(pathlib.Path(workdir_root) / name)
+    workdir = str(storage.path(workdir_root) / name)  # gs://bucket/sweep/<name> too
     job = common.Job(config, workdir, {**base_overrides, **swept}, tuple(swept))
     runs.append(Run(name, swept, job))
   return runs
@@ -114,7 +114,7 @@ def local_env(workdir_root, cache: str = CACHE_DIR) -> Dict[str, str]:
   JAX_COMPILATION_CACHE_DIR wins)."""
   if not cache or os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     return {}
-  return {'JAX_COMPILATION_CACHE_DIR': str(pathlib.Path(workdir_root) / cache)}
+  return {'JAX_COMPILATION_CACHE_DIR': str(storage.path(workdir_root) / cache)}
 
 
 def _finished(run: Run) -> bool:
@@ -142,7 +142,8 @@ def run_local(runs: List[Run], env: Dict, dry_run: bool = False,
       continue
     start = time.perf_counter()
     prepare.prepare(run.job)  # in this process: what launch/prepare.py does
-    log = pathlib.Path(run.job.workdir) / 'train.log'
+    log = common.local_dir(run.job.workdir) / 'train.log'  # a redirect: a local file
+    log.parent.mkdir(parents=True, exist_ok=True)
     print(f'{head}: training (log: {log})', flush=True)
     with open(log, 'a') as f:
       code = subprocess.run(train, env={**os.environ, **env}, stdout=f,
@@ -183,7 +184,7 @@ def run_remote(runs: List[Run], target: str, argv: List[str], dry_run: bool) -> 
 def summarize(workdir_root) -> List[Dict]:
   """One row per run under the root: name, swept fields, progress, last metrics, provenance."""
   rows = []
-  for workdir in sorted(p for p in pathlib.Path(workdir_root).iterdir() if p.is_dir()):
+  for workdir in sorted(p for p in storage.path(workdir_root).iterdir() if p.is_dir()):
     prov = common.read_json(workdir / common.PROVENANCE_FILE)
     metrics = last_metrics(workdir)
     if prov is None and metrics is None:
@@ -228,7 +229,7 @@ def table(rows: List[Dict], metrics=TABLE_METRICS) -> str:
 
 def write_csv(rows: List[Dict], path) -> None:
   columns = list(dict.fromkeys(k for r in rows for k in r if k != '_swept'))
-  with open(path, 'w', newline='') as f:
+  with storage.path(path).open('w', newline='') as f:
     writer = csv.DictWriter(f, columns)
     writer.writeheader()
     for r in rows:
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
   jax.config.update('jax_platforms', 'cpu')
   overrides, rest = common.split_override_args(sys.argv[1:] if argv is None else argv)
   args, target_argv = parser.parse_known_args(rest)
-  root = pathlib.Path(args.workdir_root).expanduser()
+  root = storage.path(args.workdir_root)  # a folder, or gs://bucket/sweep
 
   if args.summarize:
     if not root.is_dir():
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
   target = 'local' if args.local else args.target
   if target == 'local' and target_argv:
     parser.error(f'unrecognized arguments: {" ".join(target_argv)}')
-  if target != 'tpu':  # local and SLURM: a path on this machine (or the shared filesystem)
+  if target != 'tpu' and not storage.is_remote(root):  # a path on this machine (or shared)
     root = root.absolute()
   try:
     grid = config_lib.load_sweep(args.config)

@@ -2,10 +2,11 @@
 
   python launch/tpu_pod.py --tpu=my-pod --zone=us-east5-a --accelerator_type=v5p-128 \
       --setup --repo_url=https://github.com/ORG/skymoe_jax.git \
-      --config=configs/my_pod.py:stage1 --workdir=/mnt/shared/runs/stage1 \
+      --config=configs/my_pod.py:stage1 --workdir=gs://my-bucket/runs/stage1 \
       [--config.mesh.fsdp=8 ...] [--dry_run]
   python launch/tpu_pod.py --xpk_cluster=my-cluster --zone=us-east5 --accelerator_type=v5p-128 \
-      --num_slices=2 --docker_image=gcr.io/PROJECT/skymoe:latest --config=... --workdir=...
+      --num_slices=2 --docker_image=gcr.io/PROJECT/skymoe:latest --config=... \
+      --workdir=gs://my-bucket/runs/7b
 
 TPU VM (gcloud compute tpus tpu-vm ssh NAME --worker=...):
   [--create]  create the slice (gcloud compute tpus tpu-vm create)
@@ -18,16 +19,25 @@ process id from the TPU metadata (SKYMOE_COORDINATOR=auto); SKYMOE_NUM_PROCESSES
 slice's host count (x slices for xpk) so that a wrong --accelerator_type fails at start-up
 instead of training on part of the slice.
 
-The workdir and every data path (and data.synthetic.cache_dir, whose default ~/.cache is per
-host) must be on a filesystem all hosts see, e.g. Filestore or a GCS FUSE mount: orbax writes
-checkpoints from every host and process 0 writes the metrics.
+The workdir and the data are bucket URLs (--workdir=gs://bucket/run, data.sources.*.data_dir=
+gs://..., data.synthetic.cache_dir too, whose default ~/.cache is per host): every host reads
+its data from the bucket, orbax writes checkpoints from every host and process 0 writes the
+metrics, all through the path libraries (skymoe_jax/storage.py); no filesystem is shared.
+
+Several slices (xpk, --num_slices=N, joined by the data-centre network): the train command gets
+--config.mesh.num_slices=N (the mesh checks the devices are in N slices) and the mesh lays the
+slices along its data axis (config.mesh.dcn_data=-1, dcn_fsdp=1: the slices split the batch and
+only the gradient reduction crosses between them; parallel/mesh.py). The global batch
+(data.batch_size) is divided over the slices: scale it with N to keep each slice's share.
 
 xpk builds a container from --docker_image (the project installed, working directory at the
 repository root) or from --base_docker_image plus this checkout (pip install at start), and runs
-the same train command in every pod; it has no prepare step: make the data and tokenizer first
-(launch/prepare.py where the shared filesystem is mounted) and give data.tokenizer.
+the same train command in every pod; it has no prepare step: make the data and tokenizer in the
+bucket first (launch/prepare.py --workdir=gs://... from any machine that can write to it) and
+give data.tokenizer.
 """
 import argparse
+import dataclasses
 import hashlib
 import math
 import pathlib
@@ -84,7 +94,8 @@ def add_args(parser):
                  help='Train under nohup (log: ~/skymoe_train.log on each worker) and return.')
   g.add_argument('--no_prepare', action='store_true', help='Skip launch/prepare.py on worker 0.')
   g.add_argument('--xpk_cluster', default='', help='Run as an xpk workload on this GKE cluster.')
-  g.add_argument('--num_slices', type=int, default=1, help='xpk: slices (multislice over DCN).')
+  g.add_argument('--num_slices', type=int, default=1,
+                 help='xpk: slices (multislice over DCN; the mesh lays them along data).')
   g.add_argument('--workload', default='', help='xpk workload name; default from the workdir.')
   g.add_argument('--docker_image', default='', help='xpk: an image with the project installed.')
   g.add_argument('--base_docker_image', default='python:3.11',
@@ -117,7 +128,12 @@ def distributed_env(shape: dict, num_slices: int = 1) -> dict:
 
 def plan(args, job: common.Job):
   shape = slice_shape(args.accelerator_type)
+  if args.num_slices < 1 or (args.num_slices > 1 and not args.xpk_cluster):
+    raise SystemExit(f'--num_slices={args.num_slices}: slices >= 1, and more than one needs '
+                     '--xpk_cluster (a TPU VM is one slice)')
   slices = args.num_slices if args.xpk_cluster else 1
+  if slices > 1:  # the mesh checks the devices are in this many slices (config.mesh.num_slices)
+    job = dataclasses.replace(job, overrides={'mesh.num_slices': slices, **job.overrides})
   processes = shape['hosts'] * slices
   about = (f'{args.accelerator_type}: {shape["chips"]} chips, {shape["hosts"]} hosts x '
            f'{shape["devices_per_host"]} devices'
@@ -186,8 +202,8 @@ def xpk_plan(args, job: common.Job, env: dict, about: str):
       ['xpk', 'workload', 'create', f'--cluster={args.xpk_cluster}', f'--workload={name}',
        f'--tpu-type={args.accelerator_type}', f'--num-slices={args.num_slices}',
        f'--zone={args.zone}', *project, *image, f'--command={train}'],
-      comment=f'every pod: train. {about}\nno prepare step: make the data and tokenizer first '
-              '(launch/prepare.py) and give data.tokenizer')]
+      comment=f'every pod: train. {about}\nno prepare step: make the data and tokenizer in the '
+              'bucket first (launch/prepare.py) and give data.tokenizer')]
 
 
 def main(argv=None) -> int:

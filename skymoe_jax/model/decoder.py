@@ -99,7 +99,12 @@ class Decoder(nn.Module):
       self.layers = [layer_cls(cfg, i in moe, name=f'layer_{i}') for i in range(n)]
 
   def embed(self, tokens):
-    x = self.embedding.astype(jnp.dtype(self.config.dtype))[tokens]
+    # The lookup reads a replicated table (gathered inside the slice). Why: with the vocabulary
+    # split over tensor, XLA partitioned the gather by moving table shards along the data axis,
+    # i.e. between slices on a multislice pod, where only gradient sums should cross.
+    table = nn.with_logical_constraint(self.embedding.astype(jnp.dtype(self.config.dtype)),
+                                       (None, None))
+    x = table[tokens]
     return nn.with_logical_constraint(x, ('activation_batch', 'activation_length',
                                           'activation_embed'))
 

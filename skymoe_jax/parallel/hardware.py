@@ -32,6 +32,7 @@ class Chip:
   hbm_bytes_per_s: Optional[float] = None
   ici_bidirectional_bytes_per_s: Optional[float] = None
   chips_per_host: Optional[int] = None
+  host_vcpus: Optional[int] = None   # CPU cores of the host VM (input pipeline headroom)
   source: str = ''
 
   @property
@@ -58,12 +59,13 @@ class Chip:
 # version of the page: "Interchip Interconnect BW 4800 Gbps", i.e. 600 GB/s, one direction). A
 # chip sends at most half of the bidirectional figure, 600 GB/s, summed over its 6 torus links:
 # a collective over one torus dimension uses 2 of them, so collective times from these figures
-# are lower bounds. A v5p host holds 4 chips.
+# are lower bounds. A v5p host holds 4 chips; its VM has 208 vCPUs and 448 GB RAM ("VM, host and
+# slice properties" on the same page; half of each when pinned to one NUMA node).
 CHIPS = {
     'v4': Chip('TPU v4', ('TPU v4',), 275e12, hbm_gib=32),
     'v5e': Chip('TPU v5e', ('TPU v5 lite', 'TPU v5e'), 197e12, hbm_gib=16),
     'v5p': Chip('TPU v5p', ('TPU v5p', 'TPU v5'), 459e12, hbm_gib=95, hbm_bytes_per_s=2765e9,
-                ici_bidirectional_bytes_per_s=1200e9, chips_per_host=4,
+                ici_bidirectional_bytes_per_s=1200e9, chips_per_host=4, host_vcpus=208,
                 source=('Cloud TPU docs, TPU v5p system architecture '
                         '(cloud.google.com/tpu/docs/v5p): 459 TFLOPs bf16, 2765 GBps HBM, '
                         '1200 GBps bidirectional ICI per chip')),

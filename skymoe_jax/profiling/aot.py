@@ -24,6 +24,7 @@ from skymoe_jax.config import num_feature_layers
 from skymoe_jax.parallel import hardware
 from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.parallel import sharding
+from skymoe_jax.profiling import hlo
 from skymoe_jax.profiling import roofline
 from skymoe_jax.training import state as state_lib
 from skymoe_jax.training import step as step_lib
@@ -34,11 +35,15 @@ GiB = hardware.GiB
 LEARNING_RATE = 2e-5
 
 
-def topology_devices(topology: str):
-  """The compile-only TPU devices of a topology such as 'v5p:4x4x4' (needs libtpu)."""
+def topology_devices(topology: str, num_slices: int = 1):
+  """The compile-only TPU devices of a topology such as 'v5p:4x4x4' (needs libtpu), of
+  num_slices such slices (each device's slice_index says which; one slice: none is set)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if num_slices < 1:
+    raise ValueError(f'--num_slices={num_slices}: must be >= 1')
+  extra = {'num_slices': num_slices} if num_slices > 1 else {}
   try:
-    desc = topologies.get_topology_desc(platform='tpu', topology_name=topology)
+    desc = topologies.get_topology_desc(platform='tpu', topology_name=topology, **extra)
   except RuntimeError as e:
     raise RuntimeError(f'--topology={topology!r}: no TPU topology ({e}); AOT compilation needs '
                        'libtpu: pip install "jax[tpu]==0.10.2"') from e
@@ -57,7 +62,7 @@ def hbm_bytes_per_device(topology: str, devices) -> tuple:
     known = sorted(g for g, c in hardware.CHIPS.items() if c.hbm_bytes is not None)
     raise ValueError(f'--topology={topology!r}: HBM size unknown for {generation!r}; known: '
                      f'{known}')
-  chips = len({tuple(d.coords) for d in devices})
+  chips = len({(mesh_lib.slice_of(d), tuple(d.coords)) for d in devices})  # coords: per slice
   per_chip = len(devices) // chips
   return chip.hbm_bytes // per_chip, per_chip
 
@@ -123,18 +128,32 @@ def _cost(compiled) -> dict:
   return dict(cost or {})
 
 
+def cross_slice_report(hlo_text: str, mesh) -> dict:
+  """What the compiled step sends between slices: every transfer, a summary by kind and axes,
+  and those that are no data-parallel gradient reduction (none, for a good multislice mesh)."""
+  spanning = [a for a, n in mesh_lib.slice_axes(mesh).items() if n > 1]
+  cross = hlo.cross_slice_collectives(hlo_text, mesh_lib.device_slices(mesh),
+                                      mesh_lib.device_coordinates(mesh), spanning)
+  return {'slice_axes': spanning,
+          'cross_slice_summary': hlo.summarize_cross_slice(cross),
+          'cross_slice_not_gradient_reductions': hlo.not_gradient_reductions(cross),
+          'cross_slice_collectives': cross}
+
+
 def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, devices=None,
-                name: str = '', with_hlo: bool = False):
+                name: str = '', with_hlo: bool = False, num_slices: int = 1):
   """Compiles make_train_step(...).jitted (AdamW) for `topology`; returns the report dict
   (with_hlo: the pair (report, the compiled program's optimized HLO text)).
 
   seq_len 0 means config.model.llm.max_seq_len. devices: the topology's devices when the
-  caller already has them. name: the config's name for the report.
+  caller already has them. name: the config's name for the report. num_slices > 1: that many
+  slices of `topology` (a multislice job; config.mesh.dcn_* lay them out); the report then
+  lists the collectives whose replica groups cross slices.
   """
   config = copy.deepcopy(config)
   m = config.model
   seq_len = seq_len or m.llm.max_seq_len
-  devices = topology_devices(topology) if devices is None else devices
+  devices = topology_devices(topology, num_slices) if devices is None else devices
   hbm, devices_per_chip = hbm_bytes_per_device(topology, devices)
 
   # The mesh first: its -1 axes and the remat policy 'auto' are resolved for this batch.
@@ -172,7 +191,9 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
       'device_kind': devices[0].device_kind,
       'num_devices': len(mesh.devices.flat),
       'num_chips': len(mesh.devices.flat) // devices_per_chip,
+      'num_slices': len(mesh_lib.group_by_slice(list(mesh.devices.flat))),
       'mesh': dict(mesh.shape),
+      'slices_per_axis': mesh_lib.slice_axes(mesh),
       'batch_axes': list(mesh_lib.batch_axes(config)),
       'batch_size': batch_size,
       'seq_len': seq_len,
@@ -208,4 +229,7 @@ def aot_compile(config, topology: str, batch_size: int, seq_len: int = 0, device
                            'bytes_per_step: times the runs of its loop (trip counts read from '
                            'the loop conditions)'),
   }
+  if report['num_slices'] > 1:
+    report.update(cross_slice_report(hlo_text, mesh))
+
   return (report, hlo_text) if with_hlo else report

@@ -2,12 +2,16 @@
 shapes, and how often each computation runs per call of the module.
 
 Plain text, no jax: one reader for profiling/roofline.py (FLOPs, HBM and collective bytes of a
-compiled step: the AOT report's collectives, benchmarks/tpu_projection.py's roofline) and
-benchmarks/train_step.py (which model part each profiled op belongs to).
+compiled step: the AOT report's collectives, benchmarks/tpu_projection.py's roofline),
+benchmarks/train_step.py (which model part each profiled op belongs to) and the multislice
+check (the device groups of each collective, `replica_groups`, mapped to slices and mesh axes:
+which collectives cross the slow network between slices).
 """
 import collections
 import math
 import re
+
+import numpy as np
 
 ITEMSIZE = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 's32': 4,
             'u32': 4, 's64': 8, 'u64': 8, 'f16': 2, 'bf16': 2, 'f32': 4, 'f64': 8,
@@ -166,3 +170,155 @@ def executions(comps, entry: str):
     return runs[name]
 
   return {name: count(name) for name in comps}
+
+
+# --- Collectives and their device groups ----------------------------------------------------------
+
+COLLECTIVE_KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
+                    'ragged-all-to-all', 'collective-permute')
+# replica_groups=[G,S]<=[d0,d1,...]T(p0,p1,...): iota(d0 x d1 x ...) reshaped to dims, transposed
+# by the permutation, then read as G groups of S.
+_IOTA_GROUPS = re.compile(r'replica_groups=\[(\d+),(\d+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?')
+_LISTED_GROUPS = re.compile(r'replica_groups=\{((?:\{[0-9,]*\},?\s*)*)\}')
+_PAIRS = re.compile(r'source_target_pairs=\{((?:\{\d+,\d+\},?\s*)*)\}')
+
+
+def _int_lists(text: str):
+  return [tuple(int(x) for x in g.split(',') if x) for g in re.findall(r'\{([0-9,]*)\}', text)]
+
+
+def replica_groups(attrs: str, num_devices: int):
+  """The device groups of a collective, as tuples of (logical) device ids, from each way HLO
+  prints them: listed `{{0,1},{2,3}}`, iota `[2,2]<=[4]` or `[4,2]<=[2,2,2]T(2,1,0)`, `{}` (one
+  group of all num_devices), and a collective-permute's source_target_pairs (each pair a group).
+  None when the attributes name no groups."""
+  iota = _IOTA_GROUPS.search(attrs)
+  if iota:
+    num, size = int(iota.group(1)), int(iota.group(2))
+    dims = [int(d) for d in iota.group(3).split(',')]
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    if iota.group(4):
+      ids = ids.transpose([int(p) for p in iota.group(4).split(',')])
+    return [tuple(int(i) for i in row) for row in ids.reshape(num, size)]
+  pairs = _PAIRS.search(attrs)
+  if pairs:
+    return _int_lists(pairs.group(1))
+  listed = _LISTED_GROUPS.search(attrs)
+  if listed:
+    groups = _int_lists(listed.group(1))
+    return groups or [tuple(range(num_devices))]
+  return None
+
+
+def collective_ops(hlo_text: str):
+  """[(computation, Instr, kind)] of every collective that carries its device groups: the op
+  itself, or its `-start` (the `-done` has none); also those inside async wrappers."""
+  comps, _ = computations(hlo_text)
+  out = []
+  for comp, lines in comps.items():
+    for line in lines:
+      instr = parse_instruction(line)
+      if not instr:
+        continue
+      kind = instr.opcode[:-len('-start')] if instr.opcode.endswith('-start') else instr.opcode
+      if kind in COLLECTIVE_KINDS:
+        out.append((comp, instr, kind))
+  return out
+
+
+# A multislice TPU program is compiled per slice (num_partitions = one slice's devices): its
+# collectives' groups stay inside the slice, and what crosses slices is a pair of host transfers
+# (send / recv) handled by the megascale runtime, whose frontend attributes name the collective
+# it implements (ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER, ALL_TO_ALL, ONE_TO_ONE), its reduction
+# and the op it came from (the rendezvous, e.g. all-reduce.348_0).
+_MEGASCALE_KINDS = {'ALL_REDUCE': 'all-reduce', 'REDUCE_SCATTER': 'reduce-scatter',
+                    'ALL_GATHER': 'all-gather', 'ALL_TO_ALL': 'all-to-all',
+                    'ONE_TO_ONE': 'collective-permute'}
+_NUM_PARTITIONS = re.compile(r'^HloModule\s.*\bnum_partitions=(\d+)', re.M)
+
+
+def _attribute(attrs: str, name: str) -> str:
+  match = re.search(name + r'="([^"]*)"', attrs)
+  return match.group(1) if match else ''
+
+
+def megascale_transfers(hlo_text: str) -> list:
+  """The transfers between slices of a multislice TPU program: one entry per `send` to the
+  megascale runtime (its `recv` is the other half): kind (as the collective's opcode), reduce
+  (SUM, MIN, ...; '' for gathers), source (the op it implements), bytes of the sent buffer, runs
+  (of its computation per step; None: a loop count unread)."""
+  comps, entry = computations(hlo_text)
+  runs = executions(comps, entry) if entry else {}
+  out = []
+  for comp, lines in comps.items():
+    for line in lines:
+      instr = parse_instruction(line)
+      if not instr or instr.opcode != 'send':
+        continue
+      kind = _attribute(instr.attrs, '_xla_megascale_transfer_type')
+      if not kind:
+        continue
+      out.append({'kind': _MEGASCALE_KINDS.get(kind, kind.lower()),
+                  'reduce': _attribute(instr.attrs, '_xla_megascale_reduce_operation'),
+                  'source': _attribute(instr.attrs, '_xla_host_transfer_rendezvous'),
+                  'name': instr.name, 'computation': comp,
+                  'bytes': nbytes(arrays(instr.shape)[:1], hbm_only=False),  # (data, u32, token)
+                  'runs': runs.get(comp, 0)})
+  return out
+
+
+def cross_slice_collectives(hlo_text: str, device_slices, device_coordinates,
+                            slice_axes=()) -> list:
+  """The collectives that cross slices, read from the compiled program.
+
+  device_slices[i]: the slice of logical device i (the i-th device of the mesh, flattened: the
+  program's device assignment); device_coordinates[i]: its {mesh axis: index}; slice_axes: the
+  mesh axes that span slices. A program over all devices (num_partitions = len(device_slices)):
+  each collective one of whose replica groups holds devices of two or more slices, with the
+  mesh axes its groups vary over. A program compiled per slice (TPU multislice): its
+  megascale_transfers, along slice_axes. Each entry: kind, axes, bytes (one device's buffer),
+  runs, and where it came from (name / source / op_name).
+  """
+  parts = _NUM_PARTITIONS.search(hlo_text)
+  if parts and int(parts.group(1)) < len(device_slices):
+    return [dict(t, axes=sorted(slice_axes)) for t in megascale_transfers(hlo_text)]
+  comps, entry = computations(hlo_text)
+  runs = executions(comps, entry) if entry else {}
+  out = []
+  for comp, instr, kind in collective_ops(hlo_text):
+    groups = replica_groups(instr.attrs, len(device_slices)) or []
+    crossing = [g for g in groups if len({device_slices[i] for i in g}) > 1]
+    if not crossing:
+      continue
+    axes = sorted({a for g in crossing for a in device_coordinates[g[0]]
+                   if len({device_coordinates[i][a] for i in g}) > 1})
+    out.append({'kind': kind, 'reduce': '', 'name': instr.name, 'computation': comp,
+                'group_size': max(len(g) for g in crossing), 'axes': axes,
+                'bytes': nbytes(arrays(instr.shape), hbm_only=False),
+                'runs': runs.get(comp, 0),
+                'op_name': _attribute(instr.attrs, 'op_name')})
+  return out
+
+
+def not_gradient_reductions(cross: list, data_axes=('data',)) -> list:
+  """The entries of cross_slice_collectives that are not a data-parallel reduction (an
+  all-reduce or reduce-scatter that sums, along a data axis): what a multislice mesh must not
+  send between slices (fsdp gathers, expert exchanges, tensor collectives, permutes)."""
+  return [c for c in cross if c['kind'] not in ('all-reduce', 'reduce-scatter')
+          or c.get('reduce') not in ('', 'SUM') or not set(c['axes']) & set(data_axes)]
+
+
+def summarize_cross_slice(cross: list) -> dict:
+  """{kind/reduce along axes: {count, bytes, bytes_per_step}} of cross_slice_collectives."""
+  out = {}
+  for c in cross:
+    key = f"{c['kind']}{'/' + c['reduce'].lower() if c.get('reduce') else ''} over " \
+          f"{'+'.join(c['axes']) or '?'}"
+    row = out.setdefault(key, {'count': 0, 'bytes': 0, 'bytes_per_step': 0})
+    row['count'] += 1
+    row['bytes'] += c['bytes']
+    if row['bytes_per_step'] is not None and c['runs'] is not None:
+      row['bytes_per_step'] += c['bytes'] * c['runs']
+    else:
+      row['bytes_per_step'] = None
+  return out

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from skymoe_jax import config as config_lib
+from skymoe_jax import storage
 from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.data import pipeline, sources, synthetic
 from skymoe_jax.model import factory, flops
@@ -85,9 +86,10 @@ def flops_per_step(config) -> float:
 class MetricsLog:
   """metrics.jsonl (one object per logged step) + clu writers (TensorBoard) + a progress line."""
 
-  def __init__(self, workdir, total_steps: int):
+  def __init__(self, workdir, total_steps: int, tensorboard: bool = True):
     self.primary = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(str(workdir), just_logging=not self.primary)
+    self.writer = metric_writers.create_default_writer(
+        str(workdir), just_logging=not (self.primary and tensorboard))
     self.path = workdir / workdir_lib.METRICS_FILE
     self.total_steps = total_steps
 
@@ -96,8 +98,7 @@ class MetricsLog:
     if expert_load is not None:
       record['expert_load'] = np.asarray(expert_load).round(5).tolist()
     if self.primary:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+      storage.append_text(self.path, json.dumps(record) + '\n')
     self.writer.write_scalars(step, scalars)
     self.writer.flush()
     rate = scalars.get('steps_per_s', 0.0)
@@ -146,7 +147,7 @@ def _train(config, workdir, evaluate) -> Dict:
                                   palette=synthetic.COLORS)
   t = config.train
   ckpt = workdir_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), t.checkpoint_every,
-                                  t.keep_checkpoints)
+                                  t.keep_checkpoints, use_ocdbt=t.checkpoint_ocdbt)
   log = None
   preempted = []
 
@@ -180,7 +181,7 @@ def _train(config, workdir, evaluate) -> Dict:
 
     step, last_log, last_time, last_tokens, tokens = start, start, time.perf_counter(), 0, 0
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    log = MetricsLog(workdir, t.total_steps)
+    log = MetricsLog(workdir, t.total_steps, t.tensorboard)
     flops = flops_per_step(config)
     peak = hardware.peak_flops_per_device() * jax.device_count()
     while step < t.total_steps and not preempted:

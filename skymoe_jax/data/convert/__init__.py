@@ -1,15 +1,19 @@
-"""Converters from external formats into the project's sharded records, and what they share.
+"""Readers of external formats, as the samples the tfds builders (data/builders.py) write.
 
   instruct.py    LLaVA/GeoChat instruction JSON / jsonl
-  benchmarks.py  UC Merced, NWPU-RESISC45, RSVQA-LR, DIOR-RSVG, UCM-Captions (manual_dir layouts)
+  benchmarks.py  the classic RS benchmarks, read from their published layouts in manual_dir
+  counting.py    counting questions from box annotations (DOTA-v2, HRRSD, RSOD)
   neon.py        the NEON tree tiles shipped in the deepforest wheel (counting, grounding)
 
-Every converter follows the same contract. A bad input record never stops a conversion and is
-never silently lost: the per-record code raises `Skip(reason, field)`, the loop catches it, counts
-the reason and logs one warning naming the file, the record and the field (`Skips`). The summary a
-converter returns (and its CLI prints as the last stdout line) is
-`{"written": N, "skipped": {reason: count}, "splits": {split: records}, ...}`; the same counts go
-into dataset_info.json (`skipped`, and `skipped_per_split`).
+Every source is a `SourceSpec`: names, citation, licence, its manual_dir layout, and
+`samples(manual_dir, skips, *, seed, licence, max_image_pixels)`, an iterator of `Sample`s
+(split, input file, where, make). A bad input record never stops a build and is never silently
+lost: make() raises `Skip(reason, field)`, the builder catches it, counts the reason and logs one
+warning naming the file, the record and the field (`Skips`); inputs left out before a sample
+exists, samples() counts itself. The summary a build returns (and its data_prep/ command prints
+as the last stdout line) is `{"written": N, "skipped": {reason: count}, "splits": {split:
+records}, "out": version folder, ...}`; the same counts go into the dataset's metadata.json
+(`skipped`, and `skipped_per_split`).
 
 Images are stored as their original bytes when they are PNG or JPEG and re-encoded to PNG
 otherwise (TIFF, BMP, ...); every stored image has been fully decoded once (`load_image`). An
@@ -22,9 +26,7 @@ decoded. Skipped, not downscaled: a record's boxes, and any annotation or answer
 are in pixels of the stored image, and a silent resize would make them wrong unless every converter
 rescaled every one of them; a counted skip names the image, and the user can downscale on purpose.
 
-A conversion replaces a split of an existing dataset only once the new split is complete
-(`Output`): shards are written into a staging folder inside out_dir and swapped in by `finish`,
-so a crash or an exception mid-way leaves the old dataset exactly as it was.
+A build replaces an existing dataset only once the new one is complete (builders.build_at).
 
 Evaluation extras (RSVQA question types, all reference captions) go to `Record.meta`.
 """
@@ -34,11 +36,13 @@ import io
 import logging
 import os
 import pathlib
-import shutil
-from typing import Dict, Union
+import posixpath
+from typing import Callable, Dict, Iterable, Tuple, Union
 
+from etils import epath
 from PIL import Image
 
+from skymoe_jax import storage
 from skymoe_jax.data import image_ops
 from skymoe_jax.data import records
 
@@ -76,6 +80,32 @@ class Skips:
     if n:
       self.counts[reason] += n
       self.per_split[split][reason] += n
+
+
+# One sample of a source: (split, input file, record name for the log, make() -> record). The
+# builder calls make(); a Skip it raises is counted with skips.add(skip, file, where, split).
+Sample = Tuple[str, object, str, Callable[[], records.Record]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """What a tfds builder (data/builders.py) needs to know of one source read from manual_dir.
+
+  `samples(manual_dir, skips, *, seed, licence, max_image_pixels)` yields the source's samples in
+  a fixed order (record i of a split is the i-th sample of that split whose make() succeeds);
+  inputs it leaves out before a sample exists (an unreadable list line, an inactive question) it
+  adds to `skips` itself. `layout` is the published file layout under manual_dir, shown as the
+  builder's MANUAL_DOWNLOAD_INSTRUCTIONS; `licence` is the default licence stored in each record.
+  """
+  name: str                 # e.g. 'ucmerced'; the tfds builder is skymoe_<name>
+  version: str              # e.g. '1.0.0'
+  description: str
+  homepage: str
+  citation: str
+  licence: str
+  layout: str
+  splits: Tuple[str, ...]   # the splits it can yield, e.g. ('train', 'val', 'test')
+  samples: Callable[..., Iterable[Sample]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,153 +155,37 @@ def encode_array(im: Image.Image, field: str = 'image') -> EncodedImage:
   return EncodedImage(out.getvalue(), im.size[0], im.size[1], 'PNG')
 
 
-def image_path(root, name: str, field: str = 'image') -> pathlib.Path:
+def image_path(root, name: str, field: str = 'image') -> epath.Path:
   """root/name, resolved (`..` and symlinks), when it lies inside root, resolved too; raises
   Skip('image_outside_images_dir') when it does not (a relative path climbing out, an absolute
-  path, a symlink pointing out) and Skip('missing_image') for a name no file can have."""
-  root = pathlib.Path(root)
+  path, a symlink pointing out) and Skip('missing_image') for a name no file can have.
+
+  root may be a local path or a bucket URL (storage.path); a bucket has no symlinks, so there the
+  name is normalised (`..` removed) and must stay below root."""
+  root = storage.path(root)
   try:
-    base = root.resolve()
-    path = (root / name).resolve()
+    if storage.is_remote(root):
+      base = root
+      if '\0' in name or name.startswith('/'):
+        raise ValueError('absolute path or NUL byte')
+      rel = posixpath.normpath(name)
+      inside = rel != '.' and not rel.startswith('../') and rel != '..'
+      path = root / rel
+    else:
+      base = epath.Path(os.path.realpath(os.fspath(root)))
+      path = epath.Path(os.path.realpath(os.path.join(os.fspath(root), name)))
+      inside = pathlib.Path(path).is_relative_to(pathlib.Path(base))
   except (OSError, ValueError) as e:  # e.g. an embedded NUL byte, a symlink loop
     raise Skip('missing_image', field, f'{name!r} is not a usable path ({e})') from None
-  if not path.is_relative_to(base):
+  if not inside:
     raise Skip('image_outside_images_dir', field, f'{name!r} resolves to {path}, outside {base}')
   return path
 
 
-def load_image(path: Union[str, pathlib.Path], field: str = 'image',
+def load_image(path: Union[str, os.PathLike], field: str = 'image',
                max_pixels: int = image_ops.MAX_IMAGE_PIXELS) -> EncodedImage:
-  """`encode_image` of a file; Skip('missing_image') when it is not there."""
-  path = pathlib.Path(path)
+  """`encode_image` of a file (local or in a bucket); Skip('missing_image') when it is not there."""
+  path = storage.path(path)
   if not path.is_file():
     raise Skip('missing_image', field, f'no file {path}')
   return encode_image(path.read_bytes(), field, max_pixels)
-
-
-def split_shards(out_dir, split: str):
-  """The shard files of `split` in out_dir, by their names (`<split>-NNNNN.tfrecord`)."""
-  return sorted(pathlib.Path(out_dir).glob(f'{split}-[0-9][0-9][0-9][0-9][0-9].tfrecord'))
-
-
-class Output:
-  """The shards a conversion writes, per split, staged inside out_dir until `finish` swaps them in.
-
-  Why: converting into an existing dataset used to delete the old split before writing the new
-  one, so a crash (or a bad input half-way) left neither. Here each split's shards go to
-  out_dir/.staging-<pid>/ under their final names; `commit` (called by `finish` once everything
-  is written) moves the old shards of those splits aside, the new ones in, writes
-  dataset_info.json and only then deletes the old ones, so the old shards of a split are removed
-  only when its new ones are complete, and stale ones (a rerun writing fewer shards) never stay.
-  Splits this conversion writes nothing to are left alone. Use it as a context manager: an
-  exception before the commit removes the staging folder and leaves out_dir as it was. A process
-  killed outright leaves a hidden .staging-<pid> folder, which no reader looks at; killed during
-  the swap itself (renames only), the old shards it had moved are in .replaced-<pid>, not lost.
-  """
-
-  def __init__(self, out_dir, records_per_shard: int = 1000):
-    self.out_dir = pathlib.Path(out_dir)
-    self.out_dir.mkdir(parents=True, exist_ok=True)
-    self.records_per_shard = records_per_shard
-    self.staging = self.out_dir / f'.staging-{os.getpid()}'
-    self.writers: Dict[str, records.ShardWriter] = {}
-    self._closed = None
-
-  def __enter__(self) -> 'Output':
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.discard()
-
-  def writer(self, split: str) -> records.ShardWriter:
-    """The split's writer, opened on first use (an opened split is replaced, even if empty)."""
-    if split not in self.writers:
-      if not self.writers:
-        shutil.rmtree(self.staging, ignore_errors=True)  # a dead run's, with this pid
-      self.writers[split] = records.ShardWriter(self.staging, split, self.records_per_shard)
-    return self.writers[split]
-
-  def write(self, split: str, record: records.Record) -> None:
-    self.writer(split).write(record)
-
-  def close(self) -> Dict[str, Dict]:
-    """Closes every shard; {split: its dataset_info.json entry}."""
-    if self._closed is None:
-      self._closed = {s: w.close() for s, w in sorted(self.writers.items())}
-    return self._closed
-
-  def commit(self, write_info) -> None:
-    """Swaps the staged splits in and calls write_info(); on any error the old shards go back
-    (the info file is replaced atomically, last, so it never lists a shard that is not there)."""
-    splits = self.close()
-    aside = self.out_dir / f'.replaced-{os.getpid()}'
-    shutil.rmtree(aside, ignore_errors=True)
-    aside.mkdir()
-    moved_aside, moved_in = [], []
-    try:
-      for split in splits:
-        for path in split_shards(self.out_dir, split):
-          os.replace(path, aside / path.name)
-          moved_aside.append(path.name)
-      for entry in splits.values():
-        for name in entry['files']:
-          os.replace(self.staging / name, self.out_dir / name)
-          moved_in.append(name)
-      write_info()
-    except BaseException:
-      for name in moved_in:
-        if name not in moved_aside:
-          (self.out_dir / name).unlink(missing_ok=True)
-      for name in moved_aside:
-        os.replace(aside / name, self.out_dir / name)
-      raise
-    finally:
-      shutil.rmtree(aside, ignore_errors=True)
-    self.discard()
-
-  def discard(self) -> None:
-    """Removes the staging folder (a no-op after a commit)."""
-    for w in self.writers.values():
-      w.close()
-    shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def check_merge(out_dir, name: str) -> None:
-  """Raises unless out_dir is empty of datasets or holds dataset `name` (before any shard is
-  written, so a wrong --out never clobbers another dataset's split)."""
-  path = pathlib.Path(out_dir) / records.INFO_FILE
-  if path.exists():
-    old = records.read_info(out_dir)['name']
-    if old != name:
-      raise ValueError(f'{out_dir} holds dataset {old!r}, not {name!r}; pick another --out')
-
-
-def finish(output: Output, name: str, licence: str, skips: Skips, merge: bool = False,
-           **extra) -> Dict:
-  """Swaps the output's splits into its folder, writes dataset_info.json, returns the summary.
-
-  merge=True keeps the other splits of an existing dataset of the same name in out_dir (the
-  instruction converter writes one split per call); a different name there is an error.
-  """
-  out_dir = output.out_dir
-  splits = output.close()
-  all_splits = dict(splits)
-  per_split = {s: dict(c) for s, c in skips.per_split.items() if c}
-  if merge and (out_dir / records.INFO_FILE).exists():
-    check_merge(out_dir, name)
-    old = records.read_info(out_dir)
-    for split, entry in old['splits'].items():
-      if split not in splits:
-        all_splits[split] = entry
-        if split in old.get('skipped_per_split', {}):
-          per_split[split] = old['skipped_per_split'][split]
-  totals = collections.Counter()
-  for counts in per_split.values():
-    totals.update(counts)
-  output.commit(lambda: records.write_info(
-      out_dir, name=name, licence=licence, splits=all_splits,
-      skipped=dict(sorted(totals.items())), skipped_per_split=per_split, **extra))
-  return dict(written=sum(s['records'] for s in splits.values()),
-              skipped=dict(sorted(skips.counts.items())),
-              splits={s: e['records'] for s, e in splits.items()},
-              out=str(out_dir), name=name, **extra)

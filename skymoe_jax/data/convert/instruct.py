@@ -1,6 +1,8 @@
-"""LLaVA / GeoChat instruction data -> records.
+"""LLaVA / GeoChat instruction data -> records (the tfds builder skymoe_instruct, data/builders.py).
 
-Input is a JSON list or a jsonl file of
+manual_dir holds one file per split, <split>.json (a JSON list) or <split>.jsonl (one entry a
+line), e.g. train.json and test.jsonl, and images/ with the files the entries name; each file is
+a list of
 
   {"id": ..., "image": "rel/path.png",
    "conversations": [{"from": "human", "value": "<image>\\n[refer] ..."},
@@ -30,19 +32,19 @@ Checks per entry, first failure wins (the reason is the summary key):
 """
 import functools
 import json
-import pathlib
 import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from skymoe_jax import storage
 from skymoe_jax.data import boxes as boxes_lib
 from skymoe_jax.data import image_ops
 from skymoe_jax.data import records
 from skymoe_jax.data import tasks
 from skymoe_jax.data import template
-from skymoe_jax.data.convert import (EncodedImage, Output, Skip, Skips, check_merge, finish,
-                                     image_path, load_image)
+from skymoe_jax.data.convert import (EncodedImage, Sample, Skip, Skips, SourceSpec, image_path,
+                                     load_image)
 
 IMAGE = template.LLAVA_V1.image_placeholder
 
@@ -62,8 +64,8 @@ assert set(BOX_LIKE) == set(boxes_lib.DIALECTS), 'BOX_LIKE must cover boxes.DIAL
 _PHRASE = re.compile(r'<p>(.*?)</p>', re.S)
 
 
-def _jsonl_entries(path: pathlib.Path) -> Iterator[Tuple[str, object]]:
-  with open(path, encoding='utf-8') as f:
+def _jsonl_entries(path) -> Iterator[Tuple[str, object]]:
+  with storage.path(path).open(encoding='utf-8') as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -79,7 +81,7 @@ def iter_entries(path) -> Iterator[Tuple[str, object]]:
   A .json file is parsed here, before any output is touched: a whole file that does not parse is
   not a bad record but a bad input, and raises.
   """
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if path.suffix == '.jsonl':
     return _jsonl_entries(path)
   data = json.loads(path.read_text(encoding='utf-8'))
@@ -171,39 +173,65 @@ def to_record(entry, images_dir, box_dialect: str = 'geochat', source: str = '',
       licence=licence)
 
 
-def convert(input_path, images_dir, out_dir, split: str = 'train', box_dialect: str = 'geochat',
-            source: Optional[str] = None, licence: str = 'unknown', pad_to_square: bool = False,
-            records_per_shard: int = 1000,
-            max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS) -> Dict:
-  """Converts one instruction file into split `split` of out_dir; returns the summary.
+INPUT_SUFFIXES = ('.json', '.jsonl')
+LAYOUT = ('manual_dir/<split>.json (a JSON list) or manual_dir/<split>.jsonl (one sample a line), '
+          'one file per split (train.json, test.jsonl, ...), and manual_dir/images/ holding the '
+          'files the samples\' "image" paths name')
 
-  Other splits already in out_dir (same dataset name) are kept, so train and test files can be
-  converted into one dataset by two calls. The old `split` is replaced only when the new one is
-  complete (convert.Output): an error or a crash mid-way leaves out_dir as it was.
-  """
-  input_path = pathlib.Path(input_path)
+
+def input_files(manual_dir) -> Dict[str, object]:
+  """{split: its instruction file} of manual_dir (a split with both .json and .jsonl is an
+  error: which one is meant is unknown)."""
+  root = storage.path(manual_dir)
+  found: Dict[str, object] = {}
+  for path in sorted(root.iterdir()) if root.exists() else ():
+    if path.suffix in INPUT_SUFFIXES and path.is_file():
+      if path.stem in found:
+        raise ValueError(f'{root}: split {path.stem!r} has two files, {found[path.stem]} and '
+                         f'{path}; keep one')
+      found[path.stem] = path
+  if not found:
+    raise FileNotFoundError(f'{root}: no instruction file; expected {LAYOUT}')
+  return found
+
+
+def samples(manual_dir, skips: Skips, *, seed: int = 0, licence: str = 'unknown',
+            max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS, box_dialect: str = 'geochat',
+            pad_to_square: bool = False, source: Optional[str] = None,
+            splits: Optional[Sequence[str]] = None) -> Iterator[Sample]:
+  """The samples of every instruction file of manual_dir (input_files), split by split; each
+  make() is to_record of one entry. Ids must be unique within a split: an id is taken once its
+  record is made (the builder writes every record make() returns)."""
+  del seed  # the entries' order is the file's
   boxes_lib.get_dialect(box_dialect)  # an unknown dialect is a usage error, before any work
-  source = source or input_path.stem
-  skips = Skips()
+  root = storage.path(manual_dir)
+  images_dir = root / 'images'
+  source = source or root.name
   # Consecutive samples often share an image (multi-task data of one scene): decode it once.
   loader = functools.lru_cache(maxsize=64)(
       functools.partial(load_image, max_pixels=max_image_pixels))
-  seen = set()
-  entries = iter_entries(input_path)
-  check_merge(out_dir, source)
-  with Output(out_dir, records_per_shard) as out:
-    writer = out.writer(split)
-    for where, entry in entries:
-      try:
-        record = to_record(entry, images_dir, box_dialect, source, licence, pad_to_square, seen,
-                           loader)
-      except Skip as skip:
-        label = where
-        if isinstance(entry, dict) and entry.get('id') is not None:
-          label = f'{where} (id {entry["id"]!r})'
-        skips.add(skip, input_path, label, split)
-        continue
-      writer.write(record)
+  for split, path in input_files(root).items():
+    if splits is not None and split not in splits:
+      continue
+    seen = set()
+
+    def make(entry, seen=seen):
+      record = to_record(entry, images_dir, box_dialect, source, licence, pad_to_square, seen,
+                         loader)
       seen.add(record.id)
-    return finish(out, name=source, licence=licence, skips=skips, merge=True,
-                  input=str(input_path), box_dialect=box_dialect)
+      return record
+
+    for where, entry in iter_entries(path):
+      label = where
+      if isinstance(entry, dict) and entry.get('id') is not None:
+        label = f'{where} (id {entry["id"]!r})'
+      yield split, path, label, functools.partial(make, entry)
+
+
+SPEC = SourceSpec(
+    name='instruct', version='1.0.0',
+    description='LLaVA / GeoChat instruction data (skymoe_jax/data/convert/instruct.py): one '
+                'record per entry, task and granularity from its first prompt\'s tag, grounding '
+                'boxes parsed from the answers in the configured box dialect.',
+    homepage='https://github.com/mbzuai-oryx/GeoChat', citation='', licence='unknown',
+    layout=LAYOUT, splits=(), samples=samples)

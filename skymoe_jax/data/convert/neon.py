@@ -1,5 +1,6 @@
 """NEON aerial RGB tiles with tree boxes (the deepforest 2.1.0 wheel's data/, MIT) -> counting and
-grounding records.
+grounding records (the tfds builder skymoe_neon, data/builders.py; manual_dir: a folder of that
+layout, default the installed wheel's data/).
 
 The wheel is installed with `pip install --no-deps deepforest==2.1.0` and never imported (its
 dependency pins conflict with ours, so `import deepforest` fails): `find_data_dir` locates the
@@ -30,23 +31,25 @@ most max_image_pixels pixels (image_too_large); either is a counted skip of the 
 """
 import csv
 import dataclasses
+import functools
 import importlib.util
 import io
 import logging
 import math
 import pathlib
 import xml.etree.ElementTree as ET
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from skymoe_jax import storage
 from skymoe_jax.data import boxes as boxes_lib
 from skymoe_jax.data import image_ops
 from skymoe_jax.data import records
 from skymoe_jax.data import template
-from skymoe_jax.data.convert import (KEPT_FORMATS, Output, Skip, Skips, encode_array,
-                                     encode_image, finish, image_path, load_image)
+from skymoe_jax.data.convert import (KEPT_FORMATS, Sample, Skip, Skips, SourceSpec, encode_array,
+                                     encode_image, image_path, load_image)
 
 log = logging.getLogger(__name__)
 
@@ -173,31 +176,22 @@ def _reading_order(boxes: np.ndarray) -> np.ndarray:
   return np.lexsort((boxes[:, 0], boxes[:, 1])) if len(boxes) else np.zeros(0, np.int64)
 
 
-def convert(out_dir, data_dir=None, crop_size: int = CROP_SIZE, min_visible: float = MIN_VISIBLE,
-            max_grounding_boxes: int = MAX_GROUNDING_BOXES,
-            test_tiles: Sequence[str] = TEST_TILES, records_per_shard: int = 1000,
-            max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS) -> Dict:
-  """Converts the NEON tiles of data_dir (default: the installed deepforest's); the summary has
-  `tiles`, `crops`, `boxes` (in the chosen annotations), `boxes_kept` (summed over crops)."""
-  if data_dir is None:
-    data_dir = find_data_dir()
-    if data_dir is None:
-      raise FileNotFoundError('deepforest is not installed: pip install --no-deps deepforest==2.1.0'
-                              ' (or pass data_dir)')
-  data_dir = pathlib.Path(data_dir)
-  skips = Skips()
+def samples(manual_dir, skips: Skips, *, seed: int = 0, licence: str = LICENCE,
+            max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS, crop_size: int = CROP_SIZE,
+            min_visible: float = MIN_VISIBLE, max_grounding_boxes: int = MAX_GROUNDING_BOXES,
+            test_tiles: Sequence[str] = TEST_TILES, stats: Optional[Dict] = None
+            ) -> Iterator[Sample]:
+  """The samples of the tiles in manual_dir (the deepforest data/ folder layout), tile by tile,
+  crop by crop: count, then refer. Whole-tile skips (the image) and boxes outside their image go
+  to `skips` here; `stats` (when given) gets tiles, crops, boxes, boxes_kept, ... and
+  annotation_files."""
+  del seed  # the crops are fixed
+  data_dir = storage.path(manual_dir)
+  stats = {} if stats is None else stats
+  stats.update(tiles=0, crops=0, boxes=0, boxes_kept=0, boxes_dropped_at_crop_edge=0,
+               grounding_not_made_no_trees=0, grounding_not_made_too_many_trees=0,
+               annotation_files={})
   tiles = choose_tiles(read_annotations(data_dir, skips))
-  with Output(out_dir, records_per_shard) as out:
-    return _convert(out, data_dir, skips, tiles, crop_size, min_visible, max_grounding_boxes,
-                    test_tiles, max_image_pixels)
-
-
-def _convert(out: Output, data_dir: pathlib.Path, skips: Skips, tiles: Dict[str, Annotation],
-             crop_size: int, min_visible: float, max_grounding_boxes: int,
-             test_tiles: Sequence[str], max_image_pixels: int) -> Dict:
-  stats = dict(tiles=0, crops=0, boxes=0, boxes_kept=0, boxes_dropped_at_crop_edge=0,
-               grounding_not_made_no_trees=0, grounding_not_made_too_many_trees=0)
-  sources = {}
   for tile, ann in tiles.items():
     split = 'test' if tile in test_tiles else 'train'
     try:
@@ -220,9 +214,8 @@ def _convert(out: Output, data_dir: pathlib.Path, skips: Skips, tiles: Dict[str,
     tile_boxes[:, 3] = np.minimum(tile_boxes[:, 3], height)
     stats['tiles'] += 1
     stats['boxes'] += len(tile_boxes)
-    sources[tile] = ann.file.name
+    stats['annotation_files'][tile] = ann.file.name
     whole = len(crop_starts(width, crop_size)) == 1 and len(crop_starts(height, crop_size)) == 1
-    writer = out.writer(split)
     for y0 in crop_starts(height, crop_size):
       for x0 in crop_starts(width, crop_size):
         w, h = min(crop_size, width), min(crop_size, height)
@@ -236,32 +229,49 @@ def _convert(out: Output, data_dir: pathlib.Path, skips: Skips, tiles: Dict[str,
         local = tile_boxes - np.array([x0, y0, x0, y0])
         touching = (local[:, 2] > 0) & (local[:, 3] > 0) & (local[:, 0] < w) & (local[:, 1] < h)
         stats['boxes_dropped_at_crop_edge'] += int(np.sum(touching & ~keep))
-        try:
-          if whole and encoded.format in KEPT_FORMATS:
-            image = encoded
-          else:  # a fresh PNG, decoded once more so that every stored image is known to decode
-            image = encode_image(encode_array(im.crop((x0, y0, x0 + w, y0 + h))).data)
-        except Skip as skip:
-          skips.add(skip, ann.image, f'crop {x0},{y0}', split)
-          continue
-        base = dict(image=image.data, boxes=kept, labels=kept_labels, source=NAME,
-                    licence=LICENCE)
+        crop = _crop_image(im, encoded, whole, x0, y0, w, h)
         crop_id = f'{NAME}/{tile}/{x0}_{y0}'
-        writer.write(records.Record(
-            id=f'{crop_id}/count', task='counting', granularity='local',
-            conversations=[{'from': 'human', 'value': f'{IMAGE}\n{COUNT_PROMPT}'},
-                           {'from': 'gpt', 'value': str(len(kept))}], **base))
+        yield split, ann.image, f'crop {x0},{y0}', functools.partial(
+            _record, crop, f'{crop_id}/count', 'counting',
+            COUNT_PROMPT, str(len(kept)), kept, kept_labels, licence)
         if not len(kept):
           stats['grounding_not_made_no_trees'] += 1
         elif len(kept) > max_grounding_boxes:
           stats['grounding_not_made_too_many_trees'] += 1
         else:
           answer = boxes_lib.format('geochat', [boxes_lib.Box(*b) for b in kept.tolist()], w, h)
-          writer.write(records.Record(
-              id=f'{crop_id}/refer', task='grounding', granularity='local',
-              conversations=[{'from': 'human', 'value': f'{IMAGE}\n{REFER_PROMPT}'},
-                             {'from': 'gpt', 'value': answer}], **base))
+          yield split, ann.image, f'crop {x0},{y0}', functools.partial(
+              _record, crop, f'{crop_id}/refer', 'grounding', REFER_PROMPT, answer, kept,
+              kept_labels, licence)
   log.info('%s: %s', NAME, stats)
-  return finish(out, name=NAME, licence=LICENCE, skips=skips,
-                data_dir=str(data_dir), crop_size=crop_size, min_visible=min_visible,
-                annotation_files=sources, **stats)
+
+
+def _crop_image(im, encoded, whole: bool, x0: int, y0: int, w: int, h: int):
+  """make() of the crop's image bytes, once for its two records (a Skip is raised by each)."""
+  @functools.lru_cache(maxsize=1)
+  def make():
+    if whole and encoded.format in KEPT_FORMATS:
+      return encoded
+    # A fresh PNG, decoded once more so that every stored image is known to decode.
+    return encode_image(encode_array(im.crop((x0, y0, x0 + w, y0 + h))).data)
+  return make
+
+
+def _record(crop, record_id, task, prompt, answer, kept, kept_labels, licence) -> records.Record:
+  return records.Record(
+      id=record_id, task=task, granularity='local', image=crop().data, boxes=kept,
+      labels=kept_labels, source=NAME, licence=licence,
+      conversations=[{'from': 'human', 'value': f'{IMAGE}\n{prompt}'},
+                     {'from': 'gpt', 'value': answer}])
+
+
+SPEC = SourceSpec(
+    name='neon', version='1.0.0',
+    description=__doc__, homepage='https://github.com/weecology/DeepForest',
+    citation='Weinstein, B. G. et al. (2020). DeepForest: A Python package for RGB deep '
+             'learning tree crown delineation. Methods in Ecology and Evolution 11(12).',
+    licence=LICENCE,
+    layout='the deepforest data/ folder: <tile>.png|.tif|.jpg with <name>.csv (image_path,'
+           'xmin,ymin,xmax,ymax,label) or <name>.xml (Pascal VOC) annotations; default: the '
+           'installed wheel (pip install --no-deps deepforest==2.1.0)',
+    splits=('train', 'test'), samples=samples)
