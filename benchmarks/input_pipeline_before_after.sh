@@ -31,11 +31,14 @@ for f in sorted(out.glob('*.json'), key=lambda p: (p.stem.split('-')[1], p.stem)
                  'cpu_seconds_per_sample': c['cpu_seconds_per_sample'],
                  'samples_per_s_per_core': 1 / c['cpu_seconds_per_sample'],
                  'loadavg_before': d['machine']['loadavg_before'][0]})
-need = d['need']['samples_per_s_per_host']
+after = json.loads(sorted(out.glob('after-*.json'))[0].read_text())
+need, host_cores = after['need']['samples_per_s_per_host'], after['host_cores']
+for r in runs:  # the old tree's benchmark did not scale to a host; same need and cores for both
+  r['host_capacity_over_need'] = r['samples_per_s_per_core'] * host_cores / need
 dest.write_text(json.dumps({
     'benchmark': 'input_pipeline before/after', 'before_commit': commit(before),
     'after_commit': commit(str(dest.parents[2])) + ' + working tree',
-    'need_samples_per_s_per_host': need, 'host_cores': d.get('host_cores'), 'runs': runs},
+    'need_samples_per_s_per_host': need, 'host_cores': host_cores, 'runs': runs},
     indent=1) + '\n')
 for r in runs:
   print(f"{r['tree']:6s} round {r['round']} parallel={r['num_parallel_batches']}: "

@@ -138,7 +138,8 @@ def table(results_dir) -> str:
   for path in sorted(glob.glob(os.path.join(results_dir, 'generation_*.json'))):
     rows += generation_rows(path)
   for path in sorted(glob.glob(os.path.join(results_dir, 'input_pipeline_*.json'))):
-    rows += pipeline_rows(path)
+    if not path.endswith('_before_after.json'):   # two trees side by side, not a capacity row
+      rows += pipeline_rows(path)
   tpu = os.path.join(results_dir, 'tpu_projection_v5p.json')
   if os.path.exists(tpu):
     before = sorted(glob.glob(os.path.join(results_dir, 'tpu_projection_v5p_before_*.json')))
