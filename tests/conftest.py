@@ -6,6 +6,10 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # rbg keys compile much faster than threefry on CPU; no test depends on particular random values.
 os.environ.setdefault('JAX_DEFAULT_PRNG_IMPL', 'rbg')
+# gs:// paths go through epath's fsspec backend (gcsfs) in every test, the only GCS client the
+# emulator of tests/gcs_emulator.py can stand behind TensorFlow's; set before anything imports
+# epath, which decides its backend once per process.
+os.environ['EPATH_USE_TF'] = 'false'
 
 import pathlib  # noqa: E402
 

@@ -214,15 +214,16 @@ def test_only_gradient_reductions_cross_slices(two_slices):
 
 
 def test_fsdp_across_slices_is_caught(two_slices):
-  """The planted wrong mesh: the same check fails, and says why (fsdp gathers, expert
-  exchanges between slices)."""
+  """The planted wrong mesh: the same check fails, and says why (the fsdp weight gathers and
+  gradient reduce-scatters then run between slices)."""
   report = aot.aot_compile(_small_7b(dcn_data=1, dcn_fsdp=2), TOPOLOGY, BATCH, SEQ,
                            devices=two_slices, num_slices=SLICES)
   assert report['slice_axes'] == ['fsdp']
   bad = report['cross_slice_not_gradient_reductions']
   assert bad
   kinds = {c['kind'] for c in bad}
-  assert {'all-gather', 'all-to-all'} <= kinds
+  assert {'all-gather', 'reduce-scatter'} <= kinds, kinds
+  assert all('fsdp' in c['axes'] for c in bad), bad
 
 
 def test_vocab_over_tensor_keeps_the_embedding_inside_a_slice(two_slices):

@@ -246,5 +246,5 @@ def test_ragged_all_to_all_is_refused_on_cpu(reference):
   mesh = mesh_lib.create_mesh(config)
   with mesh_lib.activate(mesh, config), pytest.raises(NotImplementedError,
                                                       match='ragged_all_to_all does not run on CPU'):
-    model.apply({'params': params}, batch['images'], batch['tokens'], batch['token_mask'],
-                batch['task_id'], batch['granularity_id'])
+    jax.jit(model.apply)({'params': params}, batch['images'], batch['tokens'],
+                         batch['token_mask'], batch['task_id'], batch['granularity_id'])

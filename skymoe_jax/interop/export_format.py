@@ -15,10 +15,10 @@ config.json has a `skymoe` section whose `model` is our model config (`REQUIRED`
 fields of it that the readers use) and whose `moe_layers` lists the MoE decoder layers.
 """
 import json
+import os
+import pathlib
 import re
 from typing import List, Optional
-
-from skymoe_jax import storage
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -76,9 +76,16 @@ def missing_fields(model: dict) -> List[str]:
   return missing
 
 
+def _path(p):
+  """p itself when it is a path object already (the project passes epath paths, which may be
+  bucket URLs), else pathlib.Path(p). This file ships in exports with torch and safetensors
+  only, so it imports nothing of the project."""
+  return p if isinstance(p, os.PathLike) and hasattr(p, 'read_text') else pathlib.Path(p)
+
+
 def read_json(path, error=ValueError):
   """The JSON document of a file, or `error` naming the file (unreadable, not JSON)."""
-  path = storage.path(path)
+  path = _path(path)
   try:
     text = path.read_text(encoding='utf-8')
   except (OSError, UnicodeDecodeError) as e:
@@ -94,7 +101,7 @@ def read_config(folder, error=ValueError, our_layout: bool = True) -> dict:
   format_version whose `model` holds every REQUIRED field, and (our_layout) tensors in our
   layout, not native_export's Qwen2-MoE one. Anything else raises `error` naming the file and
   what is wrong."""
-  folder = storage.path(folder)
+  folder = _path(folder)
   path = folder / CONFIG_FILE
   if not path.is_file():
     raise error(f'{folder}: no {CONFIG_FILE} (not an export folder)')
@@ -139,7 +146,7 @@ def read_config(folder, error=ValueError, our_layout: bool = True) -> dict:
 
 def is_export(folder) -> Optional[dict]:
   """The config.json of `folder` if it is an export of ours (its skymoe section), else None."""
-  path = storage.path(folder) / CONFIG_FILE
+  path = _path(folder) / CONFIG_FILE
   try:
     config = json.loads(path.read_text(encoding='utf-8'))
   except (OSError, UnicodeDecodeError, ValueError):

@@ -31,6 +31,7 @@ of its metrics.jsonl) and writes all of it to WORKDIR_ROOT/summary.csv.
 """
 import argparse
 import csv
+import io
 import dataclasses
 import json
 import os
@@ -229,11 +230,12 @@ def table(rows: List[Dict], metrics=TABLE_METRICS) -> str:
 
 def write_csv(rows: List[Dict], path) -> None:
   columns = list(dict.fromkeys(k for r in rows for k in r if k != '_swept'))
-  with storage.path(path).open('w', newline='') as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    for r in rows:
-      writer.writerow({k: r.get(k, '') for k in columns})
+  text = io.StringIO(newline='')   # csv writes its own \r\n line ends
+  writer = csv.DictWriter(text, columns)
+  writer.writeheader()
+  for r in rows:
+    writer.writerow({k: r.get(k, '') for k in columns})
+  storage.write_text_atomically(path, text.getvalue())
 
 
 # -- command line -------------------------------------------------------------------------------
