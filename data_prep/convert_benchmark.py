@@ -23,8 +23,6 @@ from skymoe_jax.data import builders
 from skymoe_jax.data import image_ops
 from skymoe_jax.data.convert import benchmarks
 
-log = logging.getLogger(__name__)
-
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -37,15 +35,11 @@ def main(argv=None):
                       help='seed of the stratified split (datasets without an official split) '
                            'and of the counting sets\' absent-class questions')
   parser.add_argument('--licence', default=None, help='override the recorded licence')
-  parser.add_argument('--records_per_shard', type=int, default=None,
-                      help='no longer used: tfds sizes the ArrayRecord shards')
   parser.add_argument('--max_image_pixels', type=int, default=image_ops.MAX_IMAGE_PIXELS,
                       help='skip images with more pixels (default 8192*8192, as '
                            'config.data.max_image_pixels)')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-  if args.records_per_shard is not None:
-    log.warning('--records_per_shard is ignored: tfds sizes the ArrayRecord shards')
   options = dict(seed=args.seed, licence=args.licence, max_image_pixels=args.max_image_pixels)
   if args.out is not None:
     summary = builders.build_at(args.out, args.name, args.manual_dir, **options)
