@@ -2,7 +2,6 @@
 files made here in each source's published layout, broken inputs included, built with
 builders.build and read back through records.open_split. For every source: written +
 skipped-with-reason == the inputs, and the answers are counted by hand."""
-import io
 import json
 import pathlib
 import subprocess
@@ -11,7 +10,6 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from skymoe_jax.data import boxes
 from skymoe_jax.data import builders
@@ -19,26 +17,10 @@ from skymoe_jax.data import image_ops
 from skymoe_jax.data import records
 from skymoe_jax.data.convert import Skips
 from skymoe_jax.data.convert import benchmarks, counting
+from test_data_prep import _decode, _pixels, _save  # the same small-image helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-
-def _pixels(size, seed):
-  w, h = size
-  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)
-
-
-def _save(path, size=(40, 20), seed=0, fmt=None):
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  pixels = _pixels(size, seed)
-  Image.fromarray(pixels).save(path, format=fmt)
-  return pixels
-
-
-def _decode(data):
-  with Image.open(io.BytesIO(data)) as im:
-    return im.format, np.asarray(im.convert('RGB'))
 
 
 def _build(name, manual, tmp_path, **options):

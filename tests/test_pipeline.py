@@ -69,13 +69,11 @@ def test_batch_shapes_and_loss_mask(data):
     assert batch['task_id'][row] in {tasks.task_id(r.task) for r in matches}
 
 
-def test_same_seed_same_batches_and_exact_resume(data):
-  root, tok = data
-  config = _config(root, local_views=True)
-  config.data.cda.enabled = True
+def assert_resumes_exactly(config, tok):
+  """4 batches straight, and batches 3-4 again from the state saved after two (through JSON, as
+  the checkpoint stores it): equal in every field. Returns (the 4 straight batches, the state)."""
   straight = pipeline.DataIterator(pipeline.BatchBuilder(config, tok, palette=synthetic.COLORS))
   batches = [next(straight) for _ in range(4)]
-  # Stop after two, resume from the saved state (through JSON, as the checkpoint stores it).
   first = pipeline.DataIterator(pipeline.BatchBuilder(config, tok, palette=synthetic.COLORS))
   next(first), next(first)
   state = json.loads(json.dumps(first.state()))
@@ -85,6 +83,14 @@ def test_same_seed_same_batches_and_exact_resume(data):
     got = next(resumed)
     for k in expected:
       np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+  return batches, state
+
+
+def test_same_seed_same_batches_and_exact_resume(data):
+  root, tok = data
+  config = _config(root, local_views=True)
+  config.data.cda.enabled = True
+  batches, state = assert_resumes_exactly(config, tok)
   other = config.copy_and_resolve_references()
   other.seed = 1
   different = pipeline.BatchBuilder(other, tok).build(0)

@@ -214,6 +214,18 @@ def classification_prompt(classes: Sequence[str]) -> str:
           'Answer with the class name.')
 
 
+def _split_of_file(path, listed, split_of, list_prefix: str, skips: Skips) -> Optional[str]:
+  """The split of an image file: from the `<list_prefix>-*.txt` lists when they were given
+  (None, counted as not_in_split_lists, for a file in none of them), else the stratified one."""
+  if listed is None:
+    return split_of[str(path)]
+  split = listed.get(path.name, listed.get(path.stem))
+  if split is None:
+    skips.add(Skip('not_in_split_lists', 'file name',
+                   f'{path.name} is in none of {list_prefix}-*.txt'), path, path.name)
+  return split
+
+
 def stratified_split(files_by_class: Dict[str, List], seed: int,
                      fractions=STRATIFIED_SPLIT) -> Dict[str, str]:
   """{str(file): split}: each class shuffled with one seeded generator (classes in sorted order)
@@ -295,14 +307,9 @@ def _classification(name: str, image_root: epath.Path, manual_dir, classes: Sequ
   def generate():
     for cls, files in sorted(files_by_class.items()):
       for path in files:
-        if listed is not None:
-          split = listed.get(path.name, listed.get(path.stem))
-          if split is None:
-            skips.add(Skip('not_in_split_lists', 'file name',
-                           f'{path.name} is in none of {list_prefix}-*.txt'), path, path.name)
-            continue
-        else:
-          split = split_of[str(path)]
+        split = _split_of_file(path, listed, split_of, list_prefix, skips)
+        if split is None:
+          continue
 
         def make(path=path, cls=cls):
           image = load_image(path, max_pixels=max_image_pixels)
@@ -741,14 +748,9 @@ def rsod_samples(manual_dir, skips: Skips, *, seed: int, licence: str,
       images = images_by_class[cls]
       _unannotated(images, {f.stem for f in files}, skips, NO_SPLIT)
       for path in files:
-        if listed is not None:
-          split = listed.get(path.name, listed.get(path.stem))
-          if split is None:
-            skips.add(Skip('not_in_split_lists', 'file name',
-                           f'{path.name} is in none of rsod-*.txt'), path, path.name)
-            continue
-        else:
-          split = split_of[str(path)]
+        split = _split_of_file(path, listed, split_of, 'rsod', skips)
+        if split is None:
+          continue
         yield from counting.image_samples(
             name, split, f'{cls}/{path.stem}', path,
             lambda path=path: counting.parse_voc(path.read_bytes(), vocabulary),
