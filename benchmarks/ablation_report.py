@@ -1,26 +1,32 @@
 """The ablation report: a table of every run's evaluation, routing specialisation, the claims.
 
-  python benchmarks/ablation_report.py --workdir_root=/tmp/skymoe_ablations/runs \
+  python benchmarks/ablation_report.py --workdir_root=/tmp/skymoe_ablations/claims \
       [--out=benchmarks/results/ablations] [--config=configs/ablations.py]
 
 Reads each run folder under the root (provenance.json: overrides and seed; eval/<step>/
-metrics.json and routing.json, the last step evaluated) and writes to --out:
+metrics.json and routing.json, the last step evaluated; a seed's stage-I run, by its config
+argument or config.json's train.stage, is listed but not compared) and writes to --out:
 
-  ablations.md     per variant, mean +- std over seeds: each task's headline metric overall and
-                   per granularity, their mean over the accuracy tasks, the mutual information
-                   of expert choice with task and granularity; then the claims with their
-                   measured effect, its spread and a verdict
-  routing_mi.png   I(expert; task) and I(expert; granularity) per MoE layer and variant
-  ablations.json   all of it, per run and per variant
+  ablations.md            per variant, mean +- std over seeds: each task's headline metric, then
+                          every task overall and per granularity, their mean over the accuracy
+                          tasks, the mutual information of expert choice with task and
+                          granularity; then the claims: effect, spread, Welch's test,
+                          Holm-corrected verdict and the seeds an undecided claim would need
+  routing_mi.png          I(expert; task) and I(expert; granularity) per MoE layer and variant
+  metrics_by_variant.png  each task's headline metric by variant (mean +- std over seeds), the
+                          constant-answer baseline where metrics.json gives one
+  ablations.json          all of it, per run and per variant
 
-Mutual information (bits) of one MoE layer: p(task, expert) is proportional to the routed
-assignments of that cell, routed * load summed over granularities (routing.json's per-cell
-counts), so tasks weigh by their prompt tokens. Spread of an effect (difference of means of two
-variants): with >= 2 seeds in both, sqrt(s_a^2/n_a + s_b^2/n_b) from the seeds; otherwise, for
-accuracies only, the binomial standard error of the evaluation sample (sqrt(p(1-p)/n) per task,
-combined in quadrature), which ignores training noise and so understates the spread. Verdict:
-'holds' if effect > 2 x spread, 'does not hold' if effect < -2 x spread, else 'inconclusive';
-no spread (one seed, mutual information) is 'inconclusive'.
+Both sweep layouts read: a stage I per seed under the root (configs/ablations.py's default) or
+one shared stage-I workdir ('init=/abs'); runs of one seed from different stage-I workdirs are
+flagged. Mutual information (bits) of one MoE layer: p(task, expert) is proportional to the
+routed assignments of that cell, routed * load summed over granularities (routing.json's per-cell
+counts), so tasks weigh by their prompt tokens. Claims: effect = difference of two variants'
+means over seeds, spread its standard error sqrt(s_a^2/n_a + s_b^2/n_b); Welch's two-sided
+t-test (needs >= 2 seeds on both sides); verdicts at family-wise alpha FAMILY_ALPHA over all the
+table's tested claims (Holm-Bonferroni): 'holds' (significant, effect > 0), 'does not hold'
+(significant, effect < 0), else 'inconclusive', with the seeds per variant a test at the claim's
+Holm level would need for power POWER (NOTES gives the formula).
 """
 import argparse
 import datetime
@@ -29,9 +35,11 @@ import json
 import math
 import os
 import pathlib
+import statistics
 from typing import Dict, List, Optional
 
 import numpy as np
+from scipy import stats   # installed with jax (jax requires scipy)
 
 from skymoe_jax.evaluation import evaluators  # the task registry alone: no jax
 
@@ -45,7 +53,12 @@ SHORT = {'scene_classification': 'scene', 'vqa': 'vqa', 'counting': 'count',
 FULL, DENSE, PLAIN, CDA_OFF = ('full (MoE-8, adaptive, CDA both)', 'dense (equal active)',
                                'plain router', 'CDA off')
 DENSE_STAGE1 = 'dense (stage-I FFNs)'
+STAGE1 = 'stage I'   # the variant name of a sweep's stage-I runs (not compared)
 EXPERT_VARIANTS = ((1, 'MoE-1'), (2, 'MoE-2'), (4, 'MoE-4'), (8, FULL))
+PREDICTED, RERENDER = 'predicted condition', 'CDA re-rendered'
+FAMILY_ALPHA = 0.05   # family-wise error rate of the claims table (Holm-Bonferroni)
+POWER = 0.8           # of the seeds-needed estimate
+BAND = (0.15, 0.85)   # issue 19's target range of each accuracy (the plot's shaded band)
 
 
 # -- maths --------------------------------------------------------------------------------------
@@ -98,15 +111,60 @@ def binomial_se(p: Optional[float], n: int) -> Optional[float]:
   return math.sqrt(max(p * (1 - p), 0.0) / n)
 
 
-def verdict(effect: Optional[float], spread: Optional[float]) -> str:
-  if effect is None:
+def welch(a: Dict, b: Dict) -> Dict:
+  """Welch's two-sample t-test of the seeds' means a - b (mean_std dicts, >= 2 seeds each):
+  {'t', 'df' (Welch-Satterthwaite), 'p' (two-sided)}; all None without a test (fewer than two
+  seeds on a side, or no spread at all)."""
+  none = {'t': None, 'df': None, 'p': None}
+  if not a or not b or a.get('n', 0) < 2 or b.get('n', 0) < 2:
+    return none
+  va, vb = a['std'] ** 2 / a['n'], b['std'] ** 2 / b['n']
+  # Equal seeds (std 0 up to rounding: MoE-1's MI, say) leave nothing to test.
+  if math.sqrt(va + vb) <= 1e-12 * max(abs(a['mean']), abs(b['mean']), 1e-300):
+    return none
+  t = (a['mean'] - b['mean']) / math.sqrt(va + vb)
+  df = (va + vb) ** 2 / (va ** 2 / (a['n'] - 1) + vb ** 2 / (b['n'] - 1))
+  return {'t': t, 'df': df, 'p': float(2 * stats.t.sf(abs(t), df))}
+
+
+def holm(pvalues: List[Optional[float]], alpha: float = FAMILY_ALPHA) -> List[Dict]:
+  """Holm-Bonferroni over the tested claims (p not None): per claim {'p_holm' (adjusted p,
+  max over j <= rank of (m - j + 1) p_(j), capped at 1), 'alpha' (the level its rank is compared
+  with, alpha / (m - rank + 1)), 'rank', 'm'}; untested claims get Nones. A claim is
+  significant when p_holm <= alpha (the step-down procedure, family-wise error <= alpha)."""
+  tested = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+  m = len(tested)
+  out = [{'p_holm': None, 'alpha': None, 'rank': None, 'm': m} for _ in pvalues]
+  running = 0.0
+  for rank, (p, i) in enumerate(tested, 1):
+    running = max(running, min(1.0, (m - rank + 1) * p))
+    out[i] = {'p_holm': running, 'alpha': alpha / (m - rank + 1), 'rank': rank, 'm': m}
+  return out
+
+
+def seeds_needed(effect_: Optional[float], a: Dict, b: Dict, alpha: Optional[float],
+                 power: float = POWER) -> Optional[int]:
+  """Seeds per variant for a two-sided test at level alpha to find the observed effect with the
+  given power (two-sample normal approximation): n = 2 (z_(1-alpha/2) + z_power)^2 s^2 / d^2,
+  s^2 the pooled seed variance ((n_a-1) s_a^2 + (n_b-1) s_b^2) / (n_a + n_b - 2)."""
+  if not effect_ or alpha is None or a.get('n', 0) < 2 or b.get('n', 0) < 2:
+    return None
+  pooled = (((a['n'] - 1) * a['std'] ** 2 + (b['n'] - 1) * b['std'] ** 2) /
+            (a['n'] + b['n'] - 2))
+  z = statistics.NormalDist()
+  n = 2 * (z.inv_cdf(1 - alpha / 2) + z.inv_cdf(power)) ** 2 * pooled / effect_ ** 2
+  return max(2, math.ceil(n))
+
+
+def verdict(effect_: Optional[float], test: Dict, correction: Dict) -> str:
+  """'holds' / 'does not hold' (significant the other way) / 'inconclusive', at the claim's
+  Holm-corrected level."""
+  if effect_ is None:
     return 'not measured'
-  if not spread:
-    return 'inconclusive (no spread)'
-  if effect > 2 * spread:
-    return 'holds'
-  if effect < -2 * spread:
-    return 'does not hold'
+  if test.get('p') is None:
+    return 'inconclusive (no test: < 2 seeds or no spread)'
+  if correction['p_holm'] <= FAMILY_ALPHA:
+    return 'holds' if effect_ > 0 else 'does not hold'
   return 'inconclusive'
 
 
@@ -162,6 +220,19 @@ def run_scores(metrics: Dict) -> Dict[str, Dict]:
   return out
 
 
+def baselines(metrics: Dict) -> Dict[str, float]:
+  """{task: its constant-answer baseline} where metrics.json gives one: tasks.<task>.baseline
+  or tasks.<task>.overall.baseline, a number or {metric: number} (the headline's is taken)."""
+  out = {}
+  for task, result in metrics.get('tasks', {}).items():
+    value = result.get('baseline', (result.get('overall') or {}).get('baseline'))
+    if isinstance(value, dict):
+      value = value.get(HEADLINE.get(task, 'accuracy'), value.get('value'))
+    if isinstance(value, (int, float)):
+      out[task] = float(value)
+  return out
+
+
 def load_run(workdir: pathlib.Path, variants=None) -> Optional[Dict]:
   prov = _json(workdir / 'provenance.json')
   if prov is None:
@@ -175,12 +246,18 @@ def load_run(workdir: pathlib.Path, variants=None) -> Optional[Dict]:
   if name is None:
     name = ','.join(f'{k}={v}' for k, v in sorted(own.items()) if k != 'seed') or 'base'
   run = {'run': workdir.name, 'variant': name, 'seed': seed, 'overrides': overrides,
-         'evaluated': False}
+         'evaluated': False, 'stage': 'stage2'}
   config = _json(workdir / 'config.json')
+  arg = str(prov.get('config') or '').rpartition(':')[2]
+  if 'stage1' in arg.split(',') or (config and config['train'].get('stage') == 'stage1'):
+    run.update(stage='stage1', variant=STAGE1)  # a seed's stage I: the runs start from it
   if config:
     run['init_from'] = config['train'].get('init_from')
     run['total_steps'] = config['train'].get('total_steps')
-    run['eval_samples'] = config['eval'].get('max_samples')
+    # Questions per task (eval.max_per_task), or per source in older runs (eval.max_samples).
+    per_task = config['eval'].get('max_per_task')
+    run['eval_samples'] = (f'{per_task} per task' if per_task else
+                           f'{config["eval"].get("max_samples")} per source')
   lines = ((workdir / 'metrics.jsonl').read_text().splitlines()
            if (workdir / 'metrics.jsonl').exists() else [])
   if lines:
@@ -191,7 +268,7 @@ def load_run(workdir: pathlib.Path, variants=None) -> Optional[Dict]:
     return run
   metrics = _json(folder / 'metrics.json')
   run.update(evaluated=True, eval_step=metrics.get('step'), scores=run_scores(metrics),
-             mi=routing_mi(_json(folder / 'routing.json')))
+             mi=routing_mi(_json(folder / 'routing.json')), baselines=baselines(metrics))
   answers = folder / 'answers.jsonl'
   if answers.exists():  # kept in memory only: for changed_answers()
     rows = [json.loads(line) for line in answers.read_text().splitlines() if line.strip()]
@@ -252,20 +329,26 @@ def aggregate(runs: List[Dict]) -> Dict[str, Dict]:
 
 
 def effect(a: Dict, b: Dict) -> Dict:
-  """Difference of means a - b of two mean_std dicts and its spread (see the module doc)."""
+  """Difference of means a - b of two mean_std dicts, its spread (standard error; see the module
+  doc), Welch's test (t, df, p) and the 95% confidence interval of the difference."""
   if not a or not b or a.get('mean') is None or b.get('mean') is None:
-    return {'effect': None, 'spread': None, 'spread_kind': None, 'n': (0, 0)}
+    return {'effect': None, 'spread': None, 'spread_kind': None, 'n': (0, 0), 'std': (None, None),
+            't': None, 'df': None, 'p': None, 'ci95': None}
   d = a['mean'] - b['mean']
-  n = (a['n'], b['n'])
+  out = {'effect': d, 'n': (a['n'], b['n']), 'std': (a.get('std'), b.get('std')),
+         **welch(a, b), 'ci95': None}
   if a['n'] >= 2 and b['n'] >= 2:
-    spread = math.sqrt(a['std'] ** 2 / a['n'] + b['std'] ** 2 / b['n'])
-    kind = 'seed std'
+    out['spread'] = math.sqrt(a['std'] ** 2 / a['n'] + b['std'] ** 2 / b['n'])
+    out['spread_kind'] = 'seeds'
+    if out['df'] is not None:
+      half = float(stats.t.ppf(0.975, out['df'])) * out['spread']
+      out['ci95'] = (d - half, d + half)
   elif a.get('binomial_se') is not None and b.get('binomial_se') is not None:
-    spread = math.sqrt(a['binomial_se'] ** 2 + b['binomial_se'] ** 2)
-    kind = 'binomial SE (eval sample only)'
+    out['spread'] = math.sqrt(a['binomial_se'] ** 2 + b['binomial_se'] ** 2)
+    out['spread_kind'] = 'binomial SE (eval sample only)'
   else:
-    spread, kind = None, 'none (1 seed)'
-  return {'effect': d, 'spread': spread, 'spread_kind': kind, 'n': n}
+    out['spread'], out['spread_kind'] = None, 'none (1 seed)'
+  return out
 
 
 def _score(agg, variant, col):
@@ -276,33 +359,47 @@ def _mi(agg, variant, axis):
   return (((agg.get(variant) or {}).get('mi') or {}).get(axis) or {}).get('mean')
 
 
-def claims(agg: Dict[str, Dict]) -> List[Dict]:
-  rows = []
+def claims(agg: Dict[str, Dict], alpha: float = FAMILY_ALPHA) -> List[Dict]:
+  """Every claim's effect and Welch test; verdicts at Holm-Bonferroni over the tested claims."""
+  rows, extras = [], []
 
   def add(claim, measure, a, b, e, paper=None, extra=None):
-    row = dict(claim=claim, measure=measure, compare=f'{a} - {b}', paper=paper, **e)
-    row['verdict'] = verdict(e['effect'], e['spread'])
-    if extra:
-      row['verdict'] += extra(row)
-    rows.append(row)
+    rows.append(dict(claim=claim, measure=measure, compare=f'{a} - {b}', paper=paper, **e))
+    extras.append(extra)
 
-  add('1. routed experts beat a dense model (equal active parameters)',
-      'mean accuracy (scene, vqa, count, ground)',
-      FULL, DENSE, effect(_score(agg, FULL, 'avg_acc'), _score(agg, DENSE, 'avg_acc')))
-  add('1b. ... and the stage-I dense model trained further (half the active FFN)',
-      'mean accuracy (scene, vqa, count, ground)', FULL, DENSE_STAGE1,
-      effect(_score(agg, FULL, 'avg_acc'), _score(agg, DENSE_STAGE1, 'avg_acc')))
+  def acc(col, a, b):
+    return effect(_score(agg, a, col), _score(agg, b, col))
+
+  def mi(axis, a, b):
+    return effect(_mi(agg, a, axis), _mi(agg, b, axis))
+
+  mean_acc, local = 'mean accuracy (scene, vqa, count, ground)', (
+      'mean accuracy of local questions (vqa, count, ground)')
+  add('1. routed experts beat a dense model (equal active parameters)', mean_acc,
+      FULL, DENSE, acc('avg_acc', FULL, DENSE))
+  add('1b. ... and the stage-I dense model trained further (half the active FFN)', mean_acc,
+      FULL, DENSE_STAGE1, acc('avg_acc', FULL, DENSE_STAGE1))
   add('2a. adaptive router specialises experts by task', 'I(expert; task), bits, mean of layers',
-      FULL, PLAIN, effect(_mi(agg, FULL, 'task'), _mi(agg, PLAIN, 'task')))
+      FULL, PLAIN, mi('task', FULL, PLAIN))
   add('2b. ... and by granularity', 'I(expert; granularity), bits, mean of layers',
-      FULL, PLAIN, effect(_mi(agg, FULL, 'granularity'), _mi(agg, PLAIN, 'granularity')))
-  add('3a. CDA improves local tasks', 'mean accuracy of local questions (vqa, count, ground)',
-      FULL, CDA_OFF,
-      effect(_score(agg, FULL, 'local_acc'), _score(agg, CDA_OFF, 'local_acc')))
+      FULL, PLAIN, mi('granularity', FULL, PLAIN))
+  add("2a'. predicted condition specialises experts by task",
+      'I(expert; task), bits, mean of layers', PREDICTED, PLAIN, mi('task', PREDICTED, PLAIN))
+  add("2b'. ... and by granularity", 'I(expert; granularity), bits, mean of layers',
+      PREDICTED, PLAIN, mi('granularity', PREDICTED, PLAIN))
+
+  def interval(row):  # a two-sided test cannot show equality: the interval says how close
+    if row['ci95'] is None:
+      return ''
+    lo, hi = row['ci95']
+    return f'; 95% CI [{lo:+.3f}, {hi:+.3f}]'
+  add("2c'. predicted condition is no worse than the tag-given one", mean_acc,
+      PREDICTED, FULL, acc('avg_acc', PREDICTED, FULL), extra=interval)
+  add('3a. CDA improves local tasks', local, FULL, CDA_OFF, acc('local_acc', FULL, CDA_OFF))
   add('3b. CDA improves counting', 'counting accuracy', FULL, CDA_OFF,
-      effect(_score(agg, FULL, 'counting'), _score(agg, CDA_OFF, 'counting')), paper='+0.0947')
-  add('3c. CDA improves VQA', 'VQA accuracy', FULL, CDA_OFF,
-      effect(_score(agg, FULL, 'vqa'), _score(agg, CDA_OFF, 'vqa')), paper='+0.0656')
+      acc('counting', FULL, CDA_OFF), paper='+0.0947')
+  add('3c. CDA improves VQA', 'VQA accuracy', FULL, CDA_OFF, acc('vqa', FULL, CDA_OFF),
+      paper='+0.0656')
   means = [(e, (_score(agg, v, 'avg_acc') or {}).get('mean')) for e, v in EXPERT_VARIANTS]
   means = [(e, m) for e, m in means if m is not None]
   order = ', '.join(f'{e} experts {m:.3f}' for e, m in means)
@@ -313,8 +410,25 @@ def claims(agg: Dict[str, Dict]) -> List[Dict]:
     monotone = all(m1 <= m2 for (_, m1), (_, m2) in zip(means, means[1:]))
     return f'; means by experts {"monotone" if monotone else "not monotone"} ({order})'
   add('3d. more experts are better (8 > 4 > 2 > 1)', 'mean accuracy', 'MoE-8 (full)', 'MoE-1',
-      effect(_score(agg, FULL, 'avg_acc'), _score(agg, 'MoE-1', 'avg_acc')),
-      paper='8 > 6 > 4 > 1', extra=ordering)
+      acc('avg_acc', FULL, 'MoE-1'), paper='8 > 6 > 4 > 1', extra=ordering)
+  add('3e. re-rendered CDA improves local tasks', local, RERENDER, CDA_OFF,
+      acc('local_acc', RERENDER, CDA_OFF))
+  add('3f. re-rendered CDA improves counting', 'counting accuracy', RERENDER, CDA_OFF,
+      acc('counting', RERENDER, CDA_OFF))
+  add('3g. re-rendered counterfactuals beat pixel edits (local tasks)', local, RERENDER, FULL,
+      acc('local_acc', RERENDER, FULL))
+
+  corrections = holm([r['p'] for r in rows], alpha)
+  for row, extra, corr in zip(rows, extras, corrections):
+    row.update(p_holm=corr['p_holm'], alpha_holm=corr['alpha'], holm_m=corr['m'])
+    row['verdict'] = verdict(row['effect'], row, corr)
+    row['seeds_needed'] = None
+    if row['verdict'].startswith('inconclusive') and row['p'] is not None:
+      a_ms = {'n': row['n'][0], 'std': row['std'][0]}
+      b_ms = {'n': row['n'][1], 'std': row['std'][1]}
+      row['seeds_needed'] = seeds_needed(row['effect'], a_ms, b_ms, corr['alpha'])
+    if extra:
+      row['verdict'] += extra(row)
   return rows
 
 
@@ -353,20 +467,67 @@ def ordered_variants(agg: Dict, order: List[str]) -> List[str]:
   return [v for v in order if v in agg] + sorted(v for v in agg if v not in order)
 
 
+NOTES = (
+    "effect: difference of the two variants' means over seeds; spread: its standard error "
+    'sqrt(s_a^2/n_a + s_b^2/n_b) from the seeds (with one seed on a side, the binomial SE of the '
+    'evaluation sample, which ignores training noise: no test). p: Welch\'s t-test, two-sided, '
+    'Welch-Satterthwaite degrees of freedom. Holm p: the Holm-adjusted p (the m tested claims '
+    'sorted by p, p_(j) times m - j + 1, running maximum, at most 1); holds: Holm p <= {alpha} '
+    'and effect > 0; does not hold: the same with effect < 0 (significant the other way); else '
+    'inconclusive. seeds needed (inconclusive claims): seeds per variant for power {power} at '
+    "the claim's Holm level alpha_j = {alpha} / (m - j + 1) (j its rank by p), from the "
+    'two-sample normal approximation with the observed effect d and the pooled seed variance '
+    's^2 = ((n_a-1) s_a^2 + (n_b-1) s_b^2) / (n_a + n_b - 2): '
+    'n = 2 (z_(1-alpha_j/2) + z_power)^2 s^2 / d^2, rounded up. The "no worse" claim (2c\') is '
+    'tested two-sided like the others; its 95% confidence interval says how close the two are. '
+    'I(e;task): mutual information of expert choice and task from routing.json counts (routed '
+    'x load). answers ≠ full: share of evaluation questions whose answer differs from the full '
+    "model's run of the same seed.")
+
+
+def _p(x: Optional[float]) -> str:
+  return '-' if x is None else f'{x:.2g}'
+
+
+def headline_columns(agg: Dict) -> List[str]:
+  """Each task's headline metric (overall), then the means over the accuracy tasks."""
+  return [c for c in score_columns(agg) if '/' not in c]
+
+
 def markdown(agg: Dict, rows: List[Dict], runs: List[Dict], order: List[str], meta: Dict) -> str:
   names = ordered_variants(agg, order)
   cols = score_columns(agg)
+  heads = headline_columns(agg)
+  base = meta.get('baselines') or {}
+  m = next((r['holm_m'] for r in rows), 0)
   lines = [
       '# SkyMoE ablations at demo scale',
       '',
       f'{meta["runs"]} runs under `{meta["root"]}` (stage II: {meta["steps"]} steps each, '
-      f'upcycled from `{meta["stage1"]}`); evaluation on the first {meta["eval"]} held-out '
-      'synthetic scenes (questions per task: ' + (', '.join(
-          f'{SHORT.get(t, t)} {"/".join(map(str, n))}' for t, n in meta.get('questions', {}).items())
-          or '-') + '). Cells: mean ± std over seeds (n = seeds; no ± with one seed). '
-      'Generated by `benchmarks/ablation_report.py`.',
+      f'upcycled from {meta["stage1"]}); evaluation on the held-out synthetic scenes, '
+      f'questions asked: {meta["eval"]} (answered per task: ' + (', '.join(
+          f'{SHORT.get(t, t)} {"/".join(map(str, n))}'
+          for t, n in meta.get('questions', {}).items()) or '-') + '). Cells: mean ± std over '
+      'seeds (n = seeds; no ± with one seed). Generated by `benchmarks/ablation_report.py`.',
       '',
-      '## Per variant',
+  ]
+  if meta.get('layout_note'):
+    lines += [f'**{meta["layout_note"]}**', '']
+  lines += [
+      "## Each task's headline metric per variant",
+      '',
+      '| variant | n seeds | ' + ' | '.join(_col_name(c) for c in heads) + ' |',
+      '|---|---|' + '---|' * len(heads),
+  ]
+  for v in names:
+    lines.append(f'| {v} | {len(agg[v]["seeds"])} | ' +
+                 ' | '.join(fmt(agg[v]['scores'].get(c)) for c in heads) + ' |')
+  if base:
+    lines.append('| constant-answer baseline | - | ' + ' | '.join(
+        f'{base[c]:.3f}' if c in base else '-' for c in heads) + ' |')
+  lines += [
+      '',
+      '## Per variant and granularity',
       '',
       '| variant | n | ' + ' | '.join(_col_name(c) for c in cols) +
       ' | I(e;task) | I(e;gran) | answers ≠ full | run (s) |',
@@ -382,7 +543,7 @@ def markdown(agg: Dict, rows: List[Dict], runs: List[Dict], order: List[str], me
   missing = [v for v in order if v not in agg]
   if missing:
     lines += ['', 'Not run: ' + ', '.join(missing) + '.']
-  unevaluated = [r['run'] for r in runs if not r['evaluated']]
+  unevaluated = [r['run'] for r in runs if not r['evaluated'] and r['stage'] != 'stage1']
   if unevaluated:
     lines += ['', 'Runs without an evaluation (unfinished or stopped): ' +
               ', '.join(f'`{r}`' for r in unevaluated) + '.']
@@ -401,24 +562,65 @@ def markdown(agg: Dict, rows: List[Dict], runs: List[Dict], order: List[str], me
                                         for l in layers) +
                    ' |')
   lines += ['', '## Claims', '',
-            '| claim | measure | comparison | effect | spread | n seeds | paper | verdict |',
-            '|---|---|---|---|---|---|---|---|']
+            f"Welch's two-sided t-test per claim over the seeds; verdicts at a family-wise "
+            f'alpha of {FAMILY_ALPHA} over the {m} tested claims of this table '
+            '(Holm-Bonferroni).', '',
+            '| claim | measure | comparison | effect | spread (SE) | n seeds | p | Holm p | '
+            'paper | verdict | seeds needed |',
+            '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     digits = 4 if 'bits' in r['measure'] else 3
-    spread = '-' if r['spread'] is None else f'{r["spread"]:.{digits}f} ({r["spread_kind"]})'
-    if r['spread'] is None and r['spread_kind']:
-      spread = r['spread_kind']
-    lines.append(f'| {r["claim"]} | {r["measure"]} | {r["compare"]} | {_signed(r["effect"], digits)} | '
-                 f'{spread} | {r["n"][0]} vs {r["n"][1]} | {r["paper"] or "-"} | '
-                 f'{r["verdict"]} |')
-  lines += ['', 'Verdict: holds if effect > 2 x spread, does not hold if effect < -2 x spread, '
-            'otherwise inconclusive; without a spread, inconclusive. The binomial SE counts '
-            'only the evaluation sample (one seed), not training noise. I(e;task): mutual '
-            'information of expert choice and task from routing.json counts (routed x load). '
-            'answers ≠ full: share of evaluation questions whose answer differs from the full '
-            'model\'s run of the same seed.',
-            '']
+    spread = '-' if r['spread'] is None else f'{r["spread"]:.{digits}f}'
+    if r['spread_kind'] and r['spread_kind'] != 'seeds':
+      spread = r['spread_kind'] if r['spread'] is None else f'{spread} ({r["spread_kind"]})'
+    lines.append(f'| {r["claim"]} | {r["measure"]} | {r["compare"]} | '
+                 f'{_signed(r["effect"], digits)} | {spread} | {r["n"][0]} vs {r["n"][1]} | '
+                 f'{_p(r["p"])} | {_p(r["p_holm"])} | {r["paper"] or "-"} | {r["verdict"]} | '
+                 f'{r["seeds_needed"] or "-"} |')
+  lines += ['', NOTES.format(alpha=FAMILY_ALPHA, power=POWER), '']
   return '\n'.join(lines)
+
+
+def plot_metrics(agg: Dict, order: List[str], path: pathlib.Path,
+                 base: Optional[Dict[str, float]] = None) -> bool:
+  """One panel per task: its headline metric by variant (the table's order), mean ± std over
+  seeds; the constant-answer baseline dashed where metrics.json gives it, and the 0.15-0.85
+  band of issue 19 shaded behind accuracies."""
+  names = ordered_variants(agg, order)
+  tasks = [t for t in TASK_COLUMNS if any(t in agg[v]['scores'] for v in names)]
+  if not tasks:
+    return False
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  ncols = min(3, len(tasks))
+  nrows = math.ceil(len(tasks) / ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 + 2.4 * nrows),
+                           squeeze=False)
+  x = np.arange(len(names))
+  for ax, task in zip(axes.flat, tasks):
+    cells = [agg[v]['scores'].get(task) or {} for v in names]
+    means = [c.get('mean') if c.get('mean') is not None else np.nan for c in cells]
+    errs = [c.get('std') or 0.0 for c in cells]
+    if HEADLINE.get(task) != 'cider':
+      ax.axhspan(*BAND, color='0.92', zorder=0, label=f'{BAND[0]}-{BAND[1]}')
+      ax.set_ylim(0, 1)
+    ax.bar(x, means, 0.7, yerr=errs, capsize=3, color='tab:blue', zorder=2)
+    if base and task in base:
+      ax.axhline(base[task], color='k', linestyle='--', linewidth=1, zorder=3,
+                 label='constant answer')
+    ax.set_title(f'{task} ({HEADLINE.get(task, "accuracy")})')
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=60, ha='right', fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7, loc='upper right')
+  for ax in list(axes.flat)[len(tasks):]:
+    ax.axis('off')
+  axes[0][0].set_ylabel('mean ± std over seeds')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100, bbox_inches='tight')
+  plt.close(fig)
+  return True
 
 
 def plot_mi(agg: Dict, order: List[str], path: pathlib.Path) -> bool:
@@ -452,35 +654,76 @@ def plot_mi(agg: Dict, order: List[str], path: pathlib.Path) -> bool:
   return True
 
 
+def stage1_layout(runs: List[Dict]) -> Dict:
+  """Where the stage-II runs started from: 'per seed' (each from a stage I of its own seed: a
+  stage-I run of this root trained with that seed, or one workdir per seed elsewhere),
+  'shared' (one stage-I workdir for all: seeds vary stage II only), or 'mixed' (runs of one seed
+  from different stage Is, or seeds sharing some: flagged in the report)."""
+  stage2 = [r for r in runs if r['stage'] == 'stage2' and r.get('init_from')]
+  inits = sorted({r['init_from'] for r in stage2})
+  if not inits:
+    return {'layout': None, 'inits': [], 'text': '-', 'note': None}
+  own = {r['run']: r['seed'] for r in runs if r['stage'] == 'stage1'}
+  by_seed = {}
+  for r in stage2:
+    by_seed.setdefault(r['seed'], set()).add(r['init_from'])
+  names = ', '.join(f'`{i}`' for i in inits)
+  if all(own.get(pathlib.PurePath(r['init_from']).name, -1) == r['seed'] for r in stage2):
+    return {'layout': 'per seed', 'inits': inits, 'note': None,
+            'text': f'a stage I per seed, trained in this root ({names})'}
+  if len(inits) == 1:
+    return {'layout': 'shared', 'inits': inits, 'note': None,
+            'text': f'one shared stage I `{inits[0]}` (seeds vary stage II only)'}
+  if all(len(v) == 1 for v in by_seed.values()) and len(inits) == len(by_seed):
+    return {'layout': 'per seed', 'inits': inits, 'note': None,
+            'text': f'a stage I per seed ({names})'}
+  return {'layout': 'mixed', 'inits': inits, 'text': names,
+          'note': 'Mixed stage-I layout: runs of one seed start from different stage-I '
+                  'workdirs, or seeds share some, so differences between variants include '
+                  'differences of stage I. Sweep each layout into a root of its own.'}
+
+
 def report(root, out, config=None) -> Dict:
   root, out = pathlib.Path(root), pathlib.Path(out)
+  if not root.is_dir():
+    raise SystemExit(f'--workdir_root={root}: no such folder')
   module = load_variants(config)
   order = list(module.VARIANTS) if module else []
-  runs = load_runs(root, module)
+  every = load_runs(root, module)
+  stage1_runs = [r for r in every if r['stage'] == 'stage1']
+  runs = [r for r in every if r['stage'] != 'stage1']
   changed_answers(runs)
   agg = aggregate(runs)
   rows = claims(agg)
   evaluated = [r for r in runs if r['evaluated']]
-  inits = sorted({r['init_from'] for r in runs if r.get('init_from')})
-  sizes = {}
+  layout = stage1_layout(every)
+  sizes, base = {}, {}
   for r in evaluated:
     for col, cell in r['scores'].items():
       if col in HEADLINE:
         sizes.setdefault(col, set()).add(cell['n'])
-  meta = {'root': str(root), 'runs': len(runs),
+    for task, value in r.get('baselines', {}).items():
+      base.setdefault(task, []).append(value)
+  meta = {'root': str(root), 'runs': len(runs), 'stage1_runs': [r['run'] for r in stage1_runs],
           'steps': ', '.join(sorted({str(r.get('total_steps')) for r in evaluated})) or '-',
-          'stage1': ', '.join(inits) or '-',
+          'stage1': layout['text'], 'stage1_layout': layout['layout'],
+          'stage1_inits': layout['inits'], 'layout_note': layout['note'],
           'eval': ', '.join(sorted({str(r.get('eval_samples')) for r in evaluated})) or '-',
-          'questions': {t: sorted(n) for t, n in sizes.items()}}
+          'questions': {t: sorted(n) for t, n in sizes.items()},
+          'baselines': {t: float(np.mean(v)) for t, v in base.items()},
+          'family_alpha': FAMILY_ALPHA, 'power': POWER}
   out.mkdir(parents=True, exist_ok=True)
   text = markdown(agg, rows, runs, order, meta)
   (out / 'ablations.md').write_text(text)
   plotted = plot_mi(agg, order, out / 'routing_mi.png')
-  for r in runs:
+  plotted_metrics = plot_metrics(agg, order, out / 'metrics_by_variant.png', meta['baselines'])
+  for r in every:
     r.pop('_answers', None)
   (out / 'ablations.json').write_text(json.dumps(
-      {'meta': meta, 'runs': runs, 'variants': agg, 'claims': rows}, indent=1) + '\n')
-  return {'markdown': text, 'plot': plotted, 'runs': runs, 'variants': agg, 'claims': rows}
+      {'meta': meta, 'runs': runs, 'stage1_runs': stage1_runs, 'variants': agg, 'claims': rows},
+      indent=1) + '\n')
+  return {'markdown': text, 'plot': plotted, 'metrics_plot': plotted_metrics, 'runs': runs,
+          'stage1_runs': stage1_runs, 'variants': agg, 'claims': rows, 'meta': meta}
 
 
 def main(argv=None):

@@ -1,37 +1,42 @@
-"""The paper's claims at small scale: stage-II ablations of the demo model on synthetic scenes.
+"""The paper's claims at small scale: ablations of the demo model on synthetic scenes, a stage I
+per seed.
 
-  configs/ablations.py:stage1   stage I, exactly the demo's (configs/demo.py:stage1); trained once
-                                into the shared stage-I workdir that every ablation starts from
+  configs/ablations.py:stage1   stage I, exactly the demo's (configs/demo.py:stage1)
   configs/ablations.py          stage II (the full model: 8 experts top-2, adaptive router, CDA
-                                cutout + recolour + move), upcycled from that stage-I workdir,
-                                evaluated at its last step (WORKDIR/eval/<step>/)
+                                cutout + recolour + move), upcycled from its seed's stage I, the
+                                sibling workdir STAGE1_RUN.format(seed=<config.seed>) (resolved
+                                against the run's parent folder), evaluated at its last step
 
 The argument is a comma-separated list of: 'stage1' | 'stage2' (default), 'init=/abs/stage1'
-(the stage-I workdir, default STAGE1_DIR), 'seeds=N' (runs per variant in get_sweep, default 1),
-'steps=N' (stage-II steps, default STAGE2_STEPS), 'eval=N' (evaluation questions per source,
-default EVAL_SAMPLES), 'claims' (get_sweep lists only CLAIM_VARIANTS, the ones the claims
-compare).
+(one shared stage-I workdir for every run and seed instead: the old layout, which get_sweep
+then leaves out of the sweep), 'seeds=N' (seeds in get_sweep, default 1), 'steps=N' (stage-II
+steps, default STAGE2_STEPS), 'eval=N' (evaluation questions per task of each source, default
+EVAL_PER_TASK), 'claims' (get_sweep lists CLAIM_VARIANTS, the ones the claims compare) or
+'cda' (CDA_VARIANTS, the CDA study).
 
-  python launch/prepare.py --config=configs/ablations.py:stage1 --workdir=/tmp/skymoe_ablations/stage1
-  python -m skymoe_jax.train --config=configs/ablations.py:stage1 --workdir=/tmp/skymoe_ablations/stage1
-  python launch/sweep.py --config=configs/ablations.py:seeds=3 \
-      --workdir_root=/tmp/skymoe_ablations/runs --local
-  python launch/sweep.py --config=configs/ablations.py:claims,seeds=4,steps=300,eval=300 \
-      --workdir_root=/tmp/skymoe_ablations/long --local
-  python benchmarks/ablation_report.py --workdir_root=/tmp/skymoe_ablations/runs
+  python launch/sweep.py --config=configs/ablations.py:claims,seeds=4,steps=150,eval=300 \
+      --workdir_root=/tmp/skymoe_science --local
+  python launch/sweep.py --config=configs/ablations.py:cda,seeds=2,steps=150,eval=300 \
+      --workdir_root=/tmp/skymoe_science --local      # same root: reuses the stage Is
+  python benchmarks/ablation_report.py --workdir_root=/tmp/skymoe_science
 
-get_sweep() lists VARIANTS in priority order, all of seed 0 first, then seed 1, ...: a sweep cut
-short still covers the most important comparisons. Every run of one seed shares the stage-I
-model; seeds change the stage-II router initialisation and the batch order.
+get_sweep() is seed-major: for seed 0 its stage-I run ({'config_arg': 'stage1', 'seed': 0}, the
+workdir 'config_arg=stage1,seed=0': jobs/sweep.py trains it with this file's ':stage1'), then
+seed 0's stage-II variants in priority order, then seed 1, ...: a sweep cut short still covers
+the most important comparisons, and every stage-II run comes after the stage I it starts from.
+Seeds change both stages (stage I's initialisation and batch order; stage II's routers and
+batch order).
 """
 import pathlib
 
 from skymoe_jax import config as config_lib
 from skymoe_jax.registry import ConfigError
 
-STAGE1_DIR = '/tmp/skymoe_ablations/stage1'   # the shared stage-I workdir (absolute)
+# A seed's stage-I workdir, a sibling of its stage-II runs: the name jobs/sweep.py gives the
+# sweep's run {'config_arg': 'stage1', 'seed': seed} (common.run_name; a test checks they agree).
+STAGE1_RUN = 'config_arg=stage1,seed={seed}'
 STAGE2_STEPS = 60          # sized for ~2 minutes per run on a 2-core CPU, evaluation included
-EVAL_SAMPLES = 100         # questions per source: 14-32 per task of the synthetic scenes
+EVAL_PER_TASK = 100        # evaluation questions per task (eval.max_per_task)
 CONTRASTIVE_WEIGHT = 0.1
 DEMO_MLP_DIM = 512         # configs/demo.py's model.llm.mlp_dim (a test checks they agree)
 # Stage II's trainable set (optimizer.STAGE_II_TRAINABLE) plus the projector: the contrastive
@@ -40,9 +45,11 @@ STAGE2_PLUS_PROJECTOR = ('.*/moe/(w_gate|w_up|w_down)',
                          '.*/moe/(router|condition_proj|task_embed|granularity_embed)',
                          'projector/.*')
 
-# name -> stage-II overrides; the full model is the config itself.
+FULL = 'full (MoE-8, adaptive, CDA both)'
+# name -> stage-II overrides, in priority order (the report's table order); the full model is
+# the config itself.
 VARIANTS = {
-    'full (MoE-8, adaptive, CDA both)': {},
+    FULL: {},
     # Dense at equal active parameters: the MoE layers' FFN as one expert of twice the FFN's
     # width, i.e. the FFN parameters a token uses in top-2 of 8 (upcycling keeps the stage-I FFN
     # in its first half and starts the second half switched off; stages.upcycle). Same layers,
@@ -50,7 +57,12 @@ VARIANTS = {
     'dense (equal active)': {'model.moe.num_experts': 1, 'model.moe.top_k': 1,
                              'model.moe.mlp_dim': 2 * DEMO_MLP_DIM},
     'plain router': {'model.moe.adaptive': False},
+    # The routing condition from the model's own prediction instead of the dataset's tags.
+    'predicted condition': {'model.moe.condition': 'predicted'},
     'CDA off': {'data.cda.enabled': False},
+    # Counterfactual scenes rendered again from the edited scene description instead of edited
+    # pixels (data.cda.counterfactual, default 'pixel').
+    'CDA re-rendered': {'data.cda.counterfactual': 'rerender'},
     'MoE-1': {'model.moe.num_experts': 1, 'model.moe.top_k': 1},
     'MoE-2': {'model.moe.num_experts': 2},
     'MoE-4': {'model.moe.num_experts': 4},
@@ -60,30 +72,46 @@ VARIANTS = {
     'dense (stage-I FFNs)': {'model.moe.num_experts': 0,
                              'optimizer.trainable': ('decoder/.*/mlp/.*',)},
     'CDA cutout only': {'data.cda.recolour_weight': 0.0, 'data.cda.move_weight': 0.0},
+    'CDA recolour only': {'data.cda.cutout_weight': 0.0, 'data.cda.move_weight': 0.0},
+    'CDA move only': {'data.cda.cutout_weight': 0.0, 'data.cda.recolour_weight': 0.0},
     'CDA attributes only': {'data.cda.cutout_weight': 0.0},
+    # The control: the edit rows hold unedited copies of their originals (cda.copy), so what any
+    # edit row costs (one original of the batch less) is told from what an edit's content does.
+    'CDA copies (no edit)': {'data.cda.copy_weight': 1.0, 'data.cda.cutout_weight': 0.0,
+                             'data.cda.recolour_weight': 0.0, 'data.cda.move_weight': 0.0},
+    'CDA share 0.125': {'data.cda.edit_fraction': 0.125},
+    'CDA share 0.5': {'data.cda.edit_fraction': 0.5},
     'contrastive': {'data.local_views': True, 'train.contrastive_weight': CONTRASTIVE_WEIGHT,
                     'optimizer.trainable': STAGE2_PLUS_PROJECTOR},
     'contrastive control (w=0)': {'data.local_views': True, 'train.contrastive_weight': 0.0,
                                   'optimizer.trainable': STAGE2_PLUS_PROJECTOR},
 }
 # The variants the claims compare (benchmarks/ablation_report.claims): the 'claims' sweep.
-CLAIM_VARIANTS = ('full (MoE-8, adaptive, CDA both)', 'dense (equal active)', 'plain router',
-                  'CDA off', 'MoE-1', 'MoE-2', 'MoE-4')
+CLAIM_VARIANTS = (FULL, 'dense (equal active)', 'plain router', 'predicted condition',
+                  'CDA off', 'CDA re-rendered', 'MoE-1')
+# The CDA study, the 'cda' sweep: what CLAIM_VARIANTS does not already hold (full, CDA off and
+# re-rendered are there), so it may run on the same root, at the same time as the claims sweep.
+CDA_VARIANTS = ('CDA copies (no edit)', 'CDA cutout only', 'CDA recolour only', 'CDA move only',
+                'CDA share 0.5', 'contrastive')
 
 
 def parse_arg(arg):
-  """'stage1,seeds=3,init=/x' -> fields stage ('stage1' | 'stage2'), seeds, init, steps, eval,
-  claims (config.parse_arg reads the items; the checks here are this file's own)."""
-  a = config_lib.parse_arg(arg, stage1=False, stage2=False, claims=False, seeds=1,
-                           init=STAGE1_DIR, steps=STAGE2_STEPS, eval=EVAL_SAMPLES)
+  """'claims,seeds=4,steps=300' -> fields stage ('stage1' | 'stage2'), seeds, init ('' = a
+  stage I per seed), steps, eval, claims, cda (config.parse_arg reads the items; the checks
+  here are this file's own)."""
+  a = config_lib.parse_arg(arg, stage1=False, stage2=False, claims=False, cda=False, seeds=1,
+                           init='', steps=STAGE2_STEPS, eval=EVAL_PER_TASK)
+  where = f'configs/ablations.py argument {arg!r}'
   if a.stage1 and a.stage2:
-    raise ConfigError(f'configs/ablations.py argument {arg!r}: stage1 or stage2, not both')
+    raise ConfigError(f'{where}: stage1 or stage2, not both')
+  if a.claims and a.cda:
+    raise ConfigError(f'{where}: claims or cda, not both (one sweep per root)')
   for name in ('seeds', 'steps', 'eval'):
     if a[name] < 1:
       raise ConfigError(f"configs/ablations.py argument '{name}={a[name]}': must be >= 1")
-  if not a.init.startswith('/'):
+  if a.init and not a.init.startswith('/'):
     raise ConfigError(f"configs/ablations.py argument 'init={a.init}': give an absolute path "
-                      '(the stage-I workdir)')
+                      "(one shared stage-I workdir), or leave it out (a stage I per seed)")
   a.stage = 'stage1' if a.stage1 else 'stage2'
   return a
 
@@ -98,22 +126,38 @@ def get_config(arg=None):
   c = _demo_config(a['stage'])
   if a['stage'] == 'stage1':
     return c  # the demo's stage I, unchanged
-  c.train.init_from = a['init']
+  if a['init']:
+    c.train.init_from = a['init']
+  else:  # the seed's own stage I; follows config.seed, also when overridden (the sweep's seed)
+    head, _, tail = STAGE1_RUN.partition('{seed}')
+    c.train.init_from = head + c.get_ref('seed').to_str() + tail
   c.train.total_steps = a['steps']
   # Follow total_steps (also when overridden on the command line): one checkpoint and one
   # evaluation, both at the last step.
   c.train.eval_every = c.train.get_ref('total_steps')
   c.train.checkpoint_every = c.train.get_ref('total_steps')
   c.train.update(log_every=20, keep_checkpoints=1)
-  c.eval.update(max_samples=a['eval'], max_new_tokens=24, batch_size=24)
+  c.eval.update(max_samples=0, max_per_task=a['eval'], max_new_tokens=24, batch_size=64)
   return c
 
 
+def stage1_run(seed):
+  """The sweep's stage-I run of one seed (jobs/sweep.py: 'config_arg' picks this file's
+  argument for that run)."""
+  return {'config_arg': 'stage1', 'seed': seed}
+
+
 def get_sweep(arg=None):
-  """Every variant (or CLAIM_VARIANTS) x seed as override dicts (seed-major, VARIANTS' order)."""
+  """Seed-major: per seed its stage-I run (unless 'init=' names a shared one), then the variants
+  (CLAIM_VARIANTS, CDA_VARIANTS or every one, in that list's order) as override dicts."""
   a = parse_arg(arg)
-  names = [n for n in VARIANTS if n in CLAIM_VARIANTS or not a['claims']]
-  return [dict(VARIANTS[n], seed=s) for s in range(a['seeds']) for n in names]
+  names = CLAIM_VARIANTS if a['claims'] else CDA_VARIANTS if a['cda'] else tuple(VARIANTS)
+  runs = []
+  for s in range(a['seeds']):
+    if not a['init']:
+      runs.append(stage1_run(s))
+    runs += [dict(VARIANTS[n], seed=s) for n in names]
+  return runs
 
 
 def variant_of(overrides):

@@ -48,8 +48,13 @@ DEFAULT_RULES = (
 # Stage I: LoRA adapters on W_q, W_v and the projector (CLIP and the LLM frozen).
 STAGE_I_TRAINABLE = ('.*_lora/.*', 'projector/.*')
 # Stage II: the experts and the (adaptive) routers of the MoE layers; everything else frozen.
+# condition_head/.*: the head that predicts the router's condition from the prompt
+# (model.moe.condition='predicted'; stage I has none, so it starts fresh like the routers). It
+# shares the routers' pattern: a pattern that matches no parameter is an error
+# (training/optimizer.py trainable_mask), and a tag-routed model has no head.
 STAGE_II_TRAINABLE = ('.*/moe/(w_gate|w_up|w_down)',
-                      '.*/moe/(router|condition_proj|task_embed|granularity_embed)')
+                      '.*/moe/(router|condition_proj|task_embed|granularity_embed)'
+                      '|condition_head/.*')
 
 
 def optimizer_defaults() -> ml_collections.ConfigDict:
@@ -86,7 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.vision = ml_collections.ConfigDict(dict(
       image_size=504, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
       feature_layer=-2,  # HF hidden_states index: -2 = output of the penultimate block
-      norm_eps=1e-5))
+      norm_eps=1e-5,
+      # start of the learned position embeddings: 'normal' (CLIP's) | 'sincos2d' (a tower
+      # trained from scratch: the 2-D sin-cos table, model/vit.py)
+      posemb_init='normal'))
 
   m.llm = ml_collections.ConfigDict(dict(
       vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32,
@@ -113,6 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
       num_tasks=len(TASKS),
       num_granularities=len(GRANULARITIES),
       condition_dim=64,
+      # Where the adaptive router's task and granularity come from: 'tags' = the sample's tags
+      # (task_id, granularity_id); 'predicted' = a head on the mean prompt token embedding
+      # predicts them (soft distributions), so inference needs no tag (model/skymoe.py).
+      condition='tags',
       load_balance_weight=0.01,
       z_loss_weight=0.0))
 
@@ -132,9 +144,17 @@ def base_config() -> ml_collections.ConfigDict:
       local_scale=(0.25, 0.5),    # random local crop side, fraction of the short side
       cda=ml_collections.ConfigDict(dict(
           enabled=False, edit_fraction=0.25,   # rows of each batch that are edited copies
-          cutout_weight=1.0, recolour_weight=1.0, move_weight=1.0)),
+          cutout_weight=1.0, recolour_weight=1.0, move_weight=1.0,
+          copy_weight=0.0,   # a control: unedited copies in the edit rows (cda.copy)
+          # pixel: the edit painted over the picture (any source); rerender: the synthetic
+          # scene drawn again from its description with the edit made (a perfect counterfactual)
+          counterfactual='pixel')),
       synthetic=ml_collections.ConfigDict(dict(
           num_images=2000, seed=0, image_size=128, val_fraction=0.1,
+          # difficulty (data/synthetic.py Difficulty): object sizes x object_scale, at most
+          # max_objects per scene, backgrounds blended with another scene's up to scene_mix,
+          # local_questions per image of each local kind
+          object_scale=1.0, max_objects=8, scene_mix=0.0, local_questions=1,
           cache_dir='~/.cache/skymoe_jax')),
       num_parallel_batches=2,     # batches built concurrently by tf.data
       prefetch_batches=2))
@@ -159,7 +179,10 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       eval_every=0,                # evaluate every N steps (evaluation/runner.py); 0 = never
       contrastive_weight=0.0,      # local/global InfoNCE (needs data.local_views)
-      contrastive_temperature=0.07))
+      contrastive_temperature=0.07,
+      # model.moe.condition='predicted': weight of the condition head's cross-entropy against
+      # the sample's task and granularity tags (unused otherwise).
+      condition_loss_weight=1.0))
 
   # Evaluation (evaluation/runner.py): the eval split of every data source.
   c.eval = ml_collections.ConfigDict(dict(
@@ -167,6 +190,11 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=8,
       max_new_tokens=256,
       max_samples=0,               # per source; 0 = all
+      max_per_task=0,              # per (source, task), the first in split order; 0 = all
+      # The routing condition of each question under model.moe.condition='tags': 'given' = its
+      # tags; 'stripped' = tasks.classify's keyword guess from its text (what an untagged
+      # question gets). Metrics and routing.json stay keyed by the true tags.
+      tags='given',
       temperature=0.0,             # 0 = greedy
       top_p=1.0))
 
@@ -198,6 +226,8 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+CONDITIONS = ('tags', 'predicted')  # model.moe.condition
+EVAL_TAGS = ('given', 'stripped')    # eval.tags
 STAGES = ('stage1', 'stage2')  # the recipe's two stages: config arguments and train.stage
 
 
@@ -368,6 +398,13 @@ def validate(config) -> None:
            'must be > 0')
     _check(moe.num_tasks >= 1 and moe.num_granularities >= 1, 'model.moe.num_tasks',
            (moe.num_tasks, moe.num_granularities), 'tasks and granularities must be >= 1')
+  condition = moe.get('condition', 'tags')
+  _check(condition in CONDITIONS, 'model.moe.condition', condition,
+         f'must be one of {CONDITIONS}')
+  # A dense model (stage I) has no router: the setting waits for stage II's MoE.
+  _check(condition != 'predicted' or moe.num_experts == 0 or moe.adaptive,
+         'model.moe.condition', condition,
+         'predicts the adaptive router\'s condition: needs model.moe.adaptive=True')
   for entry in m.get('remat_auto', ()):
     _check(len(entry) == 2 and isinstance(entry[0], int) and entry[0] > 0
            and isinstance(entry[1], str), 'model.remat_auto', tuple(m.remat_auto),
@@ -406,6 +443,8 @@ def _validate_train(config) -> None:
          t.contrastive_weight, 'needs data.local_views=True (the local crops)')
   _check(t.contrastive_temperature > 0, 'train.contrastive_temperature',
          t.contrastive_temperature, 'must be > 0')
+  weight = t.get('condition_loss_weight', 1.0)
+  _check(weight >= 0, 'train.condition_loss_weight', weight, 'must be >= 0')
 
 
 def _validate_eval(config) -> None:
@@ -414,6 +453,10 @@ def _validate_eval(config) -> None:
   _check(e.max_new_tokens > 0, 'eval.max_new_tokens', e.max_new_tokens, 'must be > 0')
   _check(e.temperature >= 0, 'eval.temperature', e.temperature, 'must be >= 0')
   _check(0 < e.top_p <= 1, 'eval.top_p', e.top_p, 'must be in (0, 1]')
+  _check(e.get('max_per_task', 0) >= 0, 'eval.max_per_task', e.get('max_per_task', 0),
+         'must be >= 0 (0 = all)')
+  _check(e.get('tags', 'given') in EVAL_TAGS, 'eval.tags', e.get('tags', 'given'),
+         f'must be one of {EVAL_TAGS}')
 
 
 def _validate_distributed(config) -> None:
@@ -436,6 +479,15 @@ def _validate_data(config) -> None:
          f'{vision_tokens(config.model)} image tokens')
   _check(0 <= d.cda.edit_fraction < 1, 'data.cda.edit_fraction', d.cda.edit_fraction,
          'must be in [0, 1)')
+  _check(d.cda.counterfactual in ('pixel', 'rerender'), 'data.cda.counterfactual',
+         d.cda.counterfactual, "must be 'pixel' or 'rerender'")
+  syn = d.synthetic
+  _check(syn.object_scale > 0, 'data.synthetic.object_scale', syn.object_scale, 'must be > 0')
+  _check(0 <= syn.max_objects <= 32, 'data.synthetic.max_objects', syn.max_objects,
+         'must be in [0, 32]')
+  _check(0 <= syn.scene_mix < 1, 'data.synthetic.scene_mix', syn.scene_mix, 'must be in [0, 1)')
+  _check(1 <= syn.local_questions <= 8, 'data.synthetic.local_questions', syn.local_questions,
+         'must be in [1, 8]')
   _check(0 <= d.object_centred_prob <= 1, 'data.object_centred_prob', d.object_centred_prob,
          'must be in [0, 1]')
   lo, hi = d.local_scale

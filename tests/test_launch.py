@@ -105,6 +105,45 @@ def test_expand_rejects_a_field_both_given_and_swept(tmp_path):
   assert config_lib.load_sweep(TINY) == [{'seed': 0}, {'seed': 1}, {'seed': 2}]
 
 
+def _chained_runs(root):
+  """A stage I, a stage II starting from it (its sibling workdir) and one from elsewhere."""
+  return sweep.link_dependencies(sweep.expand(TINY, str(root), [
+      {'config_arg': 'stage1'},
+      {'config_arg': 'stage2', 'train.init_from': 'config_arg=stage1'},
+      {'config_arg': 'stage2', 'seed': 1, 'train.init_from': '/elsewhere/stage1'}], {}))
+
+
+def test_sweep_runs_with_their_own_config_arg_and_dependencies(tmp_path, capsys, monkeypatch):
+  runs = _chained_runs(tmp_path)
+  assert [r.name for r in runs] == ['config_arg=stage1',
+                                    'config_arg=stage2,train.init_from=config_arg=stage1',
+                                    'config_arg=stage2,seed=1,train.init_from=_elsewhere_stage1'
+                                    + runs[2].name[-9:]]
+  assert [r.job.config for r in runs] == [TINY + ':stage1', TINY + ':stage2', TINY + ':stage2']
+  assert runs[0].job.overrides == {} and runs[0].swept == {}
+  assert [r.after for r in runs] == [None, 'config_arg=stage1', None]
+  with pytest.raises(SystemExit, match='lists the run config_arg=stage2,train.init_from'):
+    sweep.link_dependencies(sweep.expand(TINY, str(tmp_path), [
+        {'config_arg': 'stage2', 'train.init_from': 'config_arg=stage1'},
+        {'config_arg': 'stage1'}], {}))
+
+  # --local: a failed stage I leaves its stage II unstarted; the independent run still runs.
+  monkeypatch.setattr(prepare, 'prepare', lambda job: None)
+  status = sweep.run_local(runs, {}, python='false')
+  assert status == {runs[0].name: 'failed (exit 1)',
+                    runs[1].name: f'failed (not started: {runs[0].name} failed)',
+                    runs[2].name: 'failed (exit 1)'}
+  assert sweep.run_local(runs, {}, python='true') == {r.name: 'done' for r in runs}
+  capsys.readouterr()
+
+  # SLURM submits and returns: the run that starts from an unfinished one is held back.
+  assert sweep.run_remote(runs, 'slurm', ['--nodes=1', f'--log_dir={tmp_path / "logs"}'],
+                          dry_run=True) == 0
+  out = capsys.readouterr().out
+  assert f'held back until {runs[0].name} (its train.init_from) is finished' in out
+  assert [c[0] for c in _commands(out)].count('sbatch') == 2 and '1 runs held back' in out
+
+
 def test_overrides_reach_the_config_as_the_trainer_reads_them():
   config = config_lib.load(TINY + ':stage1', {'model.moe.layers': (0,), 'seed': 3,
                                                  'optimizer.learning_rate': '0.5',

@@ -406,3 +406,15 @@ def test_granularity_report():
     ev.granularity_report({'vqa': [_sample(0, 'a', ['a'], granularity='regional')]})
   with pytest.raises(KeyError, match='unknown task'):
     ev.granularity_report({'detection': []})
+
+
+def test_constant_baseline_is_the_best_single_answer():
+  # Hand-computed: '3' is right for 2 of 4 counting questions; 'yes' for 3 of 5 VQA ones
+  # (the evaluator's normalisation makes 'Yes' match); boxes have no constant baseline.
+  count = [{'prediction': '', 'references': [r]} for r in ('3', '3', '2', '0')]
+  assert ev.constant_baseline('counting', count) == 0.5
+  vqa = [{'prediction': '', 'references': [r]} for r in ('yes', 'Yes', 'no', 'red', 'yes')]
+  assert ev.constant_baseline('vqa', vqa) == 0.6
+  assert ev.constant_baseline('grounding', [{'prediction': '', 'references': ['x']}]
+                                      ) is None
+  assert ev.constant_baseline('counting', []) is None

@@ -212,10 +212,10 @@ def test_interrupted_run_keeps_old_dataset(tmp_path, monkeypatch):
   before = _files(out)
   real = synthetic.image_records
 
-  def failing(seed, split, index, image_size):
+  def failing(seed, split, index, image_size, difficulty):
     if split == 'train' and index == 1:
       raise RuntimeError('interrupted')
-    return real(seed, split, index, image_size)
+    return real(seed, split, index, image_size, difficulty)
 
   monkeypatch.setattr(synthetic, 'image_records', failing)
   with pytest.raises(RuntimeError, match='interrupted'):

@@ -394,24 +394,39 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   seed: int = 0
   image_size: int = 128
   val_fraction: float = 0.1
+  object_scale: float = 1.0   # synthetic.Difficulty's fields
+  max_objects: int = 8
+  scene_mix: float = 0.0
+  local_questions: int = 1
+
+  @property
+  def difficulty(self):
+    from skymoe_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.Difficulty(self.object_scale, self.max_objects, self.scene_mix,
+                                self.local_questions)
 
 
 def synthetic_config(num_images: int, seed: int, image_size: int = 128,
-                     val_fraction: float = 0.2) -> SyntheticConfig:
+                     val_fraction: float = 0.2, difficulty=None) -> SyntheticConfig:
   """The config of these params: one of SkymoeSynthetic.BUILDER_CONFIGS (tfds refuses a new
   config named like one of them) or a new one."""
-  config = _synthetic_config(num_images, seed, image_size, val_fraction)
+  config = _synthetic_config(num_images, seed, image_size, val_fraction, difficulty)
   for known in SkymoeSynthetic.BUILDER_CONFIGS:
     if known.name == config.name:
       return known
   return config
 
 
-def _synthetic_config(num_images, seed, image_size, val_fraction) -> SyntheticConfig:
+def _synthetic_config(num_images, seed, image_size, val_fraction, difficulty=None
+                      ) -> SyntheticConfig:
+  from skymoe_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  d = synthetic.Difficulty(*(difficulty or ()))
   return SyntheticConfig(
-      name=f'n{int(num_images)}-s{int(seed)}-i{int(image_size)}-v{float(val_fraction)}',
+      name=synthetic.dataset_name(num_images, seed, image_size, val_fraction, d),
       num_images=int(num_images), seed=int(seed), image_size=int(image_size),
-      val_fraction=float(val_fraction))
+      val_fraction=float(val_fraction), object_scale=float(d.object_scale),
+      max_objects=int(d.max_objects), scene_mix=float(d.scene_mix),
+      local_questions=int(d.local_questions))
 
 
 class SkymoeSynthetic(SourceBuilder):
@@ -436,7 +451,8 @@ class SkymoeSynthetic(SourceBuilder):
   def samples(self, manual_dir, skips, split):
     from skymoe_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     c = self.builder_config
-    return synthetic.split_samples(split, c.num_images, c.seed, c.image_size, c.val_fraction)
+    return synthetic.split_samples(split, c.num_images, c.seed, c.image_size, c.val_fraction,
+                                   c.difficulty)
 
   counts: Optional[Dict] = None
 
@@ -449,8 +465,8 @@ class SkymoeSynthetic(SourceBuilder):
   def extra_metadata(self) -> Dict:
     from skymoe_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     c = self.builder_config
-    return dict(generator=dict(num_images=c.num_images, seed=c.seed, image_size=c.image_size,
-                               val_fraction=c.val_fraction),
+    return dict(generator=synthetic.recorded_params(c.num_images, c.seed, c.image_size,
+                                              c.val_fraction, c.difficulty),
                 format_version=synthetic.FORMAT_VERSION,
                 counts=self.counts or synthetic.empty_counts())
 

@@ -7,6 +7,7 @@ while its global scene stays, each with a regenerated question and answer.
             the colour of the object at its box.
   move      one uniquely describable object is cut out and pasted elsewhere; the new sample asks
             where it is and answers its new box.
+  copy      (a control, off by default) the original itself, unedited.
 
 Only instances whose box touches no other box are edited, so every object that stays is left
 fully visible and the rewritten answer is exact. Pixels outside the edited boxes never change.
@@ -36,6 +37,9 @@ class Sample:
   labels: List[str]
   colors: List[str]
   edit: str = ''                   # '' for an unedited sample, else the edit's name
+  # What the edit changed, by index into the original's objects: {'removed': [i, ...]},
+  # {'recoloured': (i, colour)} or {'moved': (i, new box)}; a re-render repeats it exactly.
+  changes: Dict = dataclasses.field(default_factory=dict)
 
 
 def plural(label: str) -> str:
@@ -96,9 +100,10 @@ def _box_text(box, image) -> str:
   return box_lib.format(DIALECT, box_lib.Box(*map(float, box)), w, h)
 
 
-def cutout(sample: Sample, rng: np.random.Generator, palette=None) -> Optional[Sample]:
+def cutout(sample: Sample, rng: np.random.Generator, palette=None, fits=None
+           ) -> Optional[Sample]:
   """Count-varying cutout; None when no class has an isolated instance."""
-  del palette
+  del palette, fits
   free = isolated(sample.boxes)
   classes = sorted({l for l, ok in zip(sample.labels, free) if ok})
   if not classes:
@@ -117,12 +122,13 @@ def cutout(sample: Sample, rng: np.random.Generator, palette=None) -> Optional[S
   return dataclasses.replace(
       sample, image=image, conversations=conv, task='counting', granularity='local',
       boxes=sample.boxes[keep], labels=[sample.labels[i] for i in keep],
-      colors=[sample.colors[i] for i in keep], edit='cutout')
+      colors=[sample.colors[i] for i in keep], edit='cutout', changes={'removed': sorted(removed)})
 
 
-def recolour(sample: Sample, rng: np.random.Generator, palette: Mapping[str, Sequence[int]]
-             ) -> Optional[Sample]:
+def recolour(sample: Sample, rng: np.random.Generator, palette: Mapping[str, Sequence[int]],
+             fits=None) -> Optional[Sample]:
   """Attribute edit of colour; None when no isolated object has a palette colour."""
+  del fits
   if not palette or len(palette) < 2:
     return None
   free = isolated(sample.boxes)
@@ -146,7 +152,8 @@ def recolour(sample: Sample, rng: np.random.Generator, palette: Mapping[str, Seq
   colors[i] = new
   question = f'[identify] What colour is the {sample.labels[i]} {_box_text(sample.boxes[i], image)}?'
   return dataclasses.replace(sample, image=image, conversations=_with_answer(
-      _question(question), new), task='vqa', granularity='local', colors=colors, edit='recolour')
+      _question(question), new), task='vqa', granularity='local', colors=colors, edit='recolour',
+      changes={'recoloured': (i, new)})
 
 
 def _description(sample: Sample, i: int) -> Optional[str]:
@@ -159,10 +166,10 @@ def _description(sample: Sample, i: int) -> Optional[str]:
   return f'the {colour} {label}' if colour and len(same) == 1 else None
 
 
-def move(sample: Sample, rng: np.random.Generator, palette=None, tries: int = 20
+def move(sample: Sample, rng: np.random.Generator, palette=None, fits=None, tries: int = 20
          ) -> Optional[Sample]:
   """Attribute edit of position; None when no isolated, uniquely described object fits
-  anywhere else without touching another box."""
+  anywhere else without touching another box (and where fits(label, box), if given, allows)."""
   del palette
   free = isolated(sample.boxes)
   candidates = [i for i in range(len(sample.labels)) if free[i] and _description(sample, i)]
@@ -178,7 +185,8 @@ def move(sample: Sample, rng: np.random.Generator, palette=None, tries: int = 20
     new_box = np.asarray([nx + (sample.boxes[i][0] - x0), ny + (sample.boxes[i][1] - y0),
                           nx + (sample.boxes[i][2] - x0), ny + (sample.boxes[i][3] - y0)],
                          np.float32)
-    if isolated(np.concatenate([new_box[None], others]))[0]:
+    if (isolated(np.concatenate([new_box[None], others]))[0]
+        and (fits is None or fits(sample.labels[i], new_box))):
       patch = sample.image[y0:y1, x0:x1].copy()
       image = fill_background(sample.image, sample.boxes[i])
       image[ny:ny + bh, nx:nx + bw] = patch
@@ -187,9 +195,18 @@ def move(sample: Sample, rng: np.random.Generator, palette=None, tries: int = 20
       desc = _description(sample, i)
       conv = _with_answer(_question(f'[refer] Where is {desc}?'), _box_text(new_box, image))
       return dataclasses.replace(sample, image=image, conversations=conv, task='grounding',
-                                 granularity='local', boxes=boxes, edit='move')
+                                 granularity='local', boxes=boxes, edit='move',
+                                 changes={'moved': (i, tuple(float(v) for v in new_box))})
   return None
 
 
+def copy(sample: Sample, rng: np.random.Generator = None, palette=None, fits=None
+         ) -> Sample:
+  """No edit at all: the original again, question and answer included. The control that tells
+  an edit's content from what any edited row costs (an original row of the batch less)."""
+  del rng, palette, fits
+  return dataclasses.replace(sample, edit='copy', changes={})
+
+
 EDITS: Dict[str, Callable[..., Optional[Sample]]] = {
-    'cutout': cutout, 'recolour': recolour, 'move': move}
+    'cutout': cutout, 'recolour': recolour, 'move': move, 'copy': copy}

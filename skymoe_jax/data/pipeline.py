@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from skymoe_jax.data import batch as batch_lib
-from skymoe_jax.data import cda, image_ops, records, tasks, template as template_lib
+from skymoe_jax.data import cda, image_ops, records, synthetic, tasks, template as template_lib
 from skymoe_jax.data import tokenizer as tokenizer_lib
 
 MIXTURE_BLOCK = 1000
@@ -145,6 +145,17 @@ class BatchBuilder:
     kinds = [(k, float(d.cda[f'{k}_weight'])) for k in cda.EDITS]
     self.edit_kinds = [k for k, w in kinds if w > 0]
     self.edit_weights = np.asarray([w for _, w in kinds if w > 0])
+    # data.cda.counterfactual='rerender': each source's generator params (synthetic scenes only).
+    self.rerender = None
+    if d.cda.enabled and d.cda.counterfactual == 'rerender':
+      self.rerender = []
+      for n in names:
+        params = synthetic.generator_params(records.read_info(d.sources[n].data_dir))
+        if params is None and d.sources[n].weight > 0:
+          raise DataError(f"config.data.cda.counterfactual='rerender' draws the edited scenes "
+                          f'again, which only the synthetic scenes can: source {n} '
+                          f'({d.sources[n].data_dir}) is not {synthetic.BUILDER}')
+        self.rerender.append(params)
 
   # -- one sample ---------------------------------------------------------------------------
 
@@ -193,7 +204,7 @@ class BatchBuilder:
     return row
 
   def _original(self, step: int, j: int, counters: np.ndarray):
-    """(sample, row) of original row j, replacing bad records by seeded random ones."""
+    """(sample, row, source) of original row j, replacing bad records by seeded random ones."""
     positions_per_step = self.num_originals * self.process_count
     position = step * positions_per_step + self.process_index * self.num_originals + j
     source, index = self.mixture(position)
@@ -201,7 +212,7 @@ class BatchBuilder:
     for attempt in range(MAX_REPLACEMENTS + 1):
       try:
         sample = self._load(source, index)
-        return sample, self._encode(sample, view_rng, counters)
+        return sample, self._encode(sample, view_rng, counters), source
       except _Skip as skip:
         counters[COUNTERS.index(skip.reason)] += 1
         last = skip
@@ -210,7 +221,7 @@ class BatchBuilder:
     raise DataError(f'source {self.source_names[source]}: {MAX_REPLACEMENTS + 1} bad records in '
                     f'a row, the last: {last}')
 
-  def _edit(self, originals: List[cda.Sample], rng: np.random.Generator
+  def _edit(self, originals: List[cda.Sample], sources: List[int], rng: np.random.Generator
             ) -> Tuple[Optional[cda.Sample], int]:
     """An edited copy of one of the originals, and that original's row; (None, -1) if no edit
     applies to any of them."""
@@ -218,7 +229,15 @@ class BatchBuilder:
       kinds = rng.choice(len(self.edit_kinds), size=len(self.edit_kinds), replace=False,
                          p=self.edit_weights / self.edit_weights.sum())
       for k in kinds:
-        edited = cda.EDITS[self.edit_kinds[k]](originals[j], rng, self.palette)
+        kind = self.edit_kinds[k]
+        if self.rerender is not None:
+          try:
+            edited = synthetic.counterfactual(originals[j], kind, rng, self.palette,
+                                              self.rerender[sources[j]])
+          except ValueError as e:
+            raise DataError(f'source {self.source_names[sources[j]]}: {e}') from None
+        else:
+          edited = cda.EDITS[kind](originals[j], rng, self.palette)
         if edited is not None:
           return edited, int(j)
     return None, -1
@@ -228,19 +247,20 @@ class BatchBuilder:
   def build(self, step: int) -> Dict[str, np.ndarray]:
     step = int(step)
     counters = np.zeros(len(COUNTERS), np.int32)
-    samples, rows = [], []
+    samples, rows, sources = [], [], []
     for j in range(self.num_originals):
-      sample, row = self._original(step, j, counters)
+      sample, row, source = self._original(step, j, counters)
       samples.append(sample)
       rows.append(row)
+      sources.append(source)
     pair_index = [-1] * self.num_originals
     for e in range(self.num_edits):
       rng = _rng(self.seed, _EDIT, step, self.process_index, e)
-      edited, j = self._edit(samples, rng) if self.edit_kinds else (None, -1)
+      edited, j = self._edit(samples, sources, rng) if self.edit_kinds else (None, -1)
       if edited is None:
         # Nothing editable in this batch: one more original fills the row.
         counters[COUNTERS.index('cda_not_applicable')] += 1
-        _, row = self._original(step, self.num_originals + e, counters)
+        _, row, _ = self._original(step, self.num_originals + e, counters)
       else:
         try:
           row = self._encode(edited, rng, counters)

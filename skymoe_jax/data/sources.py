@@ -20,10 +20,16 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def synthetic_difficulty(config) -> synthetic.Difficulty:
+  s = config.data.synthetic
+  return synthetic.Difficulty(s.object_scale, s.max_objects, s.scene_mix, s.local_questions)
+
+
 def synthetic_dir(config):
   s = config.data.synthetic
-  return (storage.path(s.cache_dir) /
-          f'synthetic-n{s.num_images}-s{s.seed}-i{s.image_size}-v{s.val_fraction}')
+  name = synthetic.dataset_name(s.num_images, s.seed, s.image_size, s.val_fraction,
+                                synthetic_difficulty(config))
+  return storage.path(s.cache_dir) / f'synthetic-{name}'
 
 
 def resolve_sources(config) -> None:
@@ -33,7 +39,8 @@ def resolve_sources(config) -> None:
       s = config.data.synthetic
       path = synthetic_dir(config)
       if jax.process_index() == 0:
-        synthetic.ensure(path, s.num_images, s.seed, s.image_size, s.val_fraction)
+        synthetic.ensure(path, s.num_images, s.seed, s.image_size, s.val_fraction,
+                         synthetic_difficulty(config))
       sync('synthetic data')
       source.data_dir = str(path)
     records.read_info(source.data_dir)  # fails early, naming the folder, if there is no data

@@ -39,6 +39,7 @@ builds it beside out_dir and swaps it into place (out_dir is the version folder 
 data_dir names), so an interrupted run never leaves half a dataset; `ensure` regenerates only
 when the generator params or FORMAT_VERSION recorded in its metadata differ.
 """
+import dataclasses
 import io
 import json
 import logging
@@ -400,21 +401,70 @@ def _paint(img, mask, y, x, color: str):
   patch[shadow] = SHADES[color]
 
 
-def render_scene(rng: np.random.Generator, scene: str, image_size: int = 128
-                 ) -> Tuple[np.ndarray, List[SceneObject]]:
-  """A uint8 image_size x image_size x 3 scene and its objects (class, colour, exact box)."""
+class Difficulty(NamedTuple):
+  """The generator's knobs beyond size and seed (the defaults: the original scenes)."""
+  object_scale: float = 1.0     # object sizes x this (sizes are given for 128-pixel scenes)
+  max_objects: int = MAX_OBJECTS
+  # The background is blended with another scene's, that one weighing w ~ U(0, scene_mix):
+  # past w = 0.5 the other scene's look dominates and the label rests on the objects and layout.
+  scene_mix: float = 0.0
+  # Questions per image of each local kind (count, refer, colour), each on another class or
+  # object: more local supervision per rendered scene.
+  local_questions: int = 1
+
+  def check(self):
+    if not self.object_scale > 0:
+      raise ValueError(f'object_scale must be > 0, got {self.object_scale}')
+    if not 0 <= self.max_objects <= 32:
+      raise ValueError(f'max_objects must be in [0, 32], got {self.max_objects}')
+    if not 0.0 <= self.scene_mix < 1.0:
+      raise ValueError(f'scene_mix must be in [0, 1), got {self.scene_mix}')
+    if not 1 <= self.local_questions <= 8:
+      raise ValueError(f'local_questions must be in [1, 8], got {self.local_questions}')
+    return self
+
+
+class Placed(NamedTuple):
+  """An object as laid out: what it is, and its tight mask painted at (box[0], box[1])."""
+  object: SceneObject
+  mask: np.ndarray
+
+
+class Layout(NamedTuple):
+  """A scene before its objects are painted: everything a counterfactual re-render needs."""
+  scene: str
+  background: np.ndarray    # uint8 HxWx3, odd red values
+  region: np.ndarray        # HxW region codes
+  placed: List[Placed]
+
+
+def _blend(rng, scene: str, img: np.ndarray, s: int, scene_mix: float) -> np.ndarray:
+  others = [c for c in SCENES if c != scene]
+  other, _ = _background(rng, others[int(rng.integers(len(others)))], s)
+  w = rng.uniform(0.0, scene_mix)
+  out = np.rint((1 - w) * img.astype(np.float32) + w * other.astype(np.float32))
+  out = np.clip(out, 0, 255).astype(np.uint8)
+  out[..., 0] |= 1
+  return out
+
+
+def layout_scene(rng: np.random.Generator, scene: str, image_size: int = 128,
+                 difficulty: Difficulty = Difficulty()) -> Layout:
+  """The background, region map and non-overlapping objects of a scene, unpainted."""
   if scene not in SCENES:
     raise ValueError(f'unknown scene {scene!r}; known: {SCENES}')
   s = int(image_size)
   img, region = _background(rng, scene, s)
-  k = s / 128.0
+  if difficulty.scene_mix > 0:
+    img = _blend(rng, scene, img, s, difficulty.scene_mix)
+  k = s / 128.0 * difficulty.object_scale
   table = SCENE_OBJECTS[scene]
   labels = list(table)
   weights = np.array([table[c][0] for c in labels])
   weights /= weights.sum()
   occupied = np.zeros((s, s), bool)
-  objects: List[SceneObject] = []
-  for _ in range(int(rng.integers(0, MAX_OBJECTS + 1))):
+  placed: List[Placed] = []
+  for _ in range(int(rng.integers(0, difficulty.max_objects + 1))):
     for attempt in range(30):    # rejection sampling of a free, allowed spot
       if attempt % 10 == 0:      # a new object now and then, in case this one fits nowhere
         label = labels[int(rng.choice(len(labels), p=weights))]
@@ -431,11 +481,40 @@ def render_scene(rng: np.random.Generator, scene: str, image_size: int = 128
         continue
       colours = CLASS_COLORS[label]
       color = colours[int(rng.integers(len(colours)))]
-      _paint(img, mask, y, x, color)
       occupied[y:y + h, x:x + w] = True
-      objects.append(SceneObject(label, color, (x, y, x + w, y + h)))
+      placed.append(Placed(SceneObject(label, color, (x, y, x + w, y + h)), mask))
       break
-  return img, objects
+  return Layout(scene, img, region, placed)
+
+
+def paint(layout: Layout, objects: Sequence[Optional[SceneObject]]) -> np.ndarray:
+  """The layout's background with objects[i] painted in place of layout.placed[i] (its own
+  class, mask and shadow, at objects[i]'s colour and box corner); None leaves one out."""
+  img = layout.background.copy()
+  for p, o in zip(layout.placed, objects):
+    if o is not None:
+      _paint(img, p.mask, o.box[1], o.box[0], o.color)
+  return img
+
+
+def render_scene(rng: np.random.Generator, scene: str, image_size: int = 128,
+                 difficulty: Difficulty = Difficulty()
+                 ) -> Tuple[np.ndarray, List[SceneObject]]:
+  """A uint8 image_size x image_size x 3 scene and its objects (class, colour, exact box)."""
+  layout = layout_scene(rng, scene, image_size, difficulty)
+  objects = [p.object for p in layout.placed]
+  return paint(layout, objects), objects
+
+
+def allowed_at(layout: Layout, label: str, box: Sequence[int]) -> bool:
+  """Whether an object of class label may stand at box in this scene (inside the image, on its
+  class's regions), as the generator places them."""
+  x1, y1, x2, y2 = (int(v) for v in box)
+  s = layout.region.shape[0]
+  if x1 < 1 or y1 < 1 or x2 > s - 1 or y2 > s - 1:
+    return False
+  regions = SCENE_OBJECTS[layout.scene].get(label, (0, ()))[1]
+  return bool(np.isin(layout.region[y1:y2, x1:x2], regions).all())
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -460,6 +539,7 @@ KINDS = {
     'colour': ('vqa', 'local'),
     'presence': ('vqa', 'mixed'),
 }
+LOCAL_KINDS = ('count', 'refer', 'colour')   # Difficulty.local_questions asks these again
 
 _PROMPTS = {
     'scene': ('Classify the scene of this image.',
@@ -511,77 +591,160 @@ def _pick(rng, items):
   return items[int(rng.integers(len(items)))]
 
 
-def _sample(rng, kind: str, scene: str, objects: Sequence[SceneObject], size: int
-            ) -> Optional[Tuple[str, str]]:
-  """(prompt without the image line, answer) of one kind, or None when the image has none."""
+def _sample(rng, kind: str, scene: str, objects: Sequence[SceneObject], size: int,
+            asked: Sequence = ()) -> Optional[Tuple[str, str, object]]:
+  """(prompt without the image line, answer, subject) of one kind, or None when the image has
+  none; `asked`: the subjects (a class, an object) of this kind's earlier questions, not asked
+  again."""
   template = _pick(rng, _PROMPTS[kind])
   counts = _counts(objects)
-  present = [c for c in OBJECT_CLASSES if counts[c]]
+  present = [c for c in OBJECT_CLASSES if counts[c] and c not in asked]
   if kind == 'scene':
-    return template, scene
+    return template, scene, None
   if kind == 'caption':
-    return template, caption(scene, objects)
+    return template, caption(scene, objects), None
   if kind == 'count':
-    absent = [c for c in SCENE_OBJECTS[scene] if not counts[c]]
+    absent = [c for c in SCENE_OBJECTS[scene] if not counts[c] and c not in asked]
     # A fifth ask for a typical class that is absent, so zero is a learnt answer too.
     label = _pick(rng, absent) if absent and (not present or rng.random() < 0.2) else None
     if label is None:
       if not present:
         return None
       label = _pick(rng, present)
-    return template.format(plural=plural(label)), str(counts[label])
+    return template.format(plural=plural(label)), str(counts[label]), label
   if kind == 'refer':
     keys = [(o.color, o.label) for o in objects]
-    unique = [o for o in objects if keys.count((o.color, o.label)) == 1]
+    unique = [o for o in objects if keys.count((o.color, o.label)) == 1 and o not in asked]
     if not unique:
       return None
     o = _pick(rng, unique)
     answer = boxes_lib.format('geochat', boxes_lib.Box(*map(float, o.box)), size, size)
-    return template.format(thing=f'{o.color} {o.label}'), answer
+    return template.format(thing=f'{o.color} {o.label}'), answer, o
   if kind == 'colour':
     keys = [(o.label, position_name(o.box, size, size)) for o in objects]
-    unique = [(o, pos) for o, (_, pos) in zip(objects, keys) if keys.count((o.label, pos)) == 1]
+    unique = [(o, pos) for o, (_, pos) in zip(objects, keys)
+              if keys.count((o.label, pos)) == 1 and o not in asked]
     if not unique:
       return None
     o, pos = _pick(rng, unique)
-    return template.format(label=o.label, where=position_phrase(pos)), o.color
+    return template.format(label=o.label, where=position_phrase(pos)), o.color, o
   if kind == 'presence':
     absent = [c for c in OBJECT_CLASSES if not counts[c]]
     yes = bool(present) and (not absent or rng.random() < 0.5)
     label = _pick(rng, present if yes else absent)
-    return template.format(a=_a(label), label=label, plural=plural(label)), 'yes' if yes else 'no'
+    return (template.format(a=_a(label), label=label, plural=plural(label)),
+            'yes' if yes else 'no', label)
   raise ValueError(f'unknown sample kind {kind!r}; known: {tuple(KINDS)}')
 
 
-def image_records(seed: int, split: str, index: int, image_size: int = 128
-                  ) -> List[records.Record]:
-  """The records of one image: a pure function of (seed, split, index, image_size)."""
-  rng = np.random.default_rng([seed, SPLITS.index(split), index])
+def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+  return np.random.default_rng([seed, SPLITS.index(split), index])
+
+
+def image_layout(seed: int, split: str, index: int, image_size: int = 128,
+                 difficulty: Difficulty = Difficulty()) -> Layout:
+  """The unpainted layout of one image, exactly as image_records draws it."""
+  rng = _image_rng(seed, split, index)
   scene = SCENES[int(rng.integers(len(SCENES)))]
-  image, objects = render_scene(rng, scene, image_size)
+  return layout_scene(rng, scene, image_size, difficulty)
+
+
+def image_records(seed: int, split: str, index: int, image_size: int = 128,
+                  difficulty: Difficulty = Difficulty()) -> List[records.Record]:
+  """The records of one image: a pure function of (seed, split, index, image_size, difficulty)."""
+  rng = _image_rng(seed, split, index)
+  scene = SCENES[int(rng.integers(len(SCENES)))]
+  image, objects = render_scene(rng, scene, image_size, difficulty)
   png = encode_png(image)
   out = []
   for kind, (task, granularity) in KINDS.items():
-    sample = _sample(rng, kind, scene, objects, image_size)
-    if sample is None:
-      continue
-    prompt, answer = sample
-    out.append(records.Record(
-        id=f'syn-{split}-{index:06d}-{kind}', image=png,
+    asked = []
+    for q in range(difficulty.local_questions if kind in LOCAL_KINDS else 1):
+      sample = _sample(rng, kind, scene, objects, image_size, asked)
+      if sample is None:
+        break
+      prompt, answer, subject = sample
+      asked.append(subject)
+      out.append(_record(f'syn-{split}-{index:06d}-{kind}' + (f'.{q + 1}' if q else ''),
+                         png, prompt, answer, task, granularity, objects))
+  return out
+
+
+def _record(record_id, png, prompt, answer, task, granularity, objects) -> records.Record:
+  return records.Record(
+        id=record_id, image=png,
         conversations=[{'from': 'human', 'value': '<image>\n' + prompt},
                        {'from': 'gpt', 'value': answer}],
         task=task, granularity=granularity,
         boxes=np.array([o.box for o in objects], np.float32).reshape(-1, 4),
         labels=[o.label for o in objects], colors=[o.color for o in objects],
-        source=NAME, licence=LICENCE))
-  return out
+        source=NAME, licence=LICENCE)
+
+
+def record_position(record_id: str) -> Tuple[str, int]:
+  """'syn-train-000123-count' -> ('train', 123); ValueError for an id not of this module."""
+  parts = record_id.split('-')
+  if len(parts) != 4 or parts[0] != 'syn' or parts[1] not in SPLITS or not parts[2].isdigit():
+    raise ValueError(f'record id {record_id!r} is not a synthetic scene id '
+                     "('syn-<split>-<index>-<kind>')")
+  return parts[1], int(parts[2])
+
+
+def counterfactual(sample: cda.Sample, kind: str, rng: np.random.Generator, palette,
+                   params: Dict) -> Optional[cda.Sample]:
+  """The CDA edit `kind` (cda.EDITS) of a synthetic scene, its picture rendered again from the
+  scene's description with the edit made: the removed objects never drawn (the true background
+  shows), a new colour painted with its own shade, a moved object drawn where its class may
+  stand. The edit's choices, question and answer are those of the pixel edit; only the picture
+  differs. params: generator_params of the sample's dataset. None when the edit does not apply."""
+  split, index = record_position(sample.id)
+  layout = image_layout(params['seed'], split, index, params['image_size'], params['difficulty'])
+  objects = [p.object for p in layout.placed]
+  if ([o.label for o in objects] != list(sample.labels) or not np.array_equal(
+      np.asarray([o.box for o in objects], np.float32).reshape(-1, 4), sample.boxes)):
+    raise ValueError(f'record {sample.id}: fields boxes/labels differ from the scene its '
+                     f'dataset\'s generator params {params} render; not a re-renderable record')
+  fits = lambda label, box: allowed_at(layout, label, box)
+  edited = cda.EDITS[kind](sample, rng, palette, fits=fits)
+  if edited is None:
+    return None
+  drawn: List[Optional[SceneObject]] = list(objects)
+  for i in edited.changes.get('removed', ()):
+    drawn[i] = None
+  if 'recoloured' in edited.changes:
+    i, colour = edited.changes['recoloured']
+    drawn[i] = drawn[i]._replace(color=colour)
+  if 'moved' in edited.changes:
+    i, box = edited.changes['moved']
+    drawn[i] = drawn[i]._replace(box=tuple(int(round(v)) for v in box))
+  return dataclasses.replace(edited, image=paint(layout, drawn))
 
 
 # ---------------------------------------------------------------------------- dataset files
 
-def _params(num_images, seed, image_size, val_fraction) -> Dict:
-  return dict(num_images=int(num_images), seed=int(seed), image_size=int(image_size),
-              val_fraction=float(val_fraction))
+def recorded_params(num_images, seed, image_size, val_fraction,
+                    difficulty: Difficulty = Difficulty()) -> Dict:
+  """The generator params as recorded in the dataset's metadata (the difficulty only when it is
+  not the default, so datasets of the original scenes keep their metadata)."""
+  params = dict(num_images=int(num_images), seed=int(seed), image_size=int(image_size),
+                val_fraction=float(val_fraction))
+  if difficulty != Difficulty():
+    params.update(object_scale=float(difficulty.object_scale),
+                  max_objects=int(difficulty.max_objects), scene_mix=float(difficulty.scene_mix),
+                  local_questions=int(difficulty.local_questions))
+  return params
+
+
+def dataset_name(num_images, seed, image_size, val_fraction,
+                 difficulty: Difficulty = Difficulty()) -> str:
+  """'n2000-s0-i128-v0.1', with '-o2.0-m5-x0.6-q3' (object scale, max objects, scene mix, local
+  questions) when the difficulty is not the default: the tfds builder config's name and the
+  cache folder's."""
+  name = f'n{int(num_images)}-s{int(seed)}-i{int(image_size)}-v{float(val_fraction)}'
+  if difficulty != Difficulty():
+    name += (f'-o{float(difficulty.object_scale)}-m{int(difficulty.max_objects)}'
+             f'-x{float(difficulty.scene_mix)}-q{int(difficulty.local_questions)}')
+  return name
 
 
 def split_sizes(num_images: int, val_fraction: float) -> Dict[str, int]:
@@ -591,18 +754,20 @@ def split_sizes(num_images: int, val_fraction: float) -> Dict[str, int]:
 
 
 def split_samples(split: str, num_images: int, seed: int, image_size: int = 128,
-                  val_fraction: float = 0.2) -> Iterator[convert.Sample]:
+                  val_fraction: float = 0.2, difficulty: Difficulty = Difficulty()
+                  ) -> Iterator[convert.Sample]:
   """The samples of one split, image by image (each rendered when the builder reaches it)."""
   for index in range(split_sizes(num_images, val_fraction)[split]):
-    for record in image_records(seed, split, index, image_size):
+    for record in image_records(seed, split, index, image_size, difficulty):
       yield split, NAME, record.id, (lambda r=record: r)
 
 
 def _samples(manual_dir, skips, *, seed: int, licence: str, max_image_pixels: int,
-             num_images: int = 2000, image_size: int = 128, val_fraction: float = 0.1):
+             num_images: int = 2000, image_size: int = 128, val_fraction: float = 0.1,
+             difficulty: Difficulty = Difficulty()):
   del manual_dir, skips, licence, max_image_pixels  # nothing is read, nothing can be skipped
   for split in SPLITS:
-    yield from split_samples(split, num_images, seed, image_size, val_fraction)
+    yield from split_samples(split, num_images, seed, image_size, val_fraction, difficulty)
 
 
 SPEC = convert.SourceSpec(
@@ -623,7 +788,7 @@ def count(counts: Dict, record: records.Record) -> None:
   """Adds a record to the summary's samples per task, granularity and kind."""
   counts['tasks'][record.task] += 1
   counts['granularities'][record.granularity] += 1
-  counts['kinds'][record.id.rsplit('-', 1)[1]] += 1
+  counts['kinds'][record.id.rsplit('-', 1)[1].split('.')[0]] += 1
 
 
 def _is_ours(path) -> bool:
@@ -640,7 +805,7 @@ def _is_ours(path) -> bool:
 
 
 def generate(out_dir, num_images: int, seed: int, image_size: int = 128,
-             val_fraction: float = 0.2) -> Dict:
+             val_fraction: float = 0.2, difficulty: Difficulty = Difficulty()) -> Dict:
   """Renders the dataset (the tfds builder skymoe_synthetic) into out_dir, its version folder,
   replacing an older synthetic dataset there only once the new one is complete; returns the
   summary: images and records per split, samples per task and per granularity."""
@@ -650,12 +815,13 @@ def generate(out_dir, num_images: int, seed: int, image_size: int = 128,
     raise ValueError(f'val_fraction must be in [0, 1), got {val_fraction}')
   if image_size < 32:
     raise ValueError(f'image_size must be at least 32 pixels, got {image_size}')
+  difficulty = Difficulty(*difficulty).check()
   out = storage.path(out_dir)
   if not _is_ours(out):
     raise FileExistsError(f'{out} exists and is not a {NAME} dataset; not replacing it')
   from skymoe_jax.data import builders  # pylint: disable=g-import-not-at-top (imports tfds)
   built = builders.build_at(out, BUILDER, None, builders.synthetic_config(
-      num_images, seed, image_size, val_fraction), replaces=(NAME,))
+      num_images, seed, image_size, val_fraction, difficulty), replaces=(NAME,))
   summary = {'images': split_sizes(num_images, val_fraction), 'records': built['splits'],
              **built['counts'], 'out': os.fspath(out)}
   logging.info('synthetic scenes written to %s: %s', out, json.dumps(summary))
@@ -663,11 +829,12 @@ def generate(out_dir, num_images: int, seed: int, image_size: int = 128,
 
 
 def ensure(out_dir, num_images: int, seed: int, image_size: int = 128,
-           val_fraction: float = 0.2):
+           val_fraction: float = 0.2, difficulty: Difficulty = Difficulty()):
   """out_dir, generated first unless it already holds this exact dataset (same generator params
   and format version, in the tfds format, every data file present)."""
   out = storage.path(out_dir)
-  want = _params(num_images, seed, image_size, val_fraction)
+  difficulty = Difficulty(*difficulty)
+  want = recorded_params(num_images, seed, image_size, val_fraction, difficulty)
   try:
     info = records.read_info(out)
   except (FileNotFoundError, ValueError, NotADirectoryError):
@@ -677,5 +844,16 @@ def ensure(out_dir, num_images: int, seed: int, image_size: int = 128,
       and not records.missing_files(out)):
     return out
   logging.info('generating synthetic scenes in %s (%s)', out, want)
-  generate(out, num_images, seed, image_size, val_fraction)
+  generate(out, num_images, seed, image_size, val_fraction, difficulty)
   return out
+
+
+def generator_params(info: Dict) -> Optional[Dict]:
+  """The generator params of a dataset's records.read_info, or None when it is not ours."""
+  if info.get('name') != BUILDER:
+    return None
+  g = dict(info.get('metadata', {}).get('generator') or {})
+  if not g:
+    return None
+  d = Difficulty(**{k: g.pop(k) for k in Difficulty._fields if k in g})
+  return dict(g, difficulty=d)

@@ -204,3 +204,29 @@ def granularity_report(samples_by_task: Mapping[str, Sequence[Mapping]],
         by_granularity[g] = share
     report[task] = {'overall': overall, 'by_granularity': by_granularity}
   return report
+
+
+# Tasks where one answer given to every question is a meaningful chance level.
+BASELINE_TASKS = ('scene_classification', 'vqa', 'counting')
+BASELINE_CANDIDATES = 20   # the most frequent reference answers tried as the constant one
+
+
+def constant_baseline(task: str, samples: Sequence[Mapping],
+                      evaluator: Optional[Evaluator] = None) -> Optional[float]:
+  """The best headline score that one fixed answer, given to every question, reaches: each of
+  the BASELINE_CANDIDATES most frequent first references tried as the prediction and scored by
+  the task's own evaluator (so its normalisation and matching apply). None when there are no
+  samples or the task has no meaningful constant answer (BASELINE_TASKS)."""
+  if task not in BASELINE_TASKS or not samples:
+    return None
+  evaluator = evaluator or get_evaluator(task)
+  counts: Dict[str, int] = {}
+  for i, s in enumerate(samples):
+    first = _references(s, i)[0]
+    if isinstance(first, str):
+      counts[first] = counts.get(first, 0) + 1
+  candidates = sorted(counts, key=lambda a: (-counts[a], a))[:BASELINE_CANDIDATES]
+  scores = [evaluator.score([dict(s, prediction=c) for s in samples])[evaluator.headline]
+            for c in candidates]
+  return max(scores) if scores else None
+

@@ -21,6 +21,11 @@ with the sample id) and sampling is batch-invariant too; one key is split by row
 eos_id, pad_id, temperature and top_p enter the compiled function as traced scalars; only
 greedy-or-sampling, max_new_tokens and the shapes are compile-time.
 
+Condition. A model that predicts its router's condition (model.moe.condition='predicted')
+predicts it once, from the prompt's text tokens, before the prefill, and every decode step
+routes by that same prediction: what a full forward pass over prompt + answer computes, whose
+head pools the prompt alone. task_id / granularity_id then route nothing.
+
 Routing is dropless: a model configured with the `capacity` backend (which drops tokens over
 capacity, and would make answers depend on the rest of the batch) generates with the `ragged`
 backend instead (and the ring instead of the all_to_all expert-parallel strategy), from a copy
@@ -36,6 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from skymoe_jax.model import skymoe
 from skymoe_jax.model.skymoe import SkyMoE, positions_from_mask
 from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.parallel import sharding
@@ -124,7 +130,11 @@ def _generate(params, images, prompt_tokens, prompt_mask, task_id, granularity_i
   # Slots past the prefix are all real (tokens after eos are never read); causality hides the
   # ones not written yet, so this mask stays fixed for the whole generation.
   slot_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens - 1), bool)], axis=1)
-  decode = functools.partial(apply, method='decode')
+  condition = None
+  if skymoe.predicts_condition(model.config):
+    condition = skymoe.condition_distributions(
+        apply(prompt_tokens, prompt_mask.astype(bool), method='predict_condition'))
+  decode = functools.partial(apply, method='decode', condition=condition)
   if t > 1:
     _, _, cache = decode(x[:, :t - 1], positions[:, :t - 1], mask[:, :t - 1], task_id,
                          granularity_id, cache, 0, slot_mask)

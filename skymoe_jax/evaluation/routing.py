@@ -17,9 +17,12 @@ from skymoe_jax.data import tasks
 
 
 def router_outputs_fn(model):
-  """jit(params, *model inputs) -> the MoE layers' aux outputs of one forward pass (what
-  RoutingStats.add takes): the routing of a prompt, measured without generating."""
-  return jax.jit(lambda params, *inputs: model.apply({'params': params}, *inputs)[1]['moe'])
+  """jit(params, *model inputs, condition=None) -> the MoE layers' aux outputs of one forward
+  pass (what RoutingStats.add takes): the routing of a prompt, measured without generating.
+  The inputs' task and granularity ids key the statistics; `condition` (SkyMoE.__call__), when
+  given, is what routes instead (eval.tags='stripped': the keyword guess)."""
+  return jax.jit(lambda params, *inputs, condition=None: model.apply(
+      {'params': params}, *inputs, condition=condition)[1]['moe'])
 
 
 class RoutingStats:

@@ -21,6 +21,17 @@ Questions are the last human turn of each eval record; the reference is the reco
 assistant turn (or meta['references']). Questions are batched within one (task, granularity)
 cell, so each batch's router entropy is that cell's; routing is measured on the prompt (image
 and question tokens) in one forward pass. Generation is greedy unless config.eval says otherwise.
+
+What routes. With model.moe.condition='tags' each question is routed by its record's tags
+(eval.tags='given') or by tasks.classify's keyword guess from its text, the tag stripped
+(eval.tags='stripped': what an untagged question gets; rows record it as routed_task /
+routed_granularity). With model.moe.condition='predicted' the model's condition head predicts
+it from the prompt and no tag reaches the routing at all (rows record the head's guess as
+predicted_task / predicted_granularity). Either way metrics and routing.json are grouped by the
+records' true tags, which only key the statistics; batches stay within one true (task,
+granularity) cell, since the routing condition is per row. metrics.json says which condition
+and tags mode made the answers and how often the guess matched the tags (condition_head /
+stripped_tags: task and granularity accuracy, overall and per task).
 """
 import collections
 import hashlib
@@ -39,7 +50,7 @@ from skymoe_jax.data import records, tasks, template as template_lib
 from skymoe_jax.data import tokenizer as tokenizer_lib
 from skymoe_jax.evaluation import evaluators, generate as generate_lib, prompts
 from skymoe_jax.evaluation import routing as routing_lib
-from skymoe_jax.model import factory, layout
+from skymoe_jax.model import factory, layout, skymoe
 from skymoe_jax.parallel import mesh as mesh_lib
 
 DIALECT = 'geochat'  # the box dialect of the answers in our records
@@ -52,17 +63,54 @@ UNKNOWN_SETTINGS = 'unknown'  # answers.jsonl written before settings.json exist
 
 
 def eval_questions(config) -> List[Dict]:
-  """One question per record of each source's eval split (at most eval.max_samples each)."""
+  """One question per record of each source's eval split: its first eval.max_samples records
+  (0 = all), of which the first eval.max_per_task of each task (0 = all), in split order."""
+  per_task = config.eval.get('max_per_task', 0)
   questions = []
   for name in sorted(config.data.sources):
     source = config.data.sources[name]
     reader = records.open_split(source.data_dir, config.eval.split)
     n = len(reader) if not config.eval.max_samples else min(len(reader), config.eval.max_samples)
+    taken = collections.Counter()
     for i in range(n):
       r = reader.record(i)
+      if per_task and taken[r.task] >= per_task:
+        continue
+      taken[r.task] += 1
       questions.append({'question_id': f'{name}/{r.id}', 'record': r})
     reader.close()
   return questions
+
+
+def stripped_tags(r: records.Record):
+  """(task_id, granularity_id) that tasks.classify guesses from the record's question with its
+  tag stripped: the routing of the same question asked untagged (eval.tags='stripped')."""
+  human = [t['value'] for t in r.conversations[:-1] if t.get('from') == 'human']
+  if not human:
+    raise ValueError(f'record {r.id!r}: field conversations: no human turn before the answer')
+  task_id, granularity_id, _ = tasks.classify(tasks.strip_tag(human[-1]))
+  return task_id, granularity_id
+
+
+def _rows_of(values, rows: int):
+  """[rows] int32 of the per-question values, the spare rows repeating the last (pad_batch)."""
+  return np.asarray([values[min(i, len(values) - 1)] for i in range(rows)], np.int32)
+
+
+def guess_report(rows: List[Dict], prefix: str) -> Dict:
+  """How often the answer rows' guessed condition (`prefix`task, `prefix`granularity) matches
+  their true tags: {'n', 'task_accuracy', 'granularity_accuracy', 'by_task': {task: ...}}."""
+  def summary(group):
+    n = len(group)
+    return {'n': n,
+            'task_accuracy': sum(r[prefix + 'task'] == r['task'] for r in group) / max(n, 1),
+            'granularity_accuracy': sum(r[prefix + 'granularity'] == r['granularity']
+                                        for r in group) / max(n, 1)}
+  rows = [r for r in rows if prefix + 'task' in r]
+  by_task = collections.defaultdict(list)
+  for r in rows:
+    by_task[r['task']].append(r)
+  return dict(summary(rows), by_task={t: summary(g) for t, g in sorted(by_task.items())})
 
 
 def _reference_answers(r: records.Record) -> List[str]:
@@ -160,16 +208,24 @@ def answer_settings(config, template, tokenizer_hash: str) -> Dict:
   dtype or capacity change answers). eval.batch_size is left out on purpose: the rows of a
   batch are independent and greedy answers do not depend on the batch size
   (tests/test_generate.py's batch-invariance test), so answers made in batches of 4 are reused
-  for batches of 8. eval.max_samples is left out too: it picks questions, not their answers.
+  for batches of 8. eval.max_samples (and eval.max_per_task) is left out too: it picks
+  questions, not their answers. eval.tags enters only when it is not the default, and model.moe.condition only when it is not
+  'tags', so the settings (and their hash) of runs from before these options stay the same.
   """
   e = config.eval
-  return {
+  model = config.model.to_dict()
+  if model['moe'].get('condition', 'tags') == 'tags':
+    model['moe'].pop('condition', None)
+  settings = {
       'max_new_tokens': int(e.max_new_tokens), 'temperature': float(e.temperature),
       'top_p': float(e.top_p), 'template': config.data.template,
       'template_hash': template_lib.template_hash(template), 'tokenizer_hash': tokenizer_hash,
       'pad_to_square': bool(config.data.pad_to_square), 'split': e.split,
-      'model_hash': _json_hash(config.model.to_dict()),
+      'model_hash': _json_hash(model),
   }
+  if e.get('tags', 'given') != 'given':
+    settings['tags'] = e.tags
+  return settings
 
 
 def settings_hash(settings: Dict) -> str:
@@ -249,6 +305,11 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
   generate = generate_lib.make_generate_fn(model, config, e.max_new_tokens, tokenizer.eos_id,
                                            tokenizer.pad_id, e.temperature, e.top_p, mesh)
   prefill = routing_lib.router_outputs_fn(model)
+  predicted = skymoe.predicts_condition(config.model)
+  stripped = e.get('tags', 'given') == 'stripped' and not predicted
+  if predicted:
+    predict = jax.jit(lambda params, tokens, mask: model.apply(
+        {'params': params}, tokens, mask, method='predict_condition'))
   answers_path = out / ANSWERS_FILE
   done = load_answers(answers_path)
   questions = eval_questions(config)
@@ -274,22 +335,35 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
                                     tokenizer, template, name=f'question {q["question_id"]}')
                     for q in asked]
         rows = e.batch_size
+        # The true tags key the routing statistics; they also route unless stripped (then the
+        # keyword guess routes) or predicted (then the model's head does, ignoring them).
         task_ids = np.full((rows,), tasks.task_id(task), np.int32)
         gran_ids = np.full((rows,), tasks.granularity_id(gran), np.int32)
+        guesses = {q['question_id']: stripped_tags(q['record']) for q in asked} if stripped else {}
         if measure:
           images, tokens, mask = prompts.pad_batch(prepared, rows, text_len)
           n = len(asked)
+          condition = None
+          if stripped:
+            condition = tuple(np.asarray([guesses[q['question_id']][k] for q in asked], np.int32)
+                              for k in (0, 1))
           with mesh_lib.activate(mesh, config):
             routing.add(jax.device_get(prefill(params, images[:n], tokens[:n], mask[:n],
-                                               task_ids[:n], gran_ids[:n])), task, gran)
+                                               task_ids[:n], gran_ids[:n],
+                                               condition=condition)), task, gran)
         if not todo:
           continue
         todo_prepared = [p for q, p in zip(asked, prepared) if q['question_id'] not in done]
         images, tokens, mask = prompts.pad_batch(todo_prepared, rows, text_len)
+        route_task, route_gran = task_ids, gran_ids
+        if stripped:
+          route_task = _rows_of([guesses[q['question_id']][0] for q in todo], rows)
+          route_gran = _rows_of([guesses[q['question_id']][1] for q in todo], rows)
         rng, key = jax.random.split(rng)
         with mesh_lib.activate(mesh, config):
-          generated, lengths = generate(params, images, tokens, mask, task_ids, gran_ids,
+          generated, lengths = generate(params, images, tokens, mask, route_task, route_gran,
                                         key if e.temperature > 0 else None)
+          head = jax.device_get(predict(params, tokens, mask)) if predicted else None
         generated, lengths = np.asarray(generated), np.asarray(lengths)
         for i, q in enumerate(todo):
           r = q['record']
@@ -299,6 +373,13 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
                  'question_type': r.meta.get('question_type', ''),
                  'references': _reference_answers(r),
                  'width': todo_prepared[i]['width'], 'height': todo_prepared[i]['height']}
+          if stripped:
+            row.update(routed_task=tasks.TASKS[int(route_task[i])],
+                       routed_granularity=tasks.GRANULARITIES[int(route_gran[i])])
+          if predicted:
+            row.update(predicted_task=tasks.TASKS[int(np.argmax(head['task'][i]))],
+                       predicted_granularity=tasks.GRANULARITIES[
+                           int(np.argmax(head['granularity'][i]))])
           answers_file.write(json.dumps(row) + '\n')
           done[q['question_id']] = row
         answers_file.flush()
@@ -318,7 +399,18 @@ def evaluate(config, workdir, step: Optional[int] = None, params=None) -> Dict:
             'template': config.data.template,
             'template_hash': template_lib.template_hash(template),
             'tokenizer_hash': tokenizer.model_hash,
-            'tasks': evaluators.granularity_report(dict(samples))}
+            'tasks': evaluators.granularity_report(dict(samples)),
+            'condition': config.model.moe.get('condition', 'tags'),
+            'tags': e.get('tags', 'given')}  # under 'predicted' no tag routes, whatever it says
+  for task, task_samples in samples.items():
+    baseline = evaluators.constant_baseline(task, task_samples)
+    if baseline is not None:
+      report['tasks'][task]['baseline'] = baseline   # the best constant answer's headline score
+  asked_rows = [done[q['question_id']] for q in questions]
+  if predicted:
+    report['condition_head'] = guess_report(asked_rows, 'predicted_')
+  if stripped:
+    report['stripped_tags'] = guess_report(asked_rows, 'routed_')
   workdir_lib.write_atomically(out / 'metrics.json', json.dumps(report, indent=1) + '\n')
   routing_report = routing.report(layout.moe_layers(config.model))
   if routing_report is not None:

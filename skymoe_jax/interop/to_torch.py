@@ -78,6 +78,17 @@ class ExportError(ValueError):
   """The parameters do not fit the export table; the message names the parameter."""
 
 
+def check_exportable(model_cfg) -> None:
+  """Refuses, naming the field, a model the PyTorch side does not implement: a router whose
+  condition is predicted by the condition head (model.moe.condition='predicted')."""
+  condition = model_cfg.moe.get('condition', 'tags')
+  if model_cfg.moe.num_experts > 0 and condition != 'tags':
+    raise ExportError(
+        f'config.model.moe.condition={condition!r}: the PyTorch model routes by given task and '
+        "granularity ids only; its condition head is not exported (export a model with "
+        "model.moe.condition='tags')")
+
+
 class OutputFolderError(FileExistsError):
   """--out is a folder an export may not (re)place; the message says why and what to do."""
 
@@ -221,6 +232,7 @@ def hf_config(model_cfg, dtype: str = 'float32', image_token_index: int = 0,
 
 def export_tensors(params, model_cfg, dtype: str = 'float32') -> List[Tensor]:
   """The export's tensors, in table order, each fetched lazily from `params` (merged)."""
+  check_exportable(model_cfg)
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
   table = from_hf.llava_table(exported_model_config(model_cfg))
   _check_params(params, model_cfg, table)
@@ -503,6 +515,7 @@ def export_workdir(workdir, out, step: Optional[int] = None, dtype: str = 'float
   workdir = workdir_lib.resolve(workdir)
   out = check_out(out, overwrite, workdir)
   config = workdir_lib.read_config(workdir)
+  check_exportable(config.model)
   if check is not None:
     check(config.model)
   step, params = workdir_lib.restore_params(config, workdir, step)

@@ -18,7 +18,15 @@ a list of override dicts (field -> value), one per run; arg is the config's ':ar
 get_config. Run i trains the config with its overrides in WORKDIR_ROOT/<name>, the name made of
 the overrides ('optimizer.learning_rate=0.001,seed=0', common.run_name), with its
 provenance.json (launch/prepare.py). --config.FIELD=VALUE given here apply to every run; a field
-may not be both given here and swept.
+may not be both given here and swept. A run dict may also hold the key 'config_arg' (CONFIG_ARG),
+e.g. {'config_arg': 'stage1', 'seed': 0}: that run reads the config file with this argument
+instead of the sweep's (it is part of the run's name, 'config_arg=stage1,seed=0', not an
+override), so one sweep can hold a stage I and the stage-II runs that start from it.
+
+A run whose train.init_from is another run's workdir of the sweep depends on it: get_sweep() must
+list it after that run; --local does not start it when that run failed, and --target=slurm (or
+--detach) holds it back until that run is finished (rerun the sweep then: finished runs are
+skipped).
 
 --local (or --target=local) trains the runs one after another, each in a subprocess running the
 same command a cluster would (a crash ends that run, not the sweep; its output goes to
@@ -55,6 +63,7 @@ SUMMARY_CSV = 'summary.csv'
 TABLE_METRICS = ('loss', 'ce_loss', 'load_balance_loss', 'router_z_loss', 'grad_norm',
                  'steps_per_s')
 LAUNCHERS = {'tpu': tpu_pod, 'slurm': slurm}   # --target -> the launcher a run is handed to
+CONFIG_ARG = 'config_arg'   # a run dict's key: the config file's argument for that run alone
 
 
 # -- a run's state on disk ----------------------------------------------------------------------
@@ -90,21 +99,43 @@ class Run:
   name: str
   swept: Dict          # this run's own overrides
   job: common.Job      # every override: the command line's, then the run's
+  after: Optional[str] = None   # the run of the sweep it starts from (train.init_from)
 
 
 def expand(config: str, workdir_root: str, sweep: List[Dict], base_overrides: Dict) -> List[Run]:
   runs, names = [], {}
-  for swept in sweep:
+  path, _, _ = config.partition(':')
+  for entry in sweep:
+    swept = {k: v for k, v in entry.items() if k != CONFIG_ARG}
     both = sorted(set(swept) & set(base_overrides))
     if both:
       raise SystemExit(f'{", ".join(both)}: given on the command line and swept by get_sweep()')
-    name = common.run_name(swept)
+    name = common.run_name(entry)
     if name in names:
-      raise SystemExit(f'get_sweep() has the run {swept} twice')
-    names[name] = swept
+      raise SystemExit(f'get_sweep() has the run {entry} twice')
+    names[name] = entry
     workdir = str(storage.path(workdir_root) / name)  # gs://bucket/sweep/<name> too
-    job = common.Job(config, workdir, {**base_overrides, **swept}, tuple(swept))
+    run_config = f'{path}:{entry[CONFIG_ARG]}' if CONFIG_ARG in entry else config
+    job = common.Job(run_config, workdir, {**base_overrides, **swept}, tuple(swept))
     runs.append(Run(name, swept, job))
+  return runs
+
+
+def link_dependencies(runs: List[Run]) -> List[Run]:
+  """Sets run.after: the earlier run of the sweep whose workdir its train.init_from names (a
+  sibling name or the full path). A run listed before the run it starts from is an error."""
+  index = {str(workdir_lib.resolve(r.job.workdir)): i for i, r in enumerate(runs)}
+  for i, run in enumerate(runs):
+    config = config_lib.load(run.job.config, run.job.overrides)
+    if not config.train.get('init_from'):
+      continue
+    j = index.get(str(workdir_lib.init_workdir(config, run.job.workdir)))
+    if j is None:
+      continue  # a workdir outside the sweep (trained before)
+    if j >= i:
+      raise SystemExit(f'get_sweep() lists the run {run.name} before {runs[j].name}, which its '
+                       f'train.init_from={config.train.init_from!r} starts from')
+    run.after = runs[j].name
   return runs
 
 
@@ -134,6 +165,10 @@ def run_local(runs: List[Run], env: Dict, dry_run: bool = False,
       status[run.name] = 'skipped'
       print(f'# {head}: finished, skipped' if dry_run else f'{head}: finished, skipped',
             flush=True)
+      continue
+    if run.after and status.get(run.after, '').startswith('failed'):
+      status[run.name] = f'failed (not started: {run.after} failed)'
+      print(f'{head}: not started, {run.after} (its train.init_from) failed', flush=True)
       continue
     train = common.train_argv(run.job, python)
     if dry_run:
@@ -166,10 +201,19 @@ def run_remote(runs: List[Run], target: str, argv: List[str], dry_run: bool) -> 
     raise SystemExit('--detach would start every run of the sweep on the same slice at once')
   if target == 'tpu' and args.workload:
     raise SystemExit('leave --workload out of a sweep: each run gets its own (from its workdir)')
+  # Submitted jobs run on their own: a run that starts from another of the sweep must wait for it.
+  queued = target == 'slurm' or getattr(args, 'detach', False)
+  by_name = {r.name: r for r in runs}
+  held = []
   for i, run in enumerate(runs):
     head = f'[{i + 1}/{len(runs)}] {run.name}'
     if _finished(run):  # only where the workdir is visible here (a shared filesystem)
       print(f'# {head}: finished, skipped', flush=True)
+      continue
+    if queued and run.after and not _finished(by_name[run.after]):
+      print(f'# {head}: held back until {run.after} (its train.init_from) is finished',
+            flush=True)
+      held.append(run.name)
       continue
     print(f'# {head}', flush=True)
     code = common.run_plan(launcher.plan(args, run.job), dry_run)
@@ -177,6 +221,9 @@ def run_remote(runs: List[Run], target: str, argv: List[str], dry_run: bool) -> 
       return code
     if target == 'tpu':  # the slice is created and set up once, by the first run
       args.create = args.setup = False
+  if held:
+    print(f'# {len(held)} runs held back: run this sweep again once the runs they start from '
+          'are finished', flush=True)
   return 0
 
 
@@ -205,7 +252,14 @@ def summarize(workdir_root) -> List[Dict]:
     row['config_hash'] = (prov.get('config_hash') or '')[:12]
     row['git_commit'] = ((prov.get('git') or {}).get('commit') or '')[:12]
     row['_swept'] = list(prov.get('swept', ()))
+    row['_arg'] = str(prov.get('config') or '').partition(':')[2]
     rows.append(row)
+  if len({r['_arg'] for r in rows}) > 1:  # runs with their own config argument: a column
+    for r in rows:
+      r[CONFIG_ARG] = r['_arg']
+      r['_swept'].insert(0, CONFIG_ARG)
+  for r in rows:
+    del r['_arg']
   return rows
 
 
@@ -278,7 +332,7 @@ def main(argv=None) -> int:
     grid = config_lib.load_sweep(args.config)
   except config_lib.ConfigError as e:
     raise SystemExit(str(e)) from None
-  runs = expand(args.config, str(root), grid, overrides)
+  runs = link_dependencies(expand(args.config, str(root), grid, overrides))
   print(f'# {len(runs)} runs of {args.config} under {root}', flush=True)
   if target != 'local':
     return run_remote(runs, target, target_argv, args.dry_run)

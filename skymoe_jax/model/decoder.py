@@ -23,7 +23,8 @@ class DecoderLayer(nn.Module):
   is_moe: bool
 
   @nn.compact
-  def __call__(self, x, positions, mask, token_mask, task_id, granularity_id, cache, index):
+  def __call__(self, x, positions, mask, token_mask, task_id, granularity_id, condition, cache,
+               index):
     llm, cfg = self.config.llm, self.config
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     lora_on = cfg.lora.rank > 0
@@ -41,7 +42,7 @@ class DecoderLayer(nn.Module):
           m.num_experts, m.top_k, m.mlp_dim or llm.mlp_dim, m.renormalize, m.backend,
           m.ep_strategy, m.capacity_factor, m.ragged_impl, m.ragged_block_size, m.adaptive,
           m.num_tasks, m.num_granularities, m.condition_dim, name='moe', **kw)(
-              h, token_mask, task_id, granularity_id)
+              h, token_mask, task_id, granularity_id, condition)
     else:
       ffn_out, aux = MLP(llm.mlp_dim, name='mlp', **kw)(h), None
     x = x + ffn_out
@@ -55,13 +56,14 @@ class DecoderBlock(nn.Module):
   moe_flags: Sequence[bool]
 
   @nn.compact
-  def __call__(self, x, positions, mask, token_mask, task_id, granularity_id, cache, index):
+  def __call__(self, x, positions, mask, token_mask, task_id, granularity_id, condition, cache,
+               index):
     layer_cls = layers.maybe_remat(DecoderLayer, self.config.remat_policy)
     auxes, new_cache = [], {}
     for j, is_moe in enumerate(self.moe_flags):
       name = f'layer_{j}'
       x, aux, c = layer_cls(self.config, is_moe, name=name)(
-          x, positions, mask, token_mask, task_id, granularity_id,
+          x, positions, mask, token_mask, task_id, granularity_id, condition,
           None if cache is None else cache[name], index)
       new_cache[name] = c
       if aux is not None:
@@ -92,7 +94,7 @@ class Decoder(nn.Module):
       flags = tuple(i in moe for i in range(p))
       self.blocks = nn.scan(
           DecoderBlock, variable_axes={'params': 0}, split_rngs={'params': True},
-          in_axes=(nn.broadcast,) * 5 + (0, nn.broadcast), length=n // p,
+          in_axes=(nn.broadcast,) * 6 + (0, nn.broadcast), length=n // p,
           metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, flags)
     else:
       layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat_policy)
@@ -119,15 +121,16 @@ class Decoder(nn.Module):
     return {f'layer_{i}': one for i in range(llm.num_layers)}
 
   def __call__(self, x, positions, token_mask, task_id, granularity_id,
-               cache: Optional[dict] = None, index=0, slot_mask=None):
-    """x: [B, T, D] input embeddings; positions: [B, T]; token_mask: [B, T] bool.
+               cache: Optional[dict] = None, index=0, slot_mask=None, condition=None):
+    """x: [B, T, D] input embeddings; positions: [B, T]; token_mask: [B, T] bool; task_id,
+    granularity_id [B]: the tags (they route unless `condition` does; MoeFFN).
 
     With a cache: the tokens go to slots index..index+T-1 and `slot_mask` [B, S] says which
     slots hold real tokens after this write. Returns (logits fp32 [B, T, V], aux, cache) where
     aux['moe'] stacks each MoE layer's losses and statistics along a leading axis, in layer order.
     """
     mask = attention_mask(token_mask, slot_mask if cache is not None else None, index)
-    args = (positions, mask, token_mask, task_id, granularity_id)
+    args = (positions, mask, token_mask, task_id, granularity_id, condition)
     if self.config.scan_layers:
       x, (aux, cache) = self.blocks(x, *args, cache, index)
       # [blocks, moe layers per block, ...] -> [moe layers, ...] in layer order.

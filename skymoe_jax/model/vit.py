@@ -37,6 +37,18 @@ def cubic_resize_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.nda
   return m.astype(np.float32)
 
 
+def sincos_2d(grid: int, width: int) -> np.ndarray:
+  """[1 + grid^2, width]: a zero CLS row, then per patch (row-major) sin/cos of its row and column
+  at width/4 geometric frequencies each (the fixed 2-D table from-scratch ViTs use)."""
+  if width % 4:
+    raise ValueError(f'a 2-D sin-cos position table needs a width divisible by 4, got {width}')
+  omega = 1.0 / 10000 ** (np.arange(width // 4) / (width // 4))
+  y, x = np.mgrid[:grid, :grid]
+  ay, ax = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+  table = np.concatenate([np.sin(ay), np.cos(ay), np.sin(ax), np.cos(ax)], axis=1)
+  return np.concatenate([np.zeros((1, width)), table]).astype(np.float32)
+
+
 def resize_position_embedding(pos, new_grid: int):
   """pos: [1 + g*g, W] (CLS first) -> [1 + new_grid^2, W]; identity when the grid is unchanged."""
   old_grid = int(round(np.sqrt(pos.shape[0] - 1)))
@@ -104,6 +116,9 @@ class VisionTower(nn.Module):
   attention_impl: str = 'xla'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # The learned position embeddings' start: 'normal' (CLIP's, small noise) or 'sincos2d' (the
+  # 2-D sin-cos table, so a tower trained from scratch knows where each patch is from step 0).
+  posemb_init: str = 'normal'
 
   @nn.compact
   def __call__(self, images):
@@ -122,7 +137,13 @@ class VisionTower(nn.Module):
     cls = layers.param(self, 'cls_token', nn.initializers.normal(0.02), (self.width,), ('embed',),
                        self.param_dtype)
     stored_grid = self.image_size // p
-    pos = layers.param(self, 'pos_embed', nn.initializers.normal(0.02),
+    if self.posemb_init == 'sincos2d':
+      pos_init = lambda key, shape, dtype: jnp.asarray(sincos_2d(stored_grid, shape[1]), dtype)
+    elif self.posemb_init == 'normal':
+      pos_init = nn.initializers.normal(0.02)
+    else:
+      raise ValueError(f"posemb_init must be 'normal' or 'sincos2d', got {self.posemb_init!r}")
+    pos = layers.param(self, 'pos_embed', pos_init,
                        (1 + stored_grid * stored_grid, self.width), ('positions', 'embed'),
                        self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x], axis=1)

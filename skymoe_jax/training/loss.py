@@ -2,9 +2,13 @@
 optional local/global contrastive loss of context-disentangled augmentation (docs/design.md section 2).
 
   loss = CE + load_balance_weight * LB + z_loss_weight * Z + contrastive_weight * InfoNCE
+         (+ condition_loss_weight * (CE_task + CE_granularity) with model.moe.condition=
+            'predicted': the condition head against the sample's tags)
 """
 import jax
 import jax.numpy as jnp
+
+from skymoe_jax.model import skymoe
 
 
 def next_token_loss(logits, tokens, loss_mask):
@@ -46,10 +50,29 @@ def contrastive_loss(global_features, local_features, temperature, pair_index=No
   return 0.5 * (ce(logits) + ce(logits.T))
 
 
+def condition_loss(condition_logits, task_id, granularity_id):
+  """(CE_task + CE_granularity, task accuracy, granularity accuracy) of the condition head's
+  logits ({'task': [B, T], 'granularity': [B, G]}) against the tags [B], means over rows."""
+  def ce(logits, labels):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.mean(-jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0])
+
+  def accuracy(logits, labels):
+    return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+
+  task, gran = condition_logits['task'], condition_logits['granularity']
+  return (ce(task, task_id) + ce(gran, granularity_id), accuracy(task, task_id),
+          accuracy(gran, granularity_id))
+
+
 def model_loss(params, model, batch, config):
   """Total loss and its terms for one batch (fields: data/pipeline.py)."""
+  kwargs = {}
+  if skymoe.predicts_condition(config.model):  # the head pools the prompt: before the answer
+    kwargs['prompt_mask'] = skymoe.prompt_mask(batch['token_mask'], batch['loss_mask'])
   logits, aux = model.apply({'params': params}, batch['images'], batch['tokens'],
-                            batch['token_mask'], batch['task_id'], batch['granularity_id'])
+                            batch['token_mask'], batch['task_id'], batch['granularity_id'],
+                            **kwargs)
   ce, num_targets = next_token_loss(logits, batch['tokens'], batch['loss_mask'])
   metrics = {'ce_loss': ce, 'num_targets': num_targets}
   loss = ce
@@ -63,6 +86,12 @@ def model_loss(params, model, batch, config):
         jnp.sum(moe['num_routed']), 1)
     loss = (loss + moe_cfg.load_balance_weight * metrics['load_balance_loss']
             + moe_cfg.z_loss_weight * metrics['router_z_loss'])
+  if 'condition_logits' in aux:
+    term, task_acc, gran_acc = condition_loss(aux['condition_logits'], batch['task_id'],
+                                              batch['granularity_id'])
+    metrics.update(condition_loss=term, condition_accuracy=task_acc,
+                   condition_granularity_accuracy=gran_acc)
+    loss = loss + config.train.get('condition_loss_weight', 1.0) * term
   weight = config.train.contrastive_weight
   if weight > 0:
     local = model.apply({'params': params}, batch['local_images'], method='encode_images')

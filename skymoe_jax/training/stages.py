@@ -5,7 +5,9 @@ the chosen layers by an MoE whose experts all start as copies of that layer's st
 routers start from their fresh initialisation (the task/granularity bias starts at zero); experts
 wider than the FFN (model.moe.mlp_dim) keep fresh extra units that start switched off. With
 renormalised top-k weights the upcycled model computes exactly what the stage-I model did, since
-every expert is the same function and the weights sum to one.
+every expert is the same function and the weights sum to one. Parameters stage I does not
+have outside the decoder (the condition head of model.moe.condition='predicted') start fresh
+too: its condition is a soft mix that a zero condition projection ignores at first.
 """
 from typing import Dict
 
@@ -15,6 +17,10 @@ import jax.numpy as jnp
 
 from skymoe_jax.model import layout, lora
 from skymoe_jax.model.moe.layer import upcycle_mlp
+
+
+# Top-level parameters only a stage-II model has; upcycling takes them from its fresh init.
+STAGE_II_ONLY = ('condition_head',)
 
 
 class UpcycleError(ValueError):
@@ -61,6 +67,7 @@ def upcycle(stage1_params: Dict, stage1_model_cfg, stage2_init: Dict, stage2_mod
     _check_same(f'decoder/layer_{i}', layer, target)
     layers[i] = layer
   out = {k: v for k, v in merged.items() if k != 'decoder'}
+  out.update({k: v for k, v in init.items() if k in STAGE_II_ONLY and k not in merged})
   unrolled = {k: v for k, v in merged['decoder'].items()
               if k != 'blocks' and not k.startswith('layer_')}
   unrolled.update({f'layer_{i}': layer for i, layer in layers.items()})

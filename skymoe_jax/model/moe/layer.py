@@ -4,6 +4,14 @@ Router logits f(x) = W x + U (e_task + e_granularity): each sample's task and gr
 learned bias to every one of its tokens' logits. U starts at zero, so a fresh (or upcycled)
 adaptive router routes exactly like the plain token router; `adaptive=False` drops U and the
 embeddings altogether.
+
+The condition that routes is either the sample's tags (ids: e_task[id] + e_gran[id]) or soft
+distributions over tasks and granularities (model.moe.condition='predicted': the condition head
+of model/skymoe.py), whose embedding is the probability-weighted mix of the tables. Ids are the
+one-hot case; they keep the gather (`mix_condition`) so that tag runs compute exactly what they
+did before distributions existed, on every platform and in the gradient's summation order too
+(a one-hot matmul equals the gather in the forward pass, tests/test_predicted_condition.py).
+The router statistics are keyed by the ids (the true tags) whatever routes.
 """
 from typing import Any
 
@@ -14,6 +22,15 @@ import jax.numpy as jnp
 from skymoe_jax.model import layers
 from skymoe_jax.model.moe import backends, router
 from skymoe_jax.model.moe import expert_parallel
+
+
+def mix_condition(table, condition):
+  """The condition embedding [B, C] of `condition`: ids [B] int -> table[ids] (the tag path),
+  or distributions [B, N] float -> condition @ table (the soft mix, at full fp32 precision)."""
+  if jnp.issubdtype(condition.dtype, jnp.integer):
+    return table[condition]
+  return jnp.einsum('bn,nc->bc', condition.astype(jnp.float32), table.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 class MoeFFN(nn.Module):
@@ -34,8 +51,10 @@ class MoeFFN(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, token_mask, task_id, granularity_id):
-    """x: [B, T, D]; token_mask: [B, T] bool; task_id, granularity_id: [B] int.
+  def __call__(self, x, token_mask, task_id, granularity_id, condition=None):
+    """x: [B, T, D]; token_mask: [B, T] bool; task_id, granularity_id: [B] int, the tags that
+    key the statistics; condition: (task, granularity) that route, each ids [B] or
+    distributions [B, num_tasks] / [B, num_granularities] (None: the tags route).
 
     Returns (y [B, T, D], aux) where aux holds the load-balance and z losses and the router
     statistics (router.router_stats) of this layer.
@@ -54,7 +73,8 @@ class MoeFFN(nn.Module):
                                 ('granularity', 'condition'), self.param_dtype)
       u = layers.param(self, 'condition_proj', nn.initializers.zeros, (self.condition_dim, e),
                        ('condition', 'exp'), self.param_dtype)
-      cond = task_table[task_id] + gran_table[granularity_id]  # [B, C]
+      task, gran = (task_id, granularity_id) if condition is None else condition
+      cond = mix_condition(task_table, task) + mix_condition(gran_table, gran)  # [B, C]
       logits = logits + (cond.astype(jnp.float32) @ u.astype(jnp.float32))[:, None, :]
 
     experts = {
