@@ -25,8 +25,8 @@ def get_config(arg=None):
   c.data.update(batch_size=16, text_len=64)  # the synthetic conversations hold <= 60 tokens
   c.data.sources.synthetic = dict(data_dir='', split='train', weight=1.0, generate='synthetic')
   # The benchmark of docs/results.md: large objects (3x), at most 3 per scene, backgrounds blended
-  # with another scene's (up to 70%: the scene is not always what it looks like most), three
-  # questions per local kind per scene; 450 held-out scenes give >= 300 questions of each task.
+  # with another scene's (up to 70%: the scene is not always what it looks like most), up to
+  # three grounding and colour questions per scene; 450 held-out scenes give >= 300 of each task.
   c.data.synthetic.update(num_images=3000, image_size=128, val_fraction=0.15, object_scale=3.0,
                           max_objects=3, scene_mix=0.7, local_questions=3)
   c.optimizer.update(learning_rate=1e-3, warmup_fraction=0.05, grad_clip_norm=1.0)

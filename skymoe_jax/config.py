@@ -153,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
           num_images=2000, seed=0, image_size=128, val_fraction=0.1,
           # difficulty (data/synthetic.py Difficulty): object sizes x object_scale, at most
           # max_objects per scene, backgrounds blended with another scene's up to scene_mix,
-          # local_questions per image of each local kind
+          # local_questions per image of the refer and colour kinds
           object_scale=1.0, max_objects=8, scene_mix=0.0, local_questions=1,
           cache_dir='~/.cache/skymoe_jax')),
       num_parallel_batches=2,     # batches built concurrently by tf.data

@@ -59,7 +59,7 @@ from skymoe_jax.data import tasks
 NAME = 'synthetic_scenes'   # the records' source
 BUILDER = 'skymoe_synthetic'  # the tfds builder (data/builders.py)
 LICENCE = 'CC0-1.0 (rendered by SkyMoE-JAX)'
-FORMAT_VERSION = 1          # bump whenever rendering or texts change: ensure() then regenerates
+FORMAT_VERSION = 2          # bump whenever rendering or texts change: ensure() then regenerates
 SPLITS = ('train', 'validation')
 MAX_OBJECTS = 8
 GAP = 2                     # free pixels between object boxes, so masks never touch
@@ -408,8 +408,8 @@ class Difficulty(NamedTuple):
   # The background is blended with another scene's, that one weighing w ~ U(0, scene_mix):
   # past w = 0.5 the other scene's look dominates and the label rests on the objects and layout.
   scene_mix: float = 0.0
-  # Questions per image of each local kind (count, refer, colour), each on another class or
-  # object: more local supervision per rendered scene.
+  # Questions per image of the object-level kinds (refer, colour), each on another object:
+  # more grounding and colour supervision per rendered scene.
   local_questions: int = 1
 
   def check(self):
@@ -539,7 +539,7 @@ KINDS = {
     'colour': ('vqa', 'local'),
     'presence': ('vqa', 'mixed'),
 }
-LOCAL_KINDS = ('count', 'refer', 'colour')   # Difficulty.local_questions asks these again
+LOCAL_KINDS = ('refer', 'colour')   # Difficulty.local_questions asks these again
 
 _PROMPTS = {
     'scene': ('Classify the scene of this image.',
