@@ -56,6 +56,8 @@ DENSE_STAGE1 = 'dense (stage-I FFNs)'
 STAGE1 = 'stage I'   # the variant name of a sweep's stage-I runs (not compared)
 EXPERT_VARIANTS = ((1, 'MoE-1'), (2, 'MoE-2'), (4, 'MoE-4'), (8, FULL))
 PREDICTED, RERENDER = 'predicted condition', 'CDA re-rendered'
+COPIES, CUTOUT = 'CDA copies (no edit)', 'CDA cutout only'
+RECOLOUR, MOVE = 'CDA recolour only', 'CDA move only'
 FAMILY_ALPHA = 0.05   # family-wise error rate of the claims table (Holm-Bonferroni)
 POWER = 0.8           # of the seeds-needed estimate
 BAND = (0.15, 0.85)   # issue 19's target range of each accuracy (the plot's shaded band)
@@ -88,9 +90,9 @@ def routing_tables(layer: Dict) -> Dict[str, Dict[str, np.ndarray]]:
   """{'task': {task: counts[E]}, 'granularity': {...}} of one routing.json layer; a cell's
   counts are routed * load."""
   out = {'task': {}, 'granularity': {}}
-  for cell, stats in layer['by_condition'].items():
+  for cell, cell_stats in layer['by_condition'].items():
     task, _, gran = cell.partition('/')
-    counts = stats['routed'] * np.asarray(stats['load'], np.float64)
+    counts = cell_stats['routed'] * np.asarray(cell_stats['load'], np.float64)
     for axis, key in (('task', task), ('granularity', gran)):
       out[axis][key] = out[axis].get(key, 0) + counts
   return out
@@ -417,6 +419,16 @@ def claims(agg: Dict[str, Dict], alpha: float = FAMILY_ALPHA) -> List[Dict]:
       acc('counting', RERENDER, CDA_OFF))
   add('3g. re-rendered counterfactuals beat pixel edits (local tasks)', local, RERENDER, FULL,
       acc('local_acc', RERENDER, FULL))
+  # The CDA study: each edit kind against the control whose edit rows are unedited copies, so
+  # an edit's content is told apart from what any edit row costs (an original of the batch).
+  add('3h. an edit row costs the accuracy of the original it displaces', mean_acc, COPIES,
+      CDA_OFF, acc('avg_acc', COPIES, CDA_OFF))
+  add('3i. cutouts teach counting', 'counting accuracy', CUTOUT, COPIES,
+      acc('counting', CUTOUT, COPIES))
+  add('3j. recolouring teaches colour VQA', 'VQA accuracy', RECOLOUR, COPIES,
+      acc('vqa', RECOLOUR, COPIES))
+  add('3k. moves teach grounding', 'grounding Acc@0.5', MOVE, COPIES,
+      acc('grounding', MOVE, COPIES))
 
   corrections = holm([r['p'] for r in rows], alpha)
   for row, extra, corr in zip(rows, extras, corrections):

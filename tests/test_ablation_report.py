@@ -2,10 +2,7 @@
 information of expert choice and task worked out by hand, claims and verdicts, output files."""
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import pytest

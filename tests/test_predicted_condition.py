@@ -19,7 +19,7 @@ from skymoe_jax import config as config_lib
 from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.data import records, sources, tasks
 from skymoe_jax.evaluation import generate as gen_lib
-from skymoe_jax.evaluation import runner
+from skymoe_jax.evaluation import chat, prompts, runner
 from skymoe_jax.interop import to_torch
 from skymoe_jax.model import factory, skymoe
 from skymoe_jax.model.moe import layer as moe_layer
@@ -201,7 +201,7 @@ def test_model_loss_adds_the_weighted_term(predicted_model):
     config.train.condition_loss_weight = weight
     out[weight] = loss_lib.model_loss(params, model, batch, config)
   config.train.condition_loss_weight = 1.0
-  (l0, m0), (l2, m2) = out[0.0], out[2.5]
+  (l0, m0), (l2, _) = out[0.0], out[2.5]
   assert {'condition_loss', 'condition_accuracy'} <= set(m0)
   np.testing.assert_allclose(float(l2 - l0), 2.5 * float(m0['condition_loss']), rtol=1e-5)
   # The head's logits come from the prompt (before loss_mask) only.
@@ -377,3 +377,23 @@ def test_default_settings_hash_is_the_one_before_these_options():
   config.eval.tags = 'stripped'
   other = runner.answer_settings(config, template, tokenizer_hash)
   assert other['model_hash'] != now['model_hash'] and other['tags'] == 'stripped'
+
+
+def test_chat_reports_the_heads_condition(trained):
+  """Chat on a predicted-condition run shows what routed: the head's most likely task, not the
+  keyword guess (a '[refer]' question is grounding to both on this data, so compare with the
+  head itself)."""
+  _, workdir = trained
+  engine = chat.Chat(workdir, max_new_tokens=4)
+  record = records.open_split(engine.config.data.sources.synthetic.data_dir, 'validation'
+                              ).record(0)
+  question = record.conversations[0]['value'].split('\n', 1)[1]
+  reply = engine.ask(record.image, question)
+  prepared = prompts.prepare(record.image, [{'from': 'human', 'value': '<image>\n' + question}],
+                             engine.config, engine.tokenizer, engine.template)
+  _, tokens, mask = prompts.pad_batch([prepared], 1, engine.config.data.text_len)
+  logits = engine.model.apply({'params': engine.params}, tokens, mask,
+                              method='predict_condition')
+  assert reply.task == tasks.TASKS[int(np.argmax(logits['task'][0]))]
+  assert reply.granularity == tasks.GRANULARITIES[int(np.argmax(logits['granularity'][0]))]
+  assert reply.routing is not None

@@ -3,7 +3,8 @@ demo commands), and the held-out examples to ask it about.
 
 The workdir's config.json and tokenizer.model rebuild the run; the parameters are restored
 alone. The question's task tag or keywords set the router's task and granularity
-(data/tasks.py), as in training. An image is checked before anything slow: read_image names a
+(data/tasks.py), as in training; under model.moe.condition='predicted' the model's condition
+head sets them from the prompt, and ask() reports the head's most likely task and granularity. An image is checked before anything slow: read_image names a
 file that is missing or does not decode, and answer() refuses bytes that are not an image.
 
 answer() gives the answer's text; ask() gives the same text with what the demo shows beside it:
@@ -40,7 +41,7 @@ from skymoe_jax.evaluation import generate as generate_lib
 from skymoe_jax.evaluation import prompts
 from skymoe_jax.evaluation import routing as routing_lib
 from skymoe_jax.evaluation import runner
-from skymoe_jax.model import factory, layout
+from skymoe_jax.model import factory, layout, skymoe
 from skymoe_jax.parallel import mesh as mesh_lib
 
 
@@ -112,6 +113,11 @@ class Chat:
         mesh=self.mesh)
     # The router statistics of one forward pass, with the dropless model generation uses.
     self._prefill = routing_lib.router_outputs_fn(generate_lib.dropless_model(self.model))
+    # model.moe.condition='predicted': the condition head routes, so its guess is what to show.
+    self._head = None
+    if skymoe.predicts_condition(self.config.model):
+      self._head = jax.jit(lambda params, tokens, mask: self.model.apply(
+          {'params': params}, tokens, mask, method='predict_condition'))
 
   def answer(self, image_bytes: bytes, question: str) -> str:
     """The answer to `question` about the encoded image `image_bytes` (ImageError if they do not
@@ -124,11 +130,16 @@ class Chat:
     the answer names and this question's expert load per MoE layer."""
     prepared, task_id, granularity_id, tag = self._prepare(image_bytes, question)
     text = self._answer(prepared, task_id, granularity_id)
+    images, tokens, mask = prompts.pad_batch([prepared], 1, self.config.data.text_len)
+    if self._head is not None:
+      with mesh_lib.activate(self.mesh, self.config):
+        logits = jax.device_get(self._head(self.params, tokens, mask))
+      task_id = int(np.argmax(logits['task'][0]))
+      granularity_id = int(np.argmax(logits['granularity'][0]))
     task, granularity = tasks.TASKS[task_id], tasks.GRANULARITIES[granularity_id]
     width, height = prepared['width'], prepared['height']
     # The dialect and framing evaluation scores grounding answers in.
     boxes = boxes_lib.try_parse(runner.DIALECT, text, width, height) or []
-    images, tokens, mask = prompts.pad_batch([prepared], 1, self.config.data.text_len)
     with mesh_lib.activate(self.mesh, self.config):
       aux = jax.device_get(self._prefill(self.params, images, tokens, mask,
                                          np.asarray([task_id], np.int32),
