@@ -58,6 +58,7 @@ EXPERT_VARIANTS = ((1, 'MoE-1'), (2, 'MoE-2'), (4, 'MoE-4'), (8, FULL))
 PREDICTED, RERENDER = 'predicted condition', 'CDA re-rendered'
 COPIES, CUTOUT = 'CDA copies (no edit)', 'CDA cutout only'
 RECOLOUR, MOVE = 'CDA recolour only', 'CDA move only'
+SHARE_HALF = 'CDA share 0.5'
 FAMILY_ALPHA = 0.05   # family-wise error rate of the claims table (Holm-Bonferroni)
 POWER = 0.8           # of the seeds-needed estimate
 BAND = (0.15, 0.85)   # issue 19's target range of each accuracy (the plot's shaded band)
@@ -429,6 +430,8 @@ def claims(agg: Dict[str, Dict], alpha: float = FAMILY_ALPHA) -> List[Dict]:
       acc('vqa', RECOLOUR, COPIES))
   add('3k. moves teach grounding', 'grounding Acc@0.5', MOVE, COPIES,
       acc('grounding', MOVE, COPIES))
+  add('3l. more edit rows help local tasks (share 0.5 vs 0.25)', local, SHARE_HALF, FULL,
+      acc('local_acc', SHARE_HALF, FULL))
 
   corrections = holm([r['p'] for r in rows], alpha)
   for row, extra, corr in zip(rows, extras, corrections):

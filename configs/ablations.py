@@ -92,7 +92,8 @@ CLAIM_VARIANTS = (FULL, 'CDA off', 'plain router', 'predicted condition', 'dense
                   'CDA re-rendered')
 # The CDA study, the 'cda' sweep: what CLAIM_VARIANTS does not already hold (full, CDA off and
 # re-rendered are there), so it may run on the same root, at the same time as the claims sweep.
-CDA_VARIANTS = ('CDA copies (no edit)', 'CDA cutout only', 'CDA recolour only', 'CDA move only')
+CDA_VARIANTS = ('CDA copies (no edit)', 'CDA cutout only', 'CDA recolour only', 'CDA move only',
+                'CDA share 0.5')
 
 
 def parse_arg(arg):
