@@ -276,11 +276,12 @@ def test_generate_equals_full_forward_with_predicted_condition(predicted_model):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """The tiny MoE with a predicted condition, stage-II trainables, trained STEPS steps."""
+  """The tiny MoE with a predicted condition, stage-II trainables, trained STEPS steps at stage
+  II's learning rate."""
   root = tmp_path_factory.mktemp('predicted')
   config = _predicted()
   config.model.lora.rank = 0
-  config.optimizer.update(trainable=config_lib.STAGE_II_TRAINABLE, learning_rate=1e-2,
+  config.optimizer.update(trainable=config_lib.STAGE_II_TRAINABLE, learning_rate=3e-4,
                           min_lr_ratio=1.0)
   config.data.synthetic.cache_dir = str(root / 'cache')
   config.mesh.data = 2

@@ -7,6 +7,8 @@ granularity logits, whose softmaxes route every MoE layer (MoeFFN's soft conditi
 prompt is what a question holds before its answer, so generation predicts the condition once
 from its prompt and a full forward pass over prompt + answer predicts the same.
 """
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,27 @@ def condition_distributions(condition_logits):
           jax.nn.softmax(condition_logits['granularity'], axis=-1))
 
 
+# The condition head's logits are this times x @ W + b, W and b starting at zero: Adam moves each
+# weight by about the learning rate per step whatever the gradient's size, so the factor is what
+# lets the head learn at stage II's small learning rate (3e-4) in tens of steps, not thousands.
+CONDITION_LOGIT_SCALE = 8.0
+
+
+class ConditionHead(nn.Module):
+  """Task + granularity logits from a pooled, unit-RMS prompt embedding; uniform at the start."""
+  features: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = layers.param(self, 'kernel', nn.initializers.zeros, (x.shape[-1], self.features),
+                          ('embed', 'condition_class'), self.param_dtype)
+    bias = layers.param(self, 'bias', nn.initializers.zeros, (self.features,),
+                        ('condition_class',), self.param_dtype)
+    x = x.astype(jnp.float32)
+    return CONDITION_LOGIT_SCALE * (x @ kernel.astype(jnp.float32) + bias.astype(jnp.float32))
+
+
 class SkyMoE(nn.Module):
   config: ml_collections.FrozenConfigDict  # the `model` part of a config
 
@@ -56,9 +79,8 @@ class SkyMoE(nn.Module):
     self.decoder = Decoder(cfg)
     if predicts_condition(cfg):
       m = cfg.moe
-      self.condition_head = layers.Linear(
-          (m.num_tasks + m.num_granularities,), ('embed',), ('condition_class',), use_bias=True,
-          dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype))
+      self.condition_head = ConditionHead(m.num_tasks + m.num_granularities,
+                                          param_dtype=jnp.dtype(cfg.param_dtype))
 
   def encode_images(self, images):
     """[B, H, W, 3] normalised pixels -> [B, Nv, D] image tokens in the LLM's embedding space."""
