@@ -49,8 +49,9 @@ TEXT_ARCHITECTURES = {'dense': 'llama', 'moe': 'qwen2_moe'}  # skymoe.native in 
 # routing) or do not change the function computed (dtypes, layout, kernels, training-only knobs).
 _HANDLED = {
     '': ('dtype', 'param_dtype', 'scan_layers', 'remat_policy', 'remat_auto', 'attention_impl'),
+    # posemb_init: where the learnt position table started; the table itself is exported.
     'vision': ('image_size', 'patch_size', 'width', 'depth', 'num_heads', 'mlp_dim',
-               'feature_layer', 'norm_eps'),
+               'feature_layer', 'norm_eps', 'posemb_init'),
     'llm': ('vocab_size', 'embed_dim', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
             'mlp_dim', 'rope_theta', 'norm_eps', 'tie_embeddings', 'max_seq_len'),
     'lora': ('rank', 'alpha', 'targets'),  # merged into the kernels
