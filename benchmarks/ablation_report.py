@@ -66,13 +66,38 @@ BAND = (0.15, 0.85)   # issue 19's target range of each accuracy (the plot's sha
 
 # -- maths --------------------------------------------------------------------------------------
 
-def mean_std(values) -> Dict:
-  """{'mean', 'std' (sample, ddof=1; None for one value), 'n'} of the non-None values."""
-  v = [float(x) for x in values if x is not None]
+def mean_std(values, seeds=None) -> Dict:
+  """{'mean', 'std' (sample, ddof=1; None for one value), 'n'} of the non-None values, and with
+  `seeds` (one per value) 'by_seed' {seed: value}, which the paired test matches on."""
+  values = list(values)
+  seeds = list(seeds) if seeds is not None else [None] * len(values)
+  kept = [(s, float(x)) for s, x in zip(seeds, values) if x is not None]
+  v = [x for _, x in kept]
   if not v:
     return {'mean': None, 'std': None, 'n': 0}
-  return {'mean': float(np.mean(v)), 'std': float(np.std(v, ddof=1)) if len(v) > 1 else None,
-          'n': len(v)}
+  out = {'mean': float(np.mean(v)), 'std': float(np.std(v, ddof=1)) if len(v) > 1 else None,
+         'n': len(v)}
+  if all(s is not None for s, _ in kept):
+    out['by_seed'] = {int(s): x for s, x in kept}
+  return out
+
+
+def paired(a: Dict, b: Dict) -> Optional[Dict]:
+  """The paired t-test of a - b over the seeds both have (>= 2): every variant of a seed starts
+  from that seed's stage I, so the seed's own luck cancels in its difference. {'effect', 'std'
+  (of the differences), 'n', 't', 'df', 'p'}; None without two shared seeds or any spread."""
+  sa, sb = a.get('by_seed') or {}, b.get('by_seed') or {}
+  common = sorted(set(sa) & set(sb))
+  if len(common) < 2:
+    return None
+  d = np.asarray([sa[k] - sb[k] for k in common])
+  sd = float(np.std(d, ddof=1))
+  if sd <= 1e-12 * max(float(np.abs(d).max()), 1e-300):
+    return None
+  t = float(d.mean()) / (sd / math.sqrt(len(d)))
+  df = len(d) - 1
+  return {'effect': float(d.mean()), 'std': sd, 'n': len(d), 't': t, 'df': df,
+          'p': float(2 * stats.t.sf(abs(t), df))}
 
 
 def mutual_information(joint) -> float:
@@ -313,7 +338,8 @@ def aggregate(runs: List[Dict]) -> Dict[str, Dict]:
     cols = sorted({c for r in done for c in r['scores']})
     agg = {'seeds': sorted(r['seed'] for r in done),
            'unevaluated': sorted(r['run'] for r in group if not r['evaluated']),
-           'scores': {c: mean_std(r['scores'].get(c, {}).get('value') for r in done)
+           'scores': {c: mean_std([r['scores'].get(c, {}).get('value') for r in done],
+                                  [r['seed'] for r in done])
                       for c in cols},
            'mi': {}, 'runtime_s': mean_std(r.get('runtime_s') for r in done),
            'changed_vs_full': mean_std(r.get('changed_vs_full') for r in done)}
@@ -324,8 +350,9 @@ def aggregate(runs: List[Dict]) -> Dict[str, Dict]:
     for axis in ('task', 'granularity'):
       layers = sorted({l for r in done for l in r['mi'][axis]})
       per_layer = {l: mean_std(r['mi'][axis].get(l) for r in done) for l in layers}
-      mean_over_layers = mean_std(np.mean(list(r['mi'][axis].values())) for r in done
-                                  if r['mi'][axis])
+      with_mi = [r for r in done if r['mi'][axis]]
+      mean_over_layers = mean_std([np.mean(list(r['mi'][axis].values())) for r in with_mi],
+                                  [r['seed'] for r in with_mi])
       agg['mi'][axis] = {'layers': per_layer, 'mean': mean_over_layers}
     out[name] = agg
   return out
@@ -339,7 +366,15 @@ def effect(a: Dict, b: Dict) -> Dict:
             't': None, 'df': None, 'p': None, 'ci95': None}
   d = a['mean'] - b['mean']
   out = {'effect': d, 'n': (a['n'], b['n']), 'std': (a.get('std'), b.get('std')),
-         **welch(a, b), 'ci95': None}
+         **welch(a, b), 'ci95': None, 'test': 'welch'}
+  pair = paired(a, b)
+  if pair is not None and pair['n'] == a['n'] == b['n']:
+    # Same seeds on both sides: the paired test (the seeds' stage Is are shared by variants).
+    half = float(stats.t.ppf(0.975, pair['df'])) * pair['std'] / math.sqrt(pair['n'])
+    out.update(effect=pair['effect'], t=pair['t'], df=pair['df'], p=pair['p'], test='paired',
+               spread=pair['std'] / math.sqrt(pair['n']), spread_kind='paired seeds',
+               paired_std=pair['std'], ci95=(pair['effect'] - half, pair['effect'] + half))
+    return out
   if a['n'] >= 2 and b['n'] >= 2:
     out['spread'] = math.sqrt(a['std'] ** 2 / a['n'] + b['std'] ** 2 / b['n'])
     out['spread_kind'] = 'seeds'
@@ -441,7 +476,13 @@ def claims(agg: Dict[str, Dict], alpha: float = FAMILY_ALPHA) -> List[Dict]:
     if row['verdict'].startswith('inconclusive') and row['p'] is not None:
       a_ms = {'n': row['n'][0], 'std': row['std'][0]}
       b_ms = {'n': row['n'][1], 'std': row['std'][1]}
-      row['seeds_needed'] = seeds_needed(row['effect'], a_ms, b_ms, corr['alpha'])
+      if row.get('test') == 'paired':   # one sample of per-seed differences
+        z = statistics.NormalDist()
+        n = ((z.inv_cdf(1 - corr['alpha'] / 2) + z.inv_cdf(POWER)) * row['paired_std']
+             / row['effect']) ** 2 if row['effect'] else None
+        row['seeds_needed'] = max(2, math.ceil(n)) if n else None
+      else:
+        row['seeds_needed'] = seeds_needed(row['effect'], a_ms, b_ms, corr['alpha'])
     if extra:
       row['verdict'] += extra(row)
   return rows
@@ -483,10 +524,12 @@ def ordered_variants(agg: Dict, order: List[str]) -> List[str]:
 
 
 NOTES = (
-    "effect: difference of the two variants' means over seeds; spread: its standard error "
-    'sqrt(s_a^2/n_a + s_b^2/n_b) from the seeds (with one seed on a side, the binomial SE of the '
-    'evaluation sample, which ignores training noise: no test). p: Welch\'s t-test, two-sided, '
-    'Welch-Satterthwaite degrees of freedom. Holm p: the Holm-adjusted p (the m tested claims '
+    "effect: difference of the two variants' means over seeds; with the same seeds on both "
+    'sides the paired test: the mean of the per-seed differences, spread their standard error '
+    'sd_d / sqrt(n), p from t with n - 1 degrees of freedom, seeds needed n = ((z_(1-alpha_j/2) '
+    '+ z_power) sd_d / d)^2; otherwise spread sqrt(s_a^2/n_a + s_b^2/n_b) and Welch\'s t-test '
+    '(Welch-Satterthwaite degrees of freedom; with one seed on a side, the binomial SE of the '
+    'evaluation sample, which ignores training noise: no test). Holm p: the Holm-adjusted p (the m tested claims '
     'sorted by p, p_(j) times m - j + 1, running maximum, at most 1); holds: Holm p <= {alpha} '
     'and effect > 0; does not hold: the same with effect < 0 (significant the other way); else '
     'inconclusive. seeds needed (inconclusive claims): seeds per variant for power {power} at '
@@ -577,7 +620,8 @@ def markdown(agg: Dict, rows: List[Dict], runs: List[Dict], order: List[str], me
                                         for l in layers) +
                    ' |')
   lines += ['', '## Claims', '',
-            f"Welch's two-sided t-test per claim over the seeds; verdicts at a family-wise "
+            "A paired two-sided t-test per claim over the seeds both variants ran (each seed's "
+            "variants share its stage I; Welch's where the seeds differ); verdicts at a family-wise "
             f'alpha of {FAMILY_ALPHA} over the {m} tested claims of this table '
             '(Holm-Bonferroni).', '',
             '| claim | measure | comparison | effect | spread (SE) | n seeds | p | Holm p | '

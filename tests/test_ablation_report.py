@@ -3,6 +3,7 @@ information of expert choice and task worked out by hand, claims and verdicts, o
 import json
 import math
 import re
+import statistics
 
 import jax
 import pytest
@@ -113,13 +114,23 @@ def test_mean_std_and_claims(tmp_path):
   claims = {c['claim'][:3]: c for c in result['claims']}
   c3b = claims['3b.']
   assert c3b['effect'] == pytest.approx(0.5 - 0.25)
-  spread = math.sqrt(0.02 / 2 + 0.005 / 2)  # seed variances 0.02 and 0.005
-  assert c3b['spread'] == pytest.approx(spread)
-  # Welch: t = 0.25 / 0.112, df = 0.0125^2 / (0.01^2 + 0.0025^2); scipy's own Welch test agrees.
-  assert c3b['t'] == pytest.approx(0.25 / spread)
-  assert c3b['df'] == pytest.approx(0.0125 ** 2 / (0.01 ** 2 + 0.0025 ** 2))
-  assert c3b['p'] == pytest.approx(stats.ttest_ind([0.4, 0.6], [0.2, 0.3], equal_var=False).pvalue)
-  assert c3b['verdict'] == 'inconclusive' and c3b['seeds_needed'] > 2
+  # Both variants ran seeds 0 and 1: paired by seed, differences 0.2 and 0.3 (sd 0.0707, SE
+  # 0.05, t = 0.25 / 0.05 with 1 degree of freedom); scipy's own paired test agrees.
+  assert c3b['test'] == 'paired'
+  assert c3b['spread'] == pytest.approx(math.sqrt(0.005) / math.sqrt(2))
+  assert c3b['t'] == pytest.approx(0.25 / (math.sqrt(0.005) / math.sqrt(2)))
+  assert c3b['df'] == 1
+  assert c3b['p'] == pytest.approx(stats.ttest_rel([0.4, 0.6], [0.2, 0.3]).pvalue)
+  # Without the pairing, Welch's test of the same numbers.
+  welch = report_lib.welch(report_lib.mean_std([0.4, 0.6]), report_lib.mean_std([0.2, 0.3]))
+  assert welch['df'] == pytest.approx(0.0125 ** 2 / (0.01 ** 2 + 0.0025 ** 2))
+  assert welch['p'] == pytest.approx(
+      stats.ttest_ind([0.4, 0.6], [0.2, 0.3], equal_var=False).pvalue)
+  # Inconclusive with 2 seeds at its Holm level; the paired formula by hand: a difference of
+  # 0.25 with an sd of 0.0707 is found with power 0.8 by 2 seeds already (the floor).
+  z = statistics.NormalDist()
+  need = ((z.inv_cdf(1 - c3b['alpha_holm'] / 2) + z.inv_cdf(0.8)) * math.sqrt(0.005) / 0.25) ** 2
+  assert c3b['verdict'] == 'inconclusive' and c3b['seeds_needed'] == max(2, math.ceil(need))
   assert claims['3c.']['effect'] == pytest.approx(0.1)
   # Local questions: counting/local and vqa/local, (0.5 + 0.6) / 2 against (0.25 + 0.5) / 2.
   assert claims['3a.']['effect'] == pytest.approx(0.55 - 0.375)
