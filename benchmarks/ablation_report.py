@@ -56,9 +56,11 @@ DENSE_STAGE1 = 'dense (stage-I FFNs)'
 STAGE1 = 'stage I'   # the variant name of a sweep's stage-I runs (not compared)
 EXPERT_VARIANTS = ((1, 'MoE-1'), (2, 'MoE-2'), (4, 'MoE-4'), (8, FULL))
 PREDICTED, RERENDER = 'predicted condition', 'CDA re-rendered'
+SCALED_BIAS = 'adaptive router, bias x8'
 COPIES, CUTOUT = 'CDA copies (no edit)', 'CDA cutout only'
 RECOLOUR, MOVE = 'CDA recolour only', 'CDA move only'
 SHARE_HALF = 'CDA share 0.5'
+CONTRASTIVE, CONTRASTIVE_CONTROL = 'contrastive', 'contrastive control (w=0)'
 FAMILY_ALPHA = 0.05   # family-wise error rate of the claims table (Holm-Bonferroni)
 POWER = 0.8           # of the seeds-needed estimate
 BAND = (0.15, 0.85)   # issue 19's target range of each accuracy (the plot's shaded band)
@@ -421,6 +423,16 @@ def claims(agg: Dict[str, Dict], alpha: float = FAMILY_ALPHA) -> List[Dict]:
       FULL, PLAIN, mi('task', FULL, PLAIN))
   add('2b. ... and by granularity', 'I(expert; granularity), bits, mean of layers',
       FULL, PLAIN, mi('granularity', FULL, PLAIN))
+  add('2d. adaptive router beats the plain one', mean_acc, FULL, PLAIN,
+      acc('avg_acc', FULL, PLAIN))
+  # The same three with the adaptive bias scaled x8, so that it moves from zero in 100 steps.
+  add("2a''. adaptive router (bias x8) specialises experts by task",
+      'I(expert; task), bits, mean of layers', SCALED_BIAS, PLAIN,
+      mi('task', SCALED_BIAS, PLAIN))
+  add("2b''. ... and by granularity", 'I(expert; granularity), bits, mean of layers',
+      SCALED_BIAS, PLAIN, mi('granularity', SCALED_BIAS, PLAIN))
+  add("2d''. adaptive router (bias x8) beats the plain one", mean_acc, SCALED_BIAS, PLAIN,
+      acc('avg_acc', SCALED_BIAS, PLAIN))
   add("2a'. predicted condition specialises experts by task",
       'I(expert; task), bits, mean of layers', PREDICTED, PLAIN, mi('task', PREDICTED, PLAIN))
   add("2b'. ... and by granularity", 'I(expert; granularity), bits, mean of layers',
@@ -467,6 +479,9 @@ def claims(agg: Dict[str, Dict], alpha: float = FAMILY_ALPHA) -> List[Dict]:
       acc('grounding', MOVE, COPIES))
   add('3l. more edit rows help local tasks (share 0.5 vs 0.25)', local, SHARE_HALF, FULL,
       acc('local_acc', SHARE_HALF, FULL))
+  # Both train the projector on local crops as well; only the contrastive term's weight differs.
+  add('3m. the local/global contrastive term helps local tasks', local, CONTRASTIVE,
+      CONTRASTIVE_CONTROL, acc('local_acc', CONTRASTIVE, CONTRASTIVE_CONTROL))
 
   corrections = holm([r['p'] for r in rows], alpha)
   for row, extra, corr in zip(rows, extras, corrections):

@@ -47,6 +47,7 @@ STAGE2_PLUS_PROJECTOR = ('.*/moe/(w_gate|w_up|w_down)',
                          'projector/.*')
 
 FULL = 'full (MoE-8, adaptive, CDA both)'
+SCALED_BIAS = 'adaptive router, bias x8'
 # name -> stage-II overrides, in priority order (the report's table order); the full model is
 # the config itself.
 VARIANTS = {
@@ -58,6 +59,10 @@ VARIANTS = {
     'dense (equal active)': {'model.moe.num_experts': 1, 'model.moe.top_k': 1,
                              'model.moe.mlp_dim': 2 * DEMO_MLP_DIM},
     'plain router': {'model.moe.adaptive': False},
+    # The adaptive bias U (e_task + e_gran) times 8: U starts at zero and, at 1x, moves too little
+    # in a hundred steps at 3e-4 to change the routing (docs/results.md); 8x lets it move as fast
+    # as the condition head's logits (model/skymoe.py CONDITION_LOGIT_SCALE).
+    SCALED_BIAS: {'model.moe.condition_scale': 8.0},
     # The routing condition from the model's own prediction instead of the dataset's tags.
     'predicted condition': {'model.moe.condition': 'predicted'},
     'CDA off': {'data.cda.enabled': False},
@@ -88,12 +93,13 @@ VARIANTS = {
                                   'optimizer.trainable': STAGE2_PLUS_PROJECTOR},
 }
 # The variants the claims compare (benchmarks/ablation_report.claims): the 'claims' sweep.
-# Sized for this machine's 2 cores: 4 seeds x (stage I + 6) runs take about an hour and a half.
+# Sized for this machine's 2 cores: 4 seeds x (stage I + 7) runs take about an hour and a half.
 CLAIM_VARIANTS = (FULL, 'CDA off', 'plain router', 'predicted condition', 'dense (equal active)',
-                  'CDA re-rendered')
+                  'CDA re-rendered', SCALED_BIAS)
 # The CDA study, the 'cda' sweep: what CLAIM_VARIANTS does not already hold (full, CDA off and
 # re-rendered are there), so it may run on the same root, at the same time as the claims sweep.
-CDA_VARIANTS = ('CDA copies (no edit)', 'CDA cutout only')
+CDA_VARIANTS = ('CDA copies (no edit)', 'CDA cutout only', 'CDA recolour only', 'CDA move only',
+                'CDA share 0.5', 'contrastive', 'contrastive control (w=0)')
 
 
 def parse_arg(arg):

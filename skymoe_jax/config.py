@@ -121,6 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
       num_tasks=len(TASKS),
       num_granularities=len(GRANULARITIES),
       condition_dim=64,
+      # Multiplies the adaptive bias U (e_task + e_gran). U starts at zero and Adam moves it by
+      # about the learning rate per step, so at stage II's 3e-4 a factor of 1 leaves it near zero
+      # for hundreds of steps; a larger factor lets the condition steer routing sooner.
+      condition_scale=1.0,
       # Where the adaptive router's task and granularity come from: 'tags' = the sample's tags
       # (task_id, granularity_id); 'predicted' = a head on the mean prompt token embedding
       # predicts them (soft distributions), so inference needs no tag (model/skymoe.py).
@@ -398,6 +402,8 @@ def validate(config) -> None:
            'must be > 0')
     _check(moe.num_tasks >= 1 and moe.num_granularities >= 1, 'model.moe.num_tasks',
            (moe.num_tasks, moe.num_granularities), 'tasks and granularities must be >= 1')
+  _check(moe.get('condition_scale', 1.0) > 0, 'model.moe.condition_scale',
+         moe.get('condition_scale', 1.0), 'must be > 0')
   condition = moe.get('condition', 'tags')
   _check(condition in CONDITIONS, 'model.moe.condition', condition,
          f'must be one of {CONDITIONS}')

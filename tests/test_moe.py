@@ -569,11 +569,11 @@ def test_widened_single_expert_equals_dense_mlp_and_its_new_units_learn():
                                       for k, v in fresh.items()})
 
 
-def _adaptive_problem():
+def _adaptive_problem(condition_scale=1.0):
   e, top_k, f, nt, ng, c = 4, 2, 12, 3, 2, 4
   kw = dict(num_experts=e, top_k=top_k, mlp_dim=f, renormalize=True, backend='dense',
             num_tasks=nt, num_granularities=ng)
-  ada = MoeFFN(adaptive=True, condition_dim=c, **kw)
+  ada = MoeFFN(adaptive=True, condition_dim=c, condition_scale=condition_scale, **kw)
   plain = MoeFFN(adaptive=False, **kw)
   return ada, plain, (e, top_k, nt, ng, c)
 
@@ -600,8 +600,9 @@ def test_fresh_adaptive_router_routes_like_plain():
   assert auxa['counts_by_condition'].shape == (nt, ng, e)
 
 
-def test_adaptive_router_condition_bias():
-  ada, _, (e, top_k, nt, ng, c) = _adaptive_problem()
+@pytest.mark.parametrize('scale', [1.0, 2.5])
+def test_adaptive_router_condition_bias(scale):
+  ada, _, (e, top_k, nt, ng, c) = _adaptive_problem(scale)
   rng = np.random.default_rng(10)
   b, t, d = 3, 5, 8
   x = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
@@ -614,7 +615,7 @@ def test_adaptive_router_condition_bias():
   params = dict(params, condition_proj=jnp.asarray(2.0 * rng.standard_normal((c, e)),
                                                    jnp.float32))
   p64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
-  bias = (p64['task_embed'][:, None, :] + p64['granularity_embed'][None, :, :]) @ \
+  bias = scale * (p64['task_embed'][:, None, :] + p64['granularity_embed'][None, :, :]) @ \
       p64['condition_proj']  # [nt, ng, E]
 
   # Per-token router probabilities: one single-token call per (token, task, gran) via vmap,

@@ -57,12 +57,13 @@ _HANDLED = {
     'lora': ('rank', 'alpha', 'targets'),  # merged into the kernels
     # backend / ep_strategy / capacity: how tokens are dispatched; the export is the dropless
     # function (as our generation and verify_export run it). Loss weights: training only.
-    # condition: what feeds the adaptive router, refused below with it (a router that is not
-    # adaptive has no condition: config.validate allows 'predicted' only with adaptive).
+    # condition, condition_scale: what feeds the adaptive router, refused below with it (a
+    # router that is not adaptive has no condition: config.validate allows 'predicted' only
+    # with adaptive).
     'moe': ('num_experts', 'top_k', 'layers', 'mlp_dim', 'renormalize', 'backend', 'ep_strategy',
             'capacity_factor', 'ragged_impl', 'ragged_block_size', 'adaptive', 'num_tasks',
-            'num_granularities', 'condition_dim', 'condition', 'load_balance_weight',
-            'z_loss_weight'),
+            'num_granularities', 'condition_dim', 'condition_scale', 'condition',
+            'load_balance_weight', 'z_loss_weight'),
 }
 
 

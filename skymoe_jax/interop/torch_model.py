@@ -331,8 +331,9 @@ class Expert(nn.Module):
 
 
 class SparseMoe(nn.Module):
-  """Routed experts. Router in fp32: logits = gate(x) (+ condition_proj(e_task + e_gran)),
-  softmax over all experts, top-k; weights raw (SkyMoE) or renormalised over the k."""
+  """Routed experts. Router in fp32: logits = gate(x) (+ s condition_proj(e_task + e_gran), s
+  the config's condition_scale, 1 in exports that predate it), softmax over all experts, top-k;
+  weights raw (SkyMoE) or renormalised over the k."""
 
   def __init__(self, llm, m):
     super().__init__()
@@ -343,6 +344,7 @@ class SparseMoe(nn.Module):
       self.task_embed = nn.Embedding(m.num_tasks, m.condition_dim)
       self.granularity_embed = nn.Embedding(m.num_granularities, m.condition_dim)
       self.condition_proj = nn.Linear(m.condition_dim, e, bias=False)
+      self.condition_scale = float(getattr(m, 'condition_scale', 1.0))
     self.experts = nn.ModuleList(Expert(d, m.mlp_dim or llm.mlp_dim) for _ in range(e))
 
   def route(self, x, token_mask, task_id, granularity_id):
@@ -350,7 +352,8 @@ class SparseMoe(nn.Module):
     logits = F.linear(x.float(), self.gate.weight.float())
     if self.adaptive:
       cond = self.task_embed(task_id).float() + self.granularity_embed(granularity_id).float()
-      logits = logits + F.linear(cond, self.condition_proj.weight.float())[:, None, :]
+      bias = self.condition_scale * F.linear(cond, self.condition_proj.weight.float())
+      logits = logits + bias[:, None, :]
     probs = torch.softmax(logits, dim=-1)
     weights, ids = torch.topk(probs, self.top_k, dim=-1)
     if self.renormalize:

@@ -41,7 +41,8 @@ class DecoderLayer(nn.Module):
       ffn_out, aux = MoeFFN(
           m.num_experts, m.top_k, m.mlp_dim or llm.mlp_dim, m.renormalize, m.backend,
           m.ep_strategy, m.capacity_factor, m.ragged_impl, m.ragged_block_size, m.adaptive,
-          m.num_tasks, m.num_granularities, m.condition_dim, name='moe', **kw)(
+          m.num_tasks, m.num_granularities, m.condition_dim, m.get('condition_scale', 1.0),
+          name='moe', **kw)(
               h, token_mask, task_id, granularity_id, condition)
     else:
       ffn_out, aux = MLP(llm.mlp_dim, name='mlp', **kw)(h), None

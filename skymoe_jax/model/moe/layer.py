@@ -3,7 +3,9 @@
 Router logits f(x) = W x + U (e_task + e_granularity): each sample's task and granularity add a
 learned bias to every one of its tokens' logits. U starts at zero, so a fresh (or upcycled)
 adaptive router routes exactly like the plain token router; `adaptive=False` drops U and the
-embeddings altogether.
+embeddings altogether. `condition_scale` S multiplies the bias (S U (e_task + e_gran)): Adam moves
+each weight of U by about the learning rate per step whatever its gradient, so S is how fast the
+bias can grow from zero at a fine-tune's small learning rate (model.moe.condition_scale).
 
 The condition that routes is either the sample's tags (ids: e_task[id] + e_gran[id]) or soft
 distributions over tasks and granularities (model.moe.condition='predicted': the condition head
@@ -47,6 +49,7 @@ class MoeFFN(nn.Module):
   num_tasks: int = 1
   num_granularities: int = 1
   condition_dim: int = 64
+  condition_scale: float = 1.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -75,7 +78,8 @@ class MoeFFN(nn.Module):
                        ('condition', 'exp'), self.param_dtype)
       task, gran = (task_id, granularity_id) if condition is None else condition
       cond = mix_condition(task_table, task) + mix_condition(gran_table, gran)  # [B, C]
-      logits = logits + (cond.astype(jnp.float32) @ u.astype(jnp.float32))[:, None, :]
+      bias = self.condition_scale * (cond.astype(jnp.float32) @ u.astype(jnp.float32))
+      logits = logits + bias[:, None, :]
 
     experts = {
         'w_gate': layers.param(self, 'w_gate', layers.fan_in_init(1, 1), (e, d, self.mlp_dim),
