@@ -94,7 +94,12 @@ def base_config() -> ml_collections.ConfigDict:
       norm_eps=1e-5,
       # start of the learned position embeddings: 'normal' (CLIP's) | 'sincos2d' (a tower
       # trained from scratch: the 2-D sin-cos table, model/vit.py)
-      posemb_init='normal'))
+      posemb_init='normal',
+      # 'sincos2d': a fixed 2-D sin-cos table (unit RMS) added to the image tokens after the
+      # projector, so each token says where it is in the LLM's own width. A tower trained from
+      # scratch keeps no linear trace of position in its output (docs/results.md), and the LLM's
+      # RoPE positions reach attention scores only, never the values an answer is read from.
+      token_posemb='none'))
 
   m.llm = ml_collections.ConfigDict(dict(
       vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32,
@@ -369,6 +374,12 @@ def validate(config) -> None:
   _check(v.width % v.num_heads == 0, 'model.vision.num_heads', v.num_heads,
          f'must divide model.vision.width={v.width}')
   num_feature_layers(v.depth, v.feature_layer)
+  token_posemb = v.get('token_posemb', 'none')
+  _check(token_posemb in ('none', 'sincos2d'), 'model.vision.token_posemb', token_posemb,
+         "must be 'none' or 'sincos2d'")
+  _check(token_posemb == 'none' or m.llm.embed_dim % 4 == 0, 'model.vision.token_posemb',
+         token_posemb, f'a 2-D sin-cos table needs model.llm.embed_dim={m.llm.embed_dim} '
+         'divisible by 4')
 
   llm = m.llm
   _check(llm.num_kv_heads > 0 and llm.num_heads % llm.num_kv_heads == 0,

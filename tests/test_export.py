@@ -123,8 +123,10 @@ def dense_config():
 def moe_config(renormalize):
   config = load_config('tiny')
   config.model.moe.renormalize = renormalize
-  # The second fixture also scales the adaptive bias, which the torch router must apply too.
+  # The second fixture also scales the adaptive bias and adds the fixed position table to the
+  # image tokens, which the torch model must do too.
   config.model.moe.condition_scale = 2.5 if renormalize else 1.0
+  config.model.vision.token_posemb = 'sincos2d' if renormalize else 'none'
   config.model.moe.backend = 'dense'  # dropless on CPU; routing maths is the same in every one
   return config
 
@@ -225,6 +227,29 @@ def test_moe_export_torch_logits_match_jax(moe):
   changed = torch_logits(tm, other)
   assert np.abs(changed - theirs)[mask].max() > 1e-3
   assert json.loads((out / 'config.json').read_text())['model_type'] == 'skymoe_llava'
+
+
+def test_token_position_table_jax_torch_and_by_hand():
+  """model.vision.token_posemb: both sides add the same table, which at patch (0, 0) is sin 0,
+  cos 0 of row and column (0, 1, 0, 1 per block, times sqrt 2), and is added to the projector's
+  output unchanged by anything else."""
+  from skymoe_jax.model import projector
+  ours = projector.token_position_table(4, 16)
+  np.testing.assert_allclose(torch_model.token_position_table(4, 16).numpy(), ours, atol=1e-6)
+  np.testing.assert_allclose(ours[0], np.sqrt(2.0) * np.repeat([0.0, 1.0, 0.0, 1.0], 4))
+  assert np.sqrt(np.mean(ours ** 2)) == pytest.approx(1.0)
+  assert not np.allclose(ours[1], ours[4])  # (0, 1) and (1, 0) differ: rows and columns apart
+  config = load_config('tiny')
+  params = random_params(config, seed=4)
+  images = inputs(config)[0]
+  encode = lambda c: np.asarray(factory.create_model(c).apply(  # noqa: E731
+      {'params': params}, images, method='encode_images'))
+  config_on = load_config('tiny')
+  config_on.model.vision.token_posemb = 'sincos2d'
+  v = config.model.vision
+  table = projector.token_position_table(v.image_size // v.patch_size, config.model.llm.embed_dim)
+  np.testing.assert_allclose(encode(config_on) - encode(config), np.broadcast_to(
+      table, (len(images),) + table.shape), atol=1e-5)
 
 
 def test_torch_greedy_generation_matches_full_forward(moe):

@@ -134,6 +134,10 @@ def test_what_qwen2_moe_cannot_express_is_refused_naming_the_field(tmp_path):
   novel.model.llm.qk_norm = True  # a field the mapping was not written for
   with pytest.raises(native_export.NotExpressibleError, match=r'model\.llm\.qk_norm'):
     native_export.export_native(params, novel.model, tmp_path / 'b')
+  posemb = plain_router_config(False)
+  posemb.model.vision.token_posemb = 'sincos2d'  # LLaVA's projector adds no table
+  with pytest.raises(native_export.NotExpressibleError, match=r'model\.vision\.token_posemb'):
+    native_export.export_native(params, posemb.model, tmp_path / 'c')
   assert not list(tmp_path.iterdir())  # refused before anything is written
 
 

@@ -50,8 +50,9 @@ TEXT_ARCHITECTURES = {'dense': 'llama', 'moe': 'qwen2_moe'}  # skymoe.native in 
 _HANDLED = {
     '': ('dtype', 'param_dtype', 'scan_layers', 'remat_policy', 'remat_auto', 'attention_impl'),
     # posemb_init: where the learnt position table started; the table itself is exported.
+    # token_posemb: refused below unless 'none' (LLaVA's projector adds no table).
     'vision': ('image_size', 'patch_size', 'width', 'depth', 'num_heads', 'mlp_dim',
-               'feature_layer', 'norm_eps', 'posemb_init'),
+               'feature_layer', 'norm_eps', 'posemb_init', 'token_posemb'),
     'llm': ('vocab_size', 'embed_dim', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
             'mlp_dim', 'rope_theta', 'norm_eps', 'tie_embeddings', 'max_seq_len'),
     'lora': ('rank', 'alpha', 'targets'),  # merged into the kernels
@@ -84,6 +85,12 @@ def check_native(model_cfg) -> None:
           'that transformers computes the same model; export with the default layout '
           '(--layout=skymoe), or add the field to native_export._HANDLED once the mapping is '
           'checked exact for it')
+  token_posemb = model_cfg.vision.get('token_posemb', 'none')
+  if token_posemb != 'none':
+    raise NotExpressibleError(
+        f'model.vision.token_posemb={token_posemb!r}: LLaVA\'s projector adds no position table '
+        'to the image tokens; export with the default layout (--layout=skymoe), or train with '
+        "model.vision.token_posemb='none'")
   m = model_cfg.moe
   if m.num_experts > 0 and m.adaptive:
     raise NotExpressibleError(

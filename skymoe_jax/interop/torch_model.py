@@ -229,13 +229,32 @@ class VisionTower(nn.Module):
     return self.vision_model(images)
 
 
+def token_position_table(grid: int, width: int) -> torch.Tensor:
+  """[grid^2, width]: model/projector.py's fixed 2-D sin-cos table at unit RMS, per row-major
+  patch sin/cos of its row, then of its column, at width/4 geometric frequencies (this file
+  ships alone, so it is written again here; tests/test_export.py checks the two agree)."""
+  omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+  y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')
+  ay, ax = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+  table = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1).float()
+  return math.sqrt(2.0) * table
+
+
 class Projector(nn.Module):
-  def __init__(self, vision_width, dim):
+  """LLaVA-1.5's 2-layer MLP; with token_posemb='sincos2d' the fixed position table is added to
+  its output (a buffer computed from the config, not a tensor of the export)."""
+
+  def __init__(self, vision_width, dim, grid, token_posemb='none'):
     super().__init__()
     self.linear_1, self.linear_2 = nn.Linear(vision_width, dim), nn.Linear(dim, dim)
+    if token_posemb not in ('none', 'sincos2d'):
+      raise ValueError(f"vision.token_posemb={token_posemb!r}: not 'none' or 'sincos2d'")
+    table = token_position_table(grid, dim) if token_posemb == 'sincos2d' else None
+    self.register_buffer('token_posemb', table, persistent=False)
 
   def forward(self, x):
-    return self.linear_2(F.gelu(self.linear_1(x)))
+    y = self.linear_2(F.gelu(self.linear_1(x)))
+    return y if self.token_posemb is None else y + self.token_posemb.to(y.dtype)
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -461,7 +480,9 @@ def submodules(model_config: dict, moe_layers: Sequence[int]) -> Dict[str, nn.Mo
   model of modeling_skymoe.py both hold exactly these, so both load the same files."""
   cfg = _namespace(model_config)
   return {'vision_tower': VisionTower(_namespace(vision_view(model_config))),
-          'multi_modal_projector': Projector(cfg.vision.width, cfg.llm.embed_dim),
+          'multi_modal_projector': Projector(
+              cfg.vision.width, cfg.llm.embed_dim, cfg.vision.image_size // cfg.vision.patch_size,
+              getattr(cfg.vision, 'token_posemb', 'none')),
           'language_model': LanguageModel(cfg, moe_layers)}
 
 

@@ -75,7 +75,7 @@ class SkyMoE(nn.Module):
                               v.mlp_dim, v.feature_layer, v.norm_eps, cfg.scan_layers,
                               cfg.remat_policy, cfg.attention_impl,
                               posemb_init=v.get('posemb_init', 'normal'), **kw)
-    self.projector = Projector(cfg.llm.embed_dim, **kw)
+    self.projector = Projector(cfg.llm.embed_dim, v.get('token_posemb', 'none'), **kw)
     self.decoder = Decoder(cfg)
     if predicts_condition(cfg):
       m = cfg.moe
