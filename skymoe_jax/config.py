@@ -236,6 +236,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 CONDITIONS = ('tags', 'predicted')  # model.moe.condition
+TOKEN_POSEMB = ('none', 'sincos2d')  # model.vision.token_posemb
 EVAL_TAGS = ('given', 'stripped')    # eval.tags
 STAGES = ('stage1', 'stage2')  # the recipe's two stages: config arguments and train.stage
 
@@ -375,8 +376,8 @@ def validate(config) -> None:
          f'must divide model.vision.width={v.width}')
   num_feature_layers(v.depth, v.feature_layer)
   token_posemb = v.get('token_posemb', 'none')
-  _check(token_posemb in ('none', 'sincos2d'), 'model.vision.token_posemb', token_posemb,
-         "must be 'none' or 'sincos2d'")
+  _check(token_posemb in TOKEN_POSEMB, 'model.vision.token_posemb', token_posemb,
+         f'must be one of {TOKEN_POSEMB}')
   _check(token_posemb == 'none' or m.llm.embed_dim % 4 == 0, 'model.vision.token_posemb',
          token_posemb, f'a 2-D sin-cos table needs model.llm.embed_dim={m.llm.embed_dim} '
          'divisible by 4')

@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from skymoe_jax.config import TOKEN_POSEMB
 from skymoe_jax.model import layers
 from skymoe_jax.model.vit import sincos_2d
-
-TOKEN_POSEMB = ('none', 'sincos2d')  # model.vision.token_posemb
 
 
 def token_position_table(grid: int, width: int) -> np.ndarray:
