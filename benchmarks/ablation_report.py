@@ -57,6 +57,7 @@ STAGE1 = 'stage I'   # the variant name of a sweep's stage-I runs (not compared)
 EXPERT_VARIANTS = ((1, 'MoE-1'), (2, 'MoE-2'), (4, 'MoE-4'), (8, FULL))
 PREDICTED, RERENDER = 'predicted condition', 'CDA re-rendered'
 SCALED_BIAS = 'adaptive router, bias x8'
+PREDICTED_SCALED = 'predicted condition, bias x8'
 COPIES, CUTOUT = 'CDA copies (no edit)', 'CDA cutout only'
 RECOLOUR, MOVE = 'CDA recolour only', 'CDA move only'
 SHARE_HALF = 'CDA share 0.5'
@@ -445,6 +446,14 @@ def claims(agg: Dict[str, Dict], alpha: float = FAMILY_ALPHA) -> List[Dict]:
     return f'; 95% CI [{lo:+.3f}, {hi:+.3f}]'
   add("2c'. predicted condition is no worse than the tag-given one", mean_acc,
       PREDICTED, FULL, acc('avg_acc', PREDICTED, FULL), extra=interval)
+  add("2e. predicted condition (bias x8) specialises experts by task",
+      'I(expert; task), bits, mean of layers', PREDICTED_SCALED, PLAIN,
+      mi('task', PREDICTED_SCALED, PLAIN))
+  add('2f. ... and by granularity', 'I(expert; granularity), bits, mean of layers',
+      PREDICTED_SCALED, PLAIN, mi('granularity', PREDICTED_SCALED, PLAIN))
+  add("2g. predicted condition (bias x8) is no worse than the tag-given one (bias x8)", mean_acc,
+      PREDICTED_SCALED, SCALED_BIAS, acc('avg_acc', PREDICTED_SCALED, SCALED_BIAS),
+      extra=interval)
   add('3a. CDA improves local tasks', local, FULL, CDA_OFF, acc('local_acc', FULL, CDA_OFF))
   add('3b. CDA improves counting', 'counting accuracy', FULL, CDA_OFF,
       acc('counting', FULL, CDA_OFF), paper='+0.0947')

@@ -48,6 +48,7 @@ STAGE2_PLUS_PROJECTOR = ('.*/moe/(w_gate|w_up|w_down)',
 
 FULL = 'full (MoE-8, adaptive, CDA both)'
 SCALED_BIAS = 'adaptive router, bias x8'
+PREDICTED_SCALED = 'predicted condition, bias x8'
 # name -> stage-II overrides, in priority order (the report's table order); the full model is
 # the config itself.
 VARIANTS = {
@@ -65,6 +66,7 @@ VARIANTS = {
     SCALED_BIAS: {'model.moe.condition_scale': 8.0},
     # The routing condition from the model's own prediction instead of the dataset's tags.
     'predicted condition': {'model.moe.condition': 'predicted'},
+    PREDICTED_SCALED: {'model.moe.condition': 'predicted', 'model.moe.condition_scale': 8.0},
     'CDA off': {'data.cda.enabled': False},
     # Counterfactual scenes rendered again from the edited scene description instead of edited
     # pixels (data.cda.counterfactual, default 'pixel').
@@ -93,9 +95,9 @@ VARIANTS = {
                                   'optimizer.trainable': STAGE2_PLUS_PROJECTOR},
 }
 # The variants the claims compare (benchmarks/ablation_report.claims): the 'claims' sweep.
-# Sized for this machine's 2 cores: 4 seeds x (stage I + 7) runs take about an hour and a half.
+# Sized for this machine's 2 cores: 4 seeds x (stage I + 8) runs take about an hour and a half.
 CLAIM_VARIANTS = (FULL, 'CDA off', 'plain router', 'predicted condition', 'dense (equal active)',
-                  'CDA re-rendered', SCALED_BIAS)
+                  'CDA re-rendered', SCALED_BIAS, PREDICTED_SCALED)
 # The CDA study, the 'cda' sweep: what CLAIM_VARIANTS does not already hold (full, CDA off and
 # re-rendered are there), so it may run on the same root, at the same time as the claims sweep.
 CDA_VARIANTS = ('CDA copies (no edit)', 'CDA cutout only', 'CDA recolour only', 'CDA move only',

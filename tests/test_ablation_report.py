@@ -154,7 +154,7 @@ def test_mean_std_and_claims(tmp_path):
   text = (out / 'ablations.md').read_text()
   assert '| full (MoE-8, adaptive, CDA both) | 2 | ' in text
   assert '0.500 ± 0.141' in text
-  assert 'Not run: adaptive router, bias x8, predicted condition, CDA re-rendered, MoE-1' in text
+  assert 'Not run: adaptive router, bias x8, predicted condition, predicted condition, bias x8, CDA re-rendered' in text
   assert '| dense (stage-I FFNs) | 1 |' in text
   assert '| CDA off | 2 | ' in text and '(Holm-Bonferroni)' in text
   assert 'n = 2 (z_(1-alpha_j/2) + z_power)^2 s^2 / d^2' in text
@@ -394,8 +394,8 @@ def test_ablation_sweep_and_report_end_to_end(tmp_path, capfd, monkeypatch):
   assert all(r['init_from'] == ablations.STAGE1_RUN.format(seed=0) for r in result['runs'])
   rows = {row['claim'].split('.')[0]: row for row in result['claims']}
   assert rows.keys() == {'1', '1b', '2a', '2b', '2d', "2a''", "2b''", "2d''", "2a'", "2b'",
-                         "2c'", '3a', '3b', '3c', '3d', '3e', '3f', '3g', '3h', '3i', '3j', '3k',
-                         '3l', '3m'}
+                         "2c'", '2e', '2f', '2g', '3a', '3b', '3c', '3d', '3e', '3f', '3g',
+                         '3h', '3i', '3j', '3k', '3l', '3m'}
   # Not claim runs: the stage-I dense variant, MoE-1 and the CDA study's variants (3h-3m)
   not_run = {'1b', '3d', '3h', '3i', '3j', '3k', '3l', '3m'}
   for key in not_run:
@@ -413,7 +413,7 @@ def test_results_claims_rows_come_from_the_reports():
   for path in (REPO / 'benchmarks/results').glob('ablations*/ablations.md'):
     generated |= set(path.read_text().splitlines())
   rows = [line for line in (REPO / 'docs' / 'results.md').read_text().splitlines()
-          if re.match(r"\| (1|1b|2[a-d]'{0,2}|3[a-m])\. ", line)]
+          if re.match(r"\| (1|1b|2[a-g]'{0,2}|3[a-m])\. ", line)]
   assert len(rows) >= 8
   for row in rows:
     assert row in generated, row
