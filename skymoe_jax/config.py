@@ -414,8 +414,8 @@ def validate(config) -> None:
            'must be > 0')
     _check(moe.num_tasks >= 1 and moe.num_granularities >= 1, 'model.moe.num_tasks',
            (moe.num_tasks, moe.num_granularities), 'tasks and granularities must be >= 1')
-  _check(moe.get('condition_scale', 1.0) > 0, 'model.moe.condition_scale',
-         moe.get('condition_scale', 1.0), 'must be > 0')
+  condition_scale = moe.get('condition_scale', 1.0)
+  _check(condition_scale > 0, 'model.moe.condition_scale', condition_scale, 'must be > 0')
   condition = moe.get('condition', 'tags')
   _check(condition in CONDITIONS, 'model.moe.condition', condition,
          f'must be one of {CONDITIONS}')

@@ -154,7 +154,8 @@ def test_mean_std_and_claims(tmp_path):
   text = (out / 'ablations.md').read_text()
   assert '| full (MoE-8, adaptive, CDA both) | 2 | ' in text
   assert '0.500 ± 0.141' in text
-  assert 'Not run: adaptive router, bias x8, predicted condition, predicted condition, bias x8, CDA re-rendered' in text
+  assert ('Not run: adaptive router, bias x8, predicted condition, predicted condition, bias x8, '
+          'CDA re-rendered') in text
   assert '| dense (stage-I FFNs) | 1 |' in text
   assert '| CDA off | 2 | ' in text and '(Holm-Bonferroni)' in text
   assert 'n = 2 (z_(1-alpha_j/2) + z_power)^2 s^2 / d^2' in text

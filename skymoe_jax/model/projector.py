@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skymoe_jax.config import TOKEN_POSEMB
 from skymoe_jax.model import layers
 from skymoe_jax.model.vit import sincos_2d
 
@@ -20,7 +19,7 @@ def token_position_table(grid: int, width: int) -> np.ndarray:
 
 class Projector(nn.Module):
   out_dim: int
-  token_posemb: str = 'none'
+  token_posemb: str = 'none'  # model.vision.token_posemb, checked by config.validate
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -34,6 +33,4 @@ class Projector(nn.Module):
     if self.token_posemb == 'sincos2d':
       grid = int(round(np.sqrt(x.shape[1])))
       y = y + jnp.asarray(token_position_table(grid, self.out_dim), y.dtype)
-    elif self.token_posemb != 'none':
-      raise ValueError(f'token_posemb must be one of {TOKEN_POSEMB}, got {self.token_posemb!r}')
     return y
