@@ -151,6 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
       local_views=False,          # a local crop per row (local_images) for the contrastive loss
       object_centred_prob=0.7,    # local crop around an object when the record has boxes
       local_scale=(0.25, 0.5),    # random local crop side, fraction of the short side
+      # Times each record of a task appears in its source's epoch (0 leaves the task out): a task
+      # mixture inside one dataset, e.g. grounding x4 for a model that must learn boxes.
+      task_repeats=ml_collections.ConfigDict({t: 1 for t in TASKS}),
       cda=ml_collections.ConfigDict(dict(
           enabled=False, edit_fraction=0.25,   # rows of each batch that are edited copies
           cutout_weight=1.0, recolour_weight=1.0, move_weight=1.0,
@@ -508,6 +511,12 @@ def _validate_data(config) -> None:
          'must be in [1, 8]')
   _check(0 <= d.object_centred_prob <= 1, 'data.object_centred_prob', d.object_centred_prob,
          'must be in [0, 1]')
+  _check(set(d.task_repeats) == set(TASKS), 'data.task_repeats', sorted(d.task_repeats),
+         f'must name each task once: {list(TASKS)}')
+  for task, n in d.task_repeats.items():
+    _check(isinstance(n, int) and n >= 0, f'data.task_repeats.{task}', n, 'must be an int >= 0')
+  _check(any(d.task_repeats.values()), 'data.task_repeats', dict(d.task_repeats),
+         'leaves every task out')
   lo, hi = d.local_scale
   _check(0 < lo <= hi <= 1, 'data.local_scale', tuple(d.local_scale), 'must be 0 < lo <= hi <= 1')
   for name, source in d.sources.items():

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from skymoe_jax import config as config_lib
 from skymoe_jax.data import boxes, builders, cda, image_ops, pipeline, records, synthetic, tasks
 from skymoe_jax.data import template as template_lib
 from skymoe_jax.data import tokenizer as tokenizer_lib
+from skymoe_jax.registry import ConfigError
 
 
 @pytest.fixture(scope='module')
@@ -211,3 +213,37 @@ def test_long_conversations_are_truncated_and_counted(data):
   batch = pipeline.BatchBuilder(config, tok).build(0)
   assert batch['token_mask'].all()
   assert batch['counters'][pipeline.COUNTERS.index('truncated')] == config.data.batch_size
+
+
+def test_task_repeats_shape_each_epoch(data):
+  root, tok = data
+  config = _config(root)
+  config.data.task_repeats.update(grounding=3, counting=0)
+  builder = pipeline.BatchBuilder(config, tok)
+  reader = records.open_split(root / 'syn', 'train')
+  stored = [reader.record(i).task for i in range(len(reader))]
+  want = {t: stored.count(t) * config.data.task_repeats[t] for t in tasks.TASKS}
+  assert want['grounding'] > 0 and want['counting'] == 0
+  epoch = sum(want.values())
+  # The rows of the first epoch, batch after batch, hold each task exactly that often.
+  b = config.data.batch_size
+  rows = np.concatenate([builder.build(s)['task_id'] for s in range(-(-epoch // b))])[:epoch]
+  got = {t: int((rows == tasks.task_id(t)).sum()) for t in tasks.TASKS}
+  assert got == want
+  # With every repeat at 1 the epoch is the split itself.
+  assert pipeline.BatchBuilder(_config(root), tok).epochs == [None]
+
+
+def test_task_repeats_that_leave_nothing_are_refused(data):
+  root, tok = data
+  config = _config(root)
+  config.data.task_repeats.update({t: 0 for t in tasks.TASKS})
+  with pytest.raises(ConfigError, match='data.task_repeats'):
+    config_lib.validate(config)
+  config.data.task_repeats.update({t: 0 for t in tasks.TASKS}, grounding=1)
+  only_scene = records.open_split(root / 'syn', 'train').record(0)
+  only_scene = records.Record(**{**only_scene.__dict__, 'task': 'scene_classification'})
+  builders.write_records(root / 'scene_only', {'train': [only_scene]})
+  config.data.sources.synthetic.data_dir = str(root / 'scene_only')
+  with pytest.raises(pipeline.DataError, match='data.sources.synthetic: data.task_repeats'):
+    pipeline.BatchBuilder(config, tok)

@@ -12,7 +12,7 @@ builder (a `tf.numpy_function`) for several steps in parallel and prefetches the
 
 Mixture: each block of MIXTURE_BLOCK positions holds round(weight x block) positions of each
 source in a seeded order; a source walks through its records in a fresh seeded permutation per
-epoch. Host h of H builds rows [h B/H, (h+1) B/H) of global batch `step` from its own positions.
+epoch (an epoch holds each record data.task_repeats[its task] times). Host h of H builds rows [h B/H, (h+1) B/H) of global batch `step` from its own positions.
 
 Batch layout (per host, B rows): the first rows are originals; with CDA on, the last
 round(B x cda.edit_fraction) rows are edited copies of originals of the same batch
@@ -102,6 +102,19 @@ class Mixture:
     return s, int(self._permutation(s, epoch)[i])
 
 
+def task_indices(split: records.Split, repeats: Dict[str, int], where: str
+                 ) -> Optional[np.ndarray]:
+  """The record indices of one epoch of a source under data.task_repeats: each record of task t
+  repeats[t] times, in record order; None when every repeat is 1 (the split as it is)."""
+  if all(n == 1 for n in repeats.values()):
+    return None
+  counts = np.asarray([repeats[split.record(i).task] for i in range(len(split))], np.int64)
+  if not counts.any():
+    raise DataError(f'{where}: data.task_repeats {dict(repeats)} leaves none of its '
+                    f'{len(split)} records')
+  return np.repeat(np.arange(len(split)), counts)
+
+
 def host_rows(config, process_count: int) -> Tuple[int, int]:
   """(originals, edits) rows in one host's batch."""
   d = config.data
@@ -137,8 +150,12 @@ class BatchBuilder:
     self.sources = [records.open_split(d.sources[n].data_dir, d.sources[n].split)
                     for n in names]
     self.source_names = names
-    self.mixture = Mixture([len(r) for r in self.sources], [d.sources[n].weight for n in names],
-                           self.seed, names)
+    # Per source, the record behind each epoch position (None: position i is record i).
+    self.epochs = [task_indices(r, dict(d.task_repeats), f'data.sources.{n}')
+                   for r, n in zip(self.sources, names)]
+    self.mixture = Mixture([len(r) if e is None else len(e)
+                            for r, e in zip(self.sources, self.epochs)],
+                           [d.sources[n].weight for n in names], self.seed, names)
     if tokenizer.vocab_size > config.model.llm.vocab_size:
       raise DataError(f'the tokenizer has {tokenizer.vocab_size} pieces, more than '
                       f'config.model.llm.vocab_size={config.model.llm.vocab_size}')
@@ -208,16 +225,17 @@ class BatchBuilder:
     positions_per_step = self.num_originals * self.process_count
     position = step * positions_per_step + self.process_index * self.num_originals + j
     source, index = self.mixture(position)
+    epoch = self.epochs[source]
     view_rng = _rng(self.seed, _VIEW, step, self.process_index, j)
     for attempt in range(MAX_REPLACEMENTS + 1):
       try:
-        sample = self._load(source, index)
+        sample = self._load(source, index if epoch is None else int(epoch[index]))
         return sample, self._encode(sample, view_rng, counters), source
       except _Skip as skip:
         counters[COUNTERS.index(skip.reason)] += 1
         last = skip
         replace = _rng(self.seed, _REPLACE, step, self.process_index, j, attempt)
-        index = int(replace.integers(len(self.sources[source])))
+        index = int(replace.integers(len(self.sources[source]) if epoch is None else len(epoch)))
     raise DataError(f'source {self.source_names[source]}: {MAX_REPLACEMENTS + 1} bad records in '
                     f'a row, the last: {last}')
 
