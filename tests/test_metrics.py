@@ -410,11 +410,20 @@ def test_granularity_report():
 
 def test_constant_baseline_is_the_best_single_answer():
   # Hand-computed: '3' is right for 2 of 4 counting questions; 'yes' for 3 of 5 VQA ones
-  # (the evaluator's normalisation makes 'Yes' match); boxes have no constant baseline.
+  # (the evaluator's normalisation makes 'Yes' match).
   count = [{'prediction': '', 'references': [r]} for r in ('3', '3', '2', '0')]
   assert ev.constant_baseline('counting', count) == 0.5
   vqa = [{'prediction': '', 'references': [r]} for r in ('yes', 'Yes', 'no', 'red', 'yes')]
   assert ev.constant_baseline('vqa', vqa) == 0.6
-  assert ev.constant_baseline('grounding', [{'prediction': '', 'references': ['x']}]
-                                      ) is None
+  # Grounding: one box for every image. Of these four references (100 x 100 images) the first
+  # two overlap with IoU 8100 / 10000 = 0.81 and the last two overlap nothing else: the best
+  # constant box hits 2 of 4.
+  boxes = ('{<0><0><90><90>}', '{<0><0><100><100>}', '{<50><50><60><60>}', '{<0><80><10><90>}')
+  ground = [{'prediction': '', 'references': [b], 'width': 100, 'height': 100,
+             'dialect': 'geochat'} for b in boxes]
+  assert ev.constant_baseline('grounding', ground) == 0.5
+  # Boxes given as numbers, or references in another dialect: no single text answers them all.
+  assert ev.constant_baseline('grounding', [dict(ground[0], reference_dialect='vhm')]) is None
+  assert ev.constant_baseline('grounding', [dict(ground[0], reference_boxes=[[0, 0, 9, 9]])]
+                              ) is None
   assert ev.constant_baseline('counting', []) is None

@@ -206,26 +206,45 @@ def granularity_report(samples_by_task: Mapping[str, Sequence[Mapping]],
   return report
 
 
-# Tasks where one answer given to every question is a meaningful chance level.
-BASELINE_TASKS = ('scene_classification', 'vqa', 'counting')
+# Tasks where one answer given to every question is a meaningful chance level; for grounding
+# it is one box, the same place in every image.
+BASELINE_TASKS = ('scene_classification', 'vqa', 'counting', 'grounding')
 BASELINE_CANDIDATES = 20   # the most frequent reference answers tried as the constant one
+BOX_CANDIDATES = 200       # grounding: reference boxes tried, spread evenly over the samples
+
+
+def _one_box_dialect(samples: Sequence[Mapping]) -> bool:
+  """True when every grounding sample's prediction and text reference share one box dialect,
+  so that a reference box, written as it is, is a valid answer to every question."""
+  kinds = {(s.get('dialect'), s.get('reference_dialect', s.get('dialect')),
+            s.get('reference_boxes') is None) for s in samples}
+  return len(kinds) == 1 and all(d == r and text for d, r, text in kinds)
 
 
 def constant_baseline(task: str, samples: Sequence[Mapping],
                       evaluator: Optional[Evaluator] = None) -> Optional[float]:
   """The best headline score that one fixed answer, given to every question, reaches: each of
-  the BASELINE_CANDIDATES most frequent first references tried as the prediction and scored by
-  the task's own evaluator (so its normalisation and matching apply). None when there are no
-  samples or the task has no meaningful constant answer (BASELINE_TASKS)."""
+  the BASELINE_CANDIDATES most frequent first references (grounding: BOX_CANDIDATES first
+  references spread evenly over the samples, boxes being nearly all distinct) tried as the
+  prediction and scored by the task's own evaluator (so its normalisation and matching apply).
+  None when there are no samples or the task has no meaningful constant answer
+  (BASELINE_TASKS)."""
   if task not in BASELINE_TASKS or not samples:
     return None
   evaluator = evaluator or get_evaluator(task)
+  if task == 'grounding' and not _one_box_dialect(samples):
+    return None
   counts: Dict[str, int] = {}
   for i, s in enumerate(samples):
     first = _references(s, i)[0]
     if isinstance(first, str):
       counts[first] = counts.get(first, 0) + 1
-  candidates = sorted(counts, key=lambda a: (-counts[a], a))[:BASELINE_CANDIDATES]
+  if task == 'grounding':
+    firsts = list(counts)   # first-seen order
+    step = max(1, len(firsts) // BOX_CANDIDATES)
+    candidates = firsts[::step][:BOX_CANDIDATES]
+  else:
+    candidates = sorted(counts, key=lambda a: (-counts[a], a))[:BASELINE_CANDIDATES]
   scores = [evaluator.score([dict(s, prediction=c) for s in samples])[evaluator.headline]
             for c in candidates]
   return max(scores) if scores else None
