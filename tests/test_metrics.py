@@ -332,6 +332,7 @@ def test_counting_evaluator():
   assert out['accuracy'] == pytest.approx(3 / 5)
   # MAE over the 4 parsed: (0 + 0 + 1 + 0) / 4 = 0.25.
   assert out['mae'] == pytest.approx(0.25) and out['mae_n'] == 4 and out['unparsable'] == 1
+  assert out['bias'] == pytest.approx(-0.25)   # (0 + 0 - 1 + 0) / 4: 4 for 5 undercounts
   assert out['per_bin'] == {'0': {'n': 1, 'accuracy': 1.0}, '(0,2]': {'n': 1, 'accuracy': 1.0},
                             '(2,6]': {'n': 1, 'accuracy': 0.0},
                             '(6,12]': {'n': 1, 'accuracy': 0.0}, '>12': {'n': 1, 'accuracy': 1.0}}

@@ -328,13 +328,16 @@ def count_bin(count: int) -> str:
 
 
 def counting_summary(predicted: Sequence[Optional[int]], reference: Sequence[int]) -> Dict:
-  """{'accuracy' (unparsed = wrong), 'mae' (parsed only), 'mae_n', 'unparsable' (left out of the
-  MAE), 'per_bin': {bin: {'n', 'accuracy'}} for every bin, accuracy None where n is 0}."""
+  """{'accuracy' (unparsed = wrong), 'mae' (parsed only), 'bias' (mean predicted - reference,
+  parsed only: below 0 the model undercounts), 'mae_n', 'unparsable' (left out of the MAE and
+  the bias), 'per_bin': {bin: {'n', 'accuracy'}} for every bin, accuracy None where n is 0}."""
   correct = [p is not None and p == r for p, r in zip(predicted, reference)]
-  errors = [abs(p - r) for p, r in zip(predicted, reference) if p is not None]
+  signed = [p - r for p, r in zip(predicted, reference) if p is not None]
+  errors = [abs(e) for e in signed]
   per_bin = {b: [] for b in COUNT_BINS}
   for ok, r in zip(correct, reference):
     per_bin[count_bin(r)].append(ok)
-  return {'accuracy': mean(correct), 'mae': mean(errors), 'mae_n': len(errors),
+  return {'accuracy': mean(correct), 'mae': mean(errors), 'bias': mean(signed),
+          'mae_n': len(errors),
           'unparsable': sum(1 for p in predicted if p is None),
           'per_bin': {b: {'n': len(v), 'accuracy': mean(v)} for b, v in per_bin.items()}}
