@@ -20,7 +20,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from conftest import load_config
-from skymoe_jax.data import builders, image_ops, pipeline, records, synthetic
+from skymoe_jax.data import builders, image_ops, pipeline, records, synthetic, tasks
 from skymoe_jax.data import template as template_lib
 from skymoe_jax.data import tokenizer as tokenizer_lib
 from skymoe_jax.data.convert import instruct, neon
@@ -354,3 +354,12 @@ def test_train_tokenizer_cli_reports_skips(tmp_path):
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary['skipped'] == {'malformed_conversation': 1, 'unreadable_record': 1}
   assert 'split train record 1' in proc.stderr
+
+
+def test_task_repeats_keep_one_place_for_an_unreadable_record(tmp_path):
+  # Records 0 and 2 are VQA, record 1 is unreadable: its one place lets the pipeline count and
+  # replace it when drawn, as without task_repeats.
+  _corrupt_dataset(tmp_path / 'd')
+  repeats = dict({t: 1 for t in tasks.TASKS}, vqa=2)
+  epoch = pipeline.task_indices(records.open_split(tmp_path / 'd', 'train'), repeats, 'd')
+  assert epoch.tolist() == [0, 0, 1, 2, 2]

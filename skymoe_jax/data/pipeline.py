@@ -12,7 +12,8 @@ builder (a `tf.numpy_function`) for several steps in parallel and prefetches the
 
 Mixture: each block of MIXTURE_BLOCK positions holds round(weight x block) positions of each
 source in a seeded order; a source walks through its records in a fresh seeded permutation per
-epoch (an epoch holds each record data.task_repeats[its task] times). Host h of H builds rows [h B/H, (h+1) B/H) of global batch `step` from its own positions.
+epoch (an epoch holds each record data.task_repeats[its task] times). Host h of H builds rows
+[h B/H, (h+1) B/H) of global batch `step` from its own positions.
 
 Batch layout (per host, B rows): the first rows are originals; with CDA on, the last
 round(B x cda.edit_fraction) rows are edited copies of originals of the same batch
@@ -105,10 +106,18 @@ class Mixture:
 def task_indices(split: records.Split, repeats: Dict[str, int], where: str
                  ) -> Optional[np.ndarray]:
   """The record indices of one epoch of a source under data.task_repeats: each record of task t
-  repeats[t] times, in record order; None when every repeat is 1 (the split as it is)."""
+  repeats[t] times, in record order; None when every repeat is 1 (the split as it is). An
+  unreadable record keeps one place, so that drawing it is counted and replaced as usual."""
   if all(n == 1 for n in repeats.values()):
     return None
-  counts = np.asarray([repeats[split.record(i).task] for i in range(len(split))], np.int64)
+
+  def times(i):
+    try:
+      return repeats[split.record(i).task]
+    except records.RecordError:
+      return 1
+
+  counts = np.asarray([times(i) for i in range(len(split))], np.int64)
   if not counts.any():
     raise DataError(f'{where}: data.task_repeats {dict(repeats)} leaves none of its '
                     f'{len(split)} records')
