@@ -24,11 +24,6 @@ from skymoe_jax.data import tokenizer as tokenizer_lib
 from skymoe_jax.model import factory
 from skymoe_jax.training import loss as loss_lib
 
-flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
-flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
-flags.DEFINE_integer('rows', 256, 'Held-out rows per task.')
-flags.DEFINE_integer('batch_size', 64, 'Rows per forward pass.')
-flags.DEFINE_string('out', '', 'Also write the figures as JSON here.')
 FLAGS = flags.FLAGS
 
 
@@ -71,6 +66,15 @@ def reliance(config, params, tokenizer, rows, batch_size):
   return out
 
 
+def define_flags():
+  """The command's flags (defined only when run as a script: tests import several tools)."""
+  flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+  flags.DEFINE_integer('rows', 256, 'Held-out rows per task.')
+  flags.DEFINE_integer('batch_size', 64, 'Rows per forward pass.')
+  flags.DEFINE_string('out', '', 'Also write the figures as JSON here.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
@@ -88,4 +92,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   sys.exit(app.run(main))

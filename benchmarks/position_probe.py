@@ -21,11 +21,6 @@ from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.data import image_ops, sources, synthetic
 from skymoe_jax.model import factory
 
-flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
-flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
-flags.DEFINE_bool('init', False, 'Probe the model at its initialisation instead.')
-flags.DEFINE_integer('num_scenes', 450, 'Held-out scenes to read objects from.')
-flags.DEFINE_string('out', '', 'Also write the figures as JSON here.')
 FLAGS = flags.FLAGS
 
 TRAIN_SHARE = 0.7
@@ -86,6 +81,15 @@ def probe(config, params, num_scenes):
           'centre_r2_from_grid_cell': ridge_r2((cell + 0.5) / grid, centres, train).round(3).tolist()}
 
 
+def define_flags():
+  """The command's flags (defined only when run as a script: tests import several tools)."""
+  flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+  flags.DEFINE_bool('init', False, 'Probe the model at its initialisation instead.')
+  flags.DEFINE_integer('num_scenes', 450, 'Held-out scenes to read objects from.')
+  flags.DEFINE_string('out', '', 'Also write the figures as JSON here.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
@@ -104,4 +108,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   sys.exit(app.run(main))
