@@ -44,6 +44,7 @@ def reliance(config, params, tokenizer, rows, batch_size):
   """{task: {loss_own_image, loss_other_image, loss_blank_image, image_gain, rows}}."""
   model = factory.create_model(config)
   ce = jax.jit(lambda p, b: loss_lib.model_loss(p, model, b, config)[1]['ce_loss'])
+  steps = max(1, rows // batch_size)
   out = {}
   for task in tasks.TASKS:
     try:
@@ -51,7 +52,7 @@ def reliance(config, params, tokenizer, rows, batch_size):
     except pipeline.DataError:  # no rows of this task in any source
       continue
     losses = {'own': [], 'other': [], 'blank': []}
-    for step in range(max(1, rows // batch_size)):
+    for step in range(steps):
       batch = {k: v for k, v in builder.build(step).items() if k != 'counters'}
       images = batch['images']
       for name, shown in (('own', images), ('other', np.roll(images, 1, axis=0)),
@@ -62,7 +63,7 @@ def reliance(config, params, tokenizer, rows, batch_size):
                  'loss_other_image': round(mean['other'], 4),
                  'loss_blank_image': round(mean['blank'], 4),
                  'image_gain': round(mean['other'] - mean['own'], 4),
-                 'rows': max(1, rows // batch_size) * batch_size}
+                 'rows': steps * batch_size}
   return out
 
 

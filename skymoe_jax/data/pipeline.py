@@ -103,13 +103,12 @@ class Mixture:
     return s, int(self._permutation(s, epoch)[i])
 
 
-def task_indices(split: records.Split, repeats: Dict[str, int], where: str
-                 ) -> Optional[np.ndarray]:
+def task_indices(split: records.Split, repeats: Dict[str, int], where: str) -> np.ndarray:
   """The record indices of one epoch of a source under data.task_repeats: each record of task t
-  repeats[t] times, in record order; None when every repeat is 1 (the split as it is). An
+  repeats[t] times, in record order (every repeat 1: 0..n-1, and no record is read). An
   unreadable record keeps one place, so that drawing it is counted and replaced as usual."""
   if all(n == 1 for n in repeats.values()):
-    return None
+    return np.arange(len(split))
 
   def times(i):
     try:
@@ -159,12 +158,11 @@ class BatchBuilder:
     self.sources = [records.open_split(d.sources[n].data_dir, d.sources[n].split)
                     for n in names]
     self.source_names = names
-    # Per source, the record behind each epoch position (None: position i is record i).
+    # Per source, the record behind each position of its epoch.
     self.epochs = [task_indices(r, dict(d.task_repeats), f'data.sources.{n}')
                    for r, n in zip(self.sources, names)]
-    self.mixture = Mixture([len(r) if e is None else len(e)
-                            for r, e in zip(self.sources, self.epochs)],
-                           [d.sources[n].weight for n in names], self.seed, names)
+    self.mixture = Mixture([len(e) for e in self.epochs], [d.sources[n].weight for n in names],
+                           self.seed, names)
     if tokenizer.vocab_size > config.model.llm.vocab_size:
       raise DataError(f'the tokenizer has {tokenizer.vocab_size} pieces, more than '
                       f'config.model.llm.vocab_size={config.model.llm.vocab_size}')
@@ -238,13 +236,13 @@ class BatchBuilder:
     view_rng = _rng(self.seed, _VIEW, step, self.process_index, j)
     for attempt in range(MAX_REPLACEMENTS + 1):
       try:
-        sample = self._load(source, index if epoch is None else int(epoch[index]))
+        sample = self._load(source, int(epoch[index]))
         return sample, self._encode(sample, view_rng, counters), source
       except _Skip as skip:
         counters[COUNTERS.index(skip.reason)] += 1
         last = skip
         replace = _rng(self.seed, _REPLACE, step, self.process_index, j, attempt)
-        index = int(replace.integers(len(self.sources[source]) if epoch is None else len(epoch)))
+        index = int(replace.integers(len(epoch)))
     raise DataError(f'source {self.source_names[source]}: {MAX_REPLACEMENTS + 1} bad records in '
                     f'a row, the last: {last}')
 
