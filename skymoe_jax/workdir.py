@@ -433,7 +433,8 @@ def prepare_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
     storage.copy_file(tokenizer_path(init_workdir(config, workdir)), local)
   else:
     vocab = d.tokenizer_vocab_size or config.model.llm.vocab_size
-    tokenizer_lib.ensure(local.with_suffix(''), [s.data_dir for s in d.sources.values()], vocab)
+    tokenizer_lib.ensure(local.with_suffix(''), [s.data_dir for s in d.sources.values()], vocab,
+                         coordinates=d.get('tokenizer_coordinates', ''))
   sources.sync('tokenizer')
   return tokenizer_lib.Tokenizer(local)
 

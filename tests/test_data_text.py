@@ -1,5 +1,6 @@
 """Box dialects, task tags and the chat template against hand-worked values."""
 import random
+import re
 
 import pytest
 
@@ -131,6 +132,19 @@ def test_malformed_boxes(dialect, text):
   assert dialect in str(err.value) and repr(text) in str(err.value)
   assert isinstance(err.value, ValueError)
   assert boxes.try_parse(dialect, text, 200, 100) is None
+
+
+def test_coordinate_pieces_are_what_format_writes():
+  geochat = boxes.coordinate_pieces('geochat')
+  assert geochat[:3] == ['<0>', '<1>', '<2>'] and geochat[-1] == '<100>' and len(geochat) == 101
+  paligemma = boxes.coordinate_pieces('paligemma')
+  assert paligemma[0] == '<loc0000>' and paligemma[-1] == '<loc1023>' and len(paligemma) == 1024
+  for name, pieces in (('geochat', geochat), ('paligemma', paligemma)):
+    text = boxes.format(name, Box(3.0, 50.0, 97.0, 200.0), 100, 200)
+    written = re.findall(r'<[^<>|]+>', text)
+    assert len(written) == 4 and set(written) <= set(pieces), (name, text)
+  with pytest.raises(ValueError, match="'lhrs' writes its values inside a list"):
+    boxes.coordinate_pieces('lhrs')
 
 
 def test_unknown_dialect():

@@ -91,6 +91,24 @@ def test_special_ids_and_single_piece_symbols(tok):
   assert [tok.id_to_piece(i) for i in tok.encode('<12>')][-3:-1] == ['1', '2']
 
 
+def test_coordinate_tokens_make_each_box_value_one_piece(corpus, tok):
+  coords = tokenizer_lib.train(corpus, None, 1024, coordinates='geochat')
+  for v in range(101):
+    ids = coords.encode(f'<{v}>')
+    assert [coords.id_to_piece(i) for i in ids][-1] == f'<{v}>', v
+  box = '{<7><30><100><0>|<45>}'
+  ids = coords.encode(f'It is at {box}.')
+  assert coords.decode(ids) == f'It is at {box}.'
+  pieces = [coords.id_to_piece(i) for i in ids]
+  assert pieces[pieces.index('<7>'):pieces.index('<7>') + 4] == ['<7>', '<30>', '<100>', '<0>']
+  # Counts and other numbers still spell one digit per token; without coordinate tokens a box
+  # value is spelt too.
+  assert [coords.id_to_piece(i) for i in coords.encode('37 cars')][:3] == ['▁', '3', '7']
+  assert len(tok.encode('<37>')) > len(coords.encode('<37>'))
+  with pytest.raises(ValueError, match="'vhm' writes its values inside a list"):
+    tokenizer_lib.train(corpus, None, 1024, coordinates='vhm')
+
+
 def test_training_is_deterministic(corpus, tmp_path):
   a = tokenizer_lib.train(corpus, str(tmp_path / 'a' / 'tok'), 1024)
   b = tokenizer_lib.train(list(corpus), str(tmp_path / 'b'), 1024)

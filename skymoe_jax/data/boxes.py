@@ -119,6 +119,9 @@ class Dialect:
   write: Callable[[Sequence[Sequence[str]], Sequence[Optional[float]]], str]
   decimals: int = 0         # digits written after the point (float dialects)
   digits: int = 0           # zero-padded width of written integers (0 = none)
+  # How one value is written on its own ('<{}>': GeoChat's <37>), for dialects whose values are
+  # delimited pieces of text; '' when values sit inside a list with other numbers.
+  value_piece: str = ''
 
   @property
   def step(self) -> float:
@@ -127,11 +130,12 @@ class Dialect:
 
 
 DIALECTS = {d.name: d for d in (
-    Dialect('geochat', 100, 100, True, False, _find_geochat, _write_geochat),
+    Dialect('geochat', 100, 100, True, False, _find_geochat, _write_geochat, value_piece='<{}>'),
     Dialect('vhm', 1000, 1000, True, False, _find_list, _write_list),
     Dialect('lhrs', 1.0, 1.0, False, False, _find_list, _write_list, decimals=2),
     Dialect('deepseek_vl2', 999, 999, True, False, _find_deepseek, _write_deepseek),
-    Dialect('paligemma', 1024, 1023, True, True, _find_paligemma, _write_paligemma, digits=4),
+    Dialect('paligemma', 1024, 1023, True, True, _find_paligemma, _write_paligemma, digits=4,
+            value_piece='<loc{:04d}>'),
 )}
 
 
@@ -139,6 +143,18 @@ def get_dialect(dialect: Union[str, Dialect]) -> Dialect:
   if isinstance(dialect, Dialect):
     return dialect
   return registry.lookup(DIALECTS, dialect, 'dialect', 'box dialect')
+
+
+def coordinate_pieces(dialect: Union[str, Dialect]) -> List[str]:
+  """Every value of the dialect as the text piece it is written as ('<0>' ... '<100>' for
+  geochat): a tokenizer that keeps each one whole reads a coordinate as one token. Raises
+  ValueError for a dialect whose values are not delimited pieces (numbers in a list)."""
+  d = get_dialect(dialect)
+  if not d.value_piece:
+    raise ValueError(f'box dialect {d.name!r} writes its values inside a list, not as pieces of '
+                     'their own; coordinate tokens need one of '
+                     f'{sorted(n for n, x in DIALECTS.items() if x.value_piece)}')
+  return [d.value_piece.format(v) for v in range(int(d.max_value) + 1)]
 
 
 def _frame(width: float, height: float, pad_to_square: bool):

@@ -5,11 +5,13 @@ Two kinds of model load the same way:
     then 0: padding is always masked out by the batch's token_mask, so its id is never trained on
     or read. Task tags and `<image>` are plain text there and take several tokens each.
   * one trained here (`train`): unk 0, bos 1, eos 2, pad 3, then the task tags (tasks.TAGS) and the
-    image placeholders as user-defined symbols, so each is always exactly one token. BPE, identity
-    normalisation and kept whitespace (as LLaMA's), digits split one per token (box coordinates
-    and counts), and byte fallback when the 256 byte pieces fit in half the table, so that no
-    character ever becomes unk. The tiny config's 256-entry table has no room for them: there,
-    characters the training texts never showed become unk.
+    image placeholders as user-defined symbols, so each is always exactly one token; optionally
+    every coordinate of a box dialect too (`coordinates`, e.g. geochat's '<0>' ... '<100>'), so a
+    box is four tokens, each naming a place, instead of a digit string to spell. BPE, identity
+    normalisation and kept whitespace (as LLaMA's), digits split one per token (counts, and box
+    coordinates without coordinate tokens), and byte fallback when the 256 byte pieces fit in half
+    the table, so that no character ever becomes unk. The tiny config's 256-entry table has no
+    room for them: there, characters the training texts never showed become unk.
 
 A conversation is encoded piece by piece (template.render), never as one string, so the loss mask
 is exact and the template's `</s>` becomes the eos id instead of the text `<`, `/`, `s`, `>`. Each
@@ -33,6 +35,7 @@ import numpy as np
 import sentencepiece as spm
 
 from skymoe_jax import storage
+from skymoe_jax.data import boxes
 from skymoe_jax.data import tasks
 from skymoe_jax.data import template as tmpl
 
@@ -214,26 +217,30 @@ def _pieces(template: tmpl.Template, conversations: Sequence[Mapping[str, Any]]
 
 # ------------------------------------------------------------------------------------ training
 
-def user_symbols() -> List[str]:
-  """The pieces a trained model keeps whole: every task tag and every template's placeholder."""
+def user_symbols(coordinates: str = '') -> List[str]:
+  """The pieces a trained model keeps whole: every task tag, every template's placeholder and,
+  when `coordinates` names a box dialect, each of its coordinate values (boxes.coordinate_pieces).
+  """
   placeholders = sorted({t.image_placeholder for t in tmpl.TEMPLATES.values()})
-  return sorted(tasks.TAGS) + [p for p in placeholders if p not in tasks.TAGS]
+  symbols = sorted(tasks.TAGS) + [p for p in placeholders if p not in tasks.TAGS]
+  return symbols + (boxes.coordinate_pieces(coordinates) if coordinates else [])
 
 
 def train(texts: Iterable[str], model_prefix: Optional[str], vocab_size: int, *,
           byte_fallback: Optional[bool] = None, character_coverage: float = 1.0,
-          model_type: str = 'bpe') -> Tokenizer:
+          model_type: str = 'bpe', coordinates: str = '') -> Tokenizer:
   """Trains a model on `texts` (in order) with at most `vocab_size` pieces; writes
   `model_prefix`.model unless model_prefix is None.
 
-  byte_fallback=None turns it on when the 256 byte pieces take at most half the table. The
+  byte_fallback=None turns it on when the 256 byte pieces take at most half the table.
+  coordinates: a box dialect whose coordinate values become one piece each ('' = none). The
   vocab may come out smaller than asked (hard_vocab_limit off: a small corpus runs out of merges),
   never larger, so it always fits the model's embedding table.
   """
   texts = [t for t in texts if t]
   if not texts:
     raise ValueError('no texts to train the tokenizer on')
-  symbols = user_symbols()
+  symbols = user_symbols(coordinates)
   if byte_fallback is None:
     byte_fallback = vocab_size >= 2 * NUM_BYTES
   writer = io.BytesIO()
@@ -316,8 +323,9 @@ def texts_from_records(data_dir, split: str = 'train',
 
 
 def ensure(prefix, data_dirs: Sequence, vocab_size: int, split: str = 'train',
-           template: tmpl.Template = tmpl.LLAVA_V1) -> Tokenizer:
-  """The tokenizer at PREFIX.model, trained on the records of `data_dirs` if it is missing."""
+           template: tmpl.Template = tmpl.LLAVA_V1, coordinates: str = '') -> Tokenizer:
+  """The tokenizer at PREFIX.model, trained on the records of `data_dirs` if it is missing
+  (with `coordinates`' values as single pieces, see train)."""
   if isinstance(data_dirs, (str, os.PathLike)):
     data_dirs = [data_dirs]
   path = storage.path(str(prefix) + '.model')
@@ -325,7 +333,7 @@ def ensure(prefix, data_dirs: Sequence, vocab_size: int, split: str = 'train',
     tok = Tokenizer(path)
   else:
     texts = [t for d in data_dirs for t in texts_from_records(d, split, template)]
-    tok = train(texts, prefix, vocab_size)
+    tok = train(texts, prefix, vocab_size, coordinates=coordinates)
   if tok.vocab_size > vocab_size:
     raise ValueError(f'{path}: the tokenizer has {tok.vocab_size} pieces, more than the model\'s '
                      f'vocab_size {vocab_size}')
