@@ -11,14 +11,16 @@ The argument is a comma-separated list of: 'stage1' | 'stage2' (default), 'init=
 (one shared stage-I workdir for every run and seed instead: the old layout, which get_sweep
 then leaves out of the sweep), 'seeds=N' (seeds in get_sweep, default 1), 'steps=N' (stage-II
 steps, default STAGE2_STEPS), 'eval=N' (evaluation questions per task of each source, default
-EVAL_PER_TASK), 'claims' (get_sweep lists CLAIM_VARIANTS, the ones the claims compare) or
-'cda' (CDA_VARIANTS, the CDA study).
+EVAL_PER_TASK), 'claims' (get_sweep lists CLAIM_VARIANTS, the ones the claims compare), 'cda'
+(CDA_VARIANTS, the CDA study) or 'experts' (EXPERT_VARIANTS, claim 3d).
 
   python launch/sweep.py --config=configs/ablations.py:claims,seeds=4,steps=100,eval=300 \
       --workdir_root=/tmp/skymoe_science --local
   python launch/sweep.py --config=configs/ablations.py:cda,seeds=2,steps=100,eval=300 \
       --workdir_root=/tmp/skymoe_science --local      # same root: reuses the stage Is
   python benchmarks/ablation_report.py --workdir_root=/tmp/skymoe_science
+  python launch/sweep.py --config=configs/ablations.py:experts,seeds=4,steps=100,eval=300 \
+      --workdir_root=/tmp/skymoe_experts --local   # claim 3d, on a root of its own
 
 get_sweep() is seed-major: for seed 0 its stage-I run ({'config_arg': 'stage1', 'seed': 0}, the
 workdir 'config_arg=stage1,seed=0': jobs/sweep.py trains it with this file's ':stage1'), then
@@ -102,19 +104,24 @@ CLAIM_VARIANTS = (FULL, 'CDA off', 'plain router', 'predicted condition', 'dense
 # re-rendered are there), so it may run on the same root, at the same time as the claims sweep.
 CDA_VARIANTS = ('CDA copies (no edit)', 'CDA cutout only', 'CDA recolour only', 'CDA move only',
                 'CDA share 0.5', 'contrastive', 'contrastive control (w=0)')
+# Claim 3d, the 'experts' sweep: the number of experts, each seed's full model among them (its
+# own root: the full model is the claims sweep's too).
+EXPERT_VARIANTS = (FULL, 'MoE-1', 'MoE-2', 'MoE-4')
+SELECTIONS = {'claims': CLAIM_VARIANTS, 'cda': CDA_VARIANTS, 'experts': EXPERT_VARIANTS}
 
 
 def parse_arg(arg):
   """'claims,seeds=4,steps=300' -> fields stage ('stage1' | 'stage2'), seeds, init ('' = a
   stage I per seed), steps, eval, claims, cda (config.parse_arg reads the items; the checks
   here are this file's own)."""
-  a = config_lib.parse_arg(arg, stage1=False, stage2=False, claims=False, cda=False, seeds=1,
-                           init='', steps=STAGE2_STEPS, eval=EVAL_PER_TASK)
+  a = config_lib.parse_arg(arg, stage1=False, stage2=False, seeds=1, init='', steps=STAGE2_STEPS,
+                           eval=EVAL_PER_TASK, **{name: False for name in SELECTIONS})
   where = f'configs/ablations.py argument {arg!r}'
   if a.stage1 and a.stage2:
     raise ConfigError(f'{where}: stage1 or stage2, not both')
-  if a.claims and a.cda:
-    raise ConfigError(f'{where}: claims or cda, not both (one sweep per root)')
+  chosen = [name for name in SELECTIONS if a[name]]
+  if len(chosen) > 1:
+    raise ConfigError(f'{where}: one of {" or ".join(chosen)}, not both (one sweep per root)')
   for name in ('seeds', 'steps', 'eval'):
     if a[name] < 1:
       raise ConfigError(f"configs/ablations.py argument '{name}={a[name]}': must be >= 1")
@@ -161,9 +168,10 @@ def stage1_run(seed):
 
 def get_sweep(arg=None):
   """Seed-major: per seed its stage-I run (unless 'init=' names a shared one), then the variants
-  (CLAIM_VARIANTS, CDA_VARIANTS or every one, in that list's order) as override dicts."""
+  (the SELECTIONS list the argument names, or every one, in that list's order) as override
+  dicts."""
   a = parse_arg(arg)
-  names = CLAIM_VARIANTS if a['claims'] else CDA_VARIANTS if a['cda'] else tuple(VARIANTS)
+  names = next((SELECTIONS[n] for n in SELECTIONS if a[n]), tuple(VARIANTS))
   runs = []
   for s in range(a['seeds']):
     if not a['init']:

@@ -326,13 +326,15 @@ def test_sweep_lists_a_stage1_per_seed_then_its_variants(tmp_path):
   demo = load_config('demo')
   assert ablations.VARIANTS['dense (equal active)']['model.moe.mlp_dim'] == (
       2 * demo.model.llm.mlp_dim)
-  for arg, names in (('claims', ablations.CLAIM_VARIANTS), ('cda', ablations.CDA_VARIANTS)):
+  for arg, names in ablations.SELECTIONS.items():
     listed = ablations.get_sweep(f'{arg},seeds=2')
     k = len(names) + 1
     assert len(listed) == 2 * k
     assert (listed[0], listed[k]) == (ablations.stage1_run(0), ablations.stage1_run(1))
     assert [ablations.variant_of(r) for r in listed[1:k]] == list(names)
     assert set(names) <= set(ablations.VARIANTS)
+  with pytest.raises(config_lib.ConfigError, match='one of claims or experts, not both'):
+    ablations.get_sweep('claims,experts')
 
   # As jobs/sweep.py expands it: every stage-II run starts from its seed's stage-I workdir, a
   # sibling under the same root, listed before it.
