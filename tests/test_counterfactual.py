@@ -129,6 +129,25 @@ def test_counterfactual_is_the_scene_drawn_with_the_edit(kind):
   assert applied >= 3, f'{kind}: applied to {applied} samples only'
 
 
+@pytest.mark.parametrize('kind', sorted(cda.EDITS))
+def test_an_edit_without_paint_makes_the_same_choices_and_leaves_the_picture(kind):
+  applied = 0
+  for k, sample in enumerate(_samples(HARD)):
+    painted = cda.EDITS[kind](sample, np.random.default_rng(k), synthetic.COLORS)
+    unpainted = cda.EDITS[kind](sample, np.random.default_rng(k), synthetic.COLORS, paint=False)
+    assert (painted is None) == (unpainted is None)
+    if painted is None:
+      continue
+    applied += 1
+    assert unpainted.image is sample.image   # not drawn, not copied
+    assert (unpainted.conversations, unpainted.changes, unpainted.labels, unpainted.colors) == (
+        painted.conversations, painted.changes, painted.labels, painted.colors)
+    np.testing.assert_array_equal(unpainted.boxes, painted.boxes)
+    if kind != 'copy':
+      assert not np.array_equal(painted.image, sample.image)
+  assert applied >= 3, f'{kind}: applied to {applied} samples only'
+
+
 def test_counterfactual_refuses_a_record_of_other_params():
   sample = _samples(HARD, 10)[0]
   with pytest.raises(ValueError, match='differ from the scene'):

@@ -9,7 +9,10 @@ while its global scene stays, each with a regenerated question and answer.
             where it is and answers its new box.
   copy      (a control, off by default) the original itself, unedited.
 
-Only instances whose box touches no other box are edited, so every object that stays is left
+Every edit takes the same arguments (sample, rng, palette, fits, paint) and returns the edited
+sample with `changes` saying what it did; paint=False makes the same choices, question and answer
+but leaves the picture as it was, for a caller that draws the edited scene itself
+(synthetic.counterfactual). Only instances whose box touches no other box are edited, so every object that stays is left
 fully visible and the rewritten answer is exact. Pixels outside the edited boxes never change.
 The background fill interpolates, row by row and column by column, between the pixels just
 outside the box (a cheap stand-in for Poisson blending, which we do not implement).
@@ -100,7 +103,7 @@ def _box_text(box, image) -> str:
   return box_lib.format(DIALECT, box_lib.Box(*map(float, box)), w, h)
 
 
-def cutout(sample: Sample, rng: np.random.Generator, palette=None, fits=None
+def cutout(sample: Sample, rng: np.random.Generator, palette=None, fits=None, paint=True
            ) -> Optional[Sample]:
   """Count-varying cutout; None when no class has an isolated instance."""
   del palette, fits
@@ -114,7 +117,7 @@ def cutout(sample: Sample, rng: np.random.Generator, palette=None, fits=None
   m = int(rng.integers(1, len(candidates) + 1))
   removed = set(rng.choice(candidates, size=m, replace=False).tolist())
   image = sample.image
-  for i in sorted(removed):
+  for i in sorted(removed) if paint else ():
     image = fill_background(image, sample.boxes[i])
   keep = [i for i in range(len(sample.labels)) if i not in removed]
   answer = str(len(of_class) - m)
@@ -126,7 +129,7 @@ def cutout(sample: Sample, rng: np.random.Generator, palette=None, fits=None
 
 
 def recolour(sample: Sample, rng: np.random.Generator, palette: Mapping[str, Sequence[int]],
-             fits=None) -> Optional[Sample]:
+             fits=None, paint=True) -> Optional[Sample]:
   """Attribute edit of colour; None when no isolated object has a palette colour."""
   del fits
   if not palette or len(palette) < 2:
@@ -141,13 +144,15 @@ def recolour(sample: Sample, rng: np.random.Generator, palette: Mapping[str, Seq
   new = names[rng.integers(len(names))]
   h, w = sample.image.shape[:2]
   y0, y1, x0, x1 = _pixel_bounds(sample.boxes[i], h, w)
-  image = sample.image.copy()
-  region = image[y0:y1, x0:x1].astype(np.int32)
+  region = sample.image[y0:y1, x0:x1].astype(np.int32)
   match = np.all(np.abs(region - np.asarray(palette[old], np.int32)) <= COLOR_TOLERANCE, axis=-1)
-  if not match.any():
+  if not match.any():   # the object's pixels are not of its colour: nothing to repaint
     return None
-  region[match] = np.asarray(palette[new], np.int32)
-  image[y0:y1, x0:x1] = region.astype(np.uint8)
+  image = sample.image
+  if paint:
+    image = image.copy()
+    region[match] = np.asarray(palette[new], np.int32)
+    image[y0:y1, x0:x1] = region.astype(np.uint8)
   colors = list(sample.colors)
   colors[i] = new
   question = f'[identify] What colour is the {sample.labels[i]} {_box_text(sample.boxes[i], image)}?'
@@ -166,8 +171,8 @@ def _description(sample: Sample, i: int) -> Optional[str]:
   return f'the {colour} {label}' if colour and len(same) == 1 else None
 
 
-def move(sample: Sample, rng: np.random.Generator, palette=None, fits=None, tries: int = 20
-         ) -> Optional[Sample]:
+def move(sample: Sample, rng: np.random.Generator, palette=None, fits=None, paint=True,
+         tries: int = 20) -> Optional[Sample]:
   """Attribute edit of position; None when no isolated, uniquely described object fits
   anywhere else without touching another box (and where fits(label, box), if given, allows)."""
   del palette
@@ -187,9 +192,11 @@ def move(sample: Sample, rng: np.random.Generator, palette=None, fits=None, trie
                          np.float32)
     if (isolated(np.concatenate([new_box[None], others]))[0]
         and (fits is None or fits(sample.labels[i], new_box))):
-      patch = sample.image[y0:y1, x0:x1].copy()
-      image = fill_background(sample.image, sample.boxes[i])
-      image[ny:ny + bh, nx:nx + bw] = patch
+      image = sample.image
+      if paint:
+        patch = image[y0:y1, x0:x1].copy()
+        image = fill_background(image, sample.boxes[i])
+        image[ny:ny + bh, nx:nx + bw] = patch
       boxes = sample.boxes.copy()
       boxes[i] = new_box
       desc = _description(sample, i)
@@ -200,11 +207,11 @@ def move(sample: Sample, rng: np.random.Generator, palette=None, fits=None, trie
   return None
 
 
-def copy(sample: Sample, rng: np.random.Generator = None, palette=None, fits=None
+def copy(sample: Sample, rng: np.random.Generator = None, palette=None, fits=None, paint=True
          ) -> Sample:
   """No edit at all: the original again, question and answer included. The control that tells
   an edit's content from what any edited row costs (an original row of the batch less)."""
-  del rng, palette, fits
+  del rng, palette, fits, paint
   return dataclasses.replace(sample, edit='copy', changes={})
 
 

@@ -705,7 +705,7 @@ def counterfactual(sample: cda.Sample, kind: str, rng: np.random.Generator, pale
     raise ValueError(f'record {sample.id}: fields boxes/labels differ from the scene its '
                      f'dataset\'s generator params {params} render; not a re-renderable record')
   fits = lambda label, box: allowed_at(layout, label, box)
-  edited = cda.EDITS[kind](sample, rng, palette, fits=fits)
+  edited = cda.EDITS[kind](sample, rng, palette, fits=fits, paint=False)  # drawn below instead
   if edited is None:
     return None
   drawn: List[Optional[SceneObject]] = list(objects)
