@@ -131,6 +131,14 @@ def moe_config(renormalize):
   return config
 
 
+def predicted_config():
+  """The tiny MoE whose condition head predicts the adaptive router's condition; the bias
+  scaled so that the condition moves the routing clearly."""
+  config = moe_config(False)
+  config.model.moe.update(condition='predicted', condition_scale=2.5)
+  return config
+
+
 @pytest.fixture(scope='module')
 def dense(tmp_path_factory):
   config = dense_config()
@@ -152,11 +160,13 @@ def moe(request, tmp_path_factory):
 # ----------------------------------------------------------------------------- name table
 
 
-@pytest.mark.parametrize('name,arg,scan', [('tiny', None, True), ('tiny', None, False),
-                                           ('tiny', 'stage1', True)])
-def test_table_names_every_parameter_once(name, arg, scan):
+@pytest.mark.parametrize('name,arg,scan,condition', [
+    ('tiny', None, True, 'tags'), ('tiny', None, False, 'tags'), ('tiny', 'stage1', True, 'tags'),
+    ('tiny', None, True, 'predicted'), ('tiny', None, False, 'predicted')])
+def test_table_names_every_parameter_once(name, arg, scan, condition):
   config = load_config(name, arg)
   config.model.scan_layers = scan
+  config.model.moe.condition = condition
   config.model.lora.rank = 0  # an export's parameters: LoRA merged
   abstract = jax.tree.map(lambda b: b.value, factory.abstract_params(config),
                           is_leaf=lambda b: hasattr(b, 'value'))
@@ -179,6 +189,8 @@ def test_table_names_every_parameter_once(name, arg, scan):
     assert 'language_model.model.layers.0.block_sparse_moe.experts.3.w2.weight' in names
     assert 'language_model.model.layers.2.block_sparse_moe.condition_proj.weight' in names
     assert 'language_model.model.layers.1.mlp.gate_proj.weight' in names
+  assert ('condition_head.weight' in names) == (condition == 'predicted' and
+                                                config.model.moe.num_experts > 0)
 
 
 # ----------------------------------------------------------------------------- logits
@@ -269,6 +281,124 @@ def test_torch_greedy_generation_matches_full_forward(moe):
         logits = tm(images[row:row + 1], seq, torch.ones_like(seq, dtype=torch.bool),
                     task[row:row + 1], gran[row:row + 1])
       assert int(logits[0, -1].argmax()) == int(generated[row, i])
+
+
+@pytest.fixture(scope='module')
+def predicted(tmp_path_factory):
+  config = predicted_config()
+  params = random_params(config, seed=3)
+  out = tmp_path_factory.mktemp('predicted_export')
+  to_torch.export_params(params, config.model, out)
+  return config, params, out
+
+
+def test_predicted_condition_export_torch_logits_match_jax(predicted):
+  """model.moe.condition='predicted': given no ids, the torch model's condition head predicts
+  the condition as ours does (pooling, unit RMS, logit scale, softmax mix of the tables), over
+  every real token or a prompt mask (an empty one: the bias alone); given ids, it routes by
+  them as ours with condition=(task, granularity)."""
+  config, params, out = predicted
+  args = inputs(config)
+  images, tokens, mask, task, gran = args
+  tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out)
+  t_images, t_tokens, t_mask, t_task, t_gran = torch_inputs(args)
+  ours = jax_logits(config, params, args)  # the ids route nothing here
+  with torch.no_grad():
+    theirs = tm(t_images, t_tokens, t_mask).numpy()
+  assert np.abs(ours).max() > 0.5
+  assert np.abs(ours - theirs)[mask].max() <= TOL
+  # The head pools the prompt only: its first four tokens, none in row 1 (the bias decides).
+  prompt = np.zeros_like(mask)
+  prompt[0, :4] = True
+  ours_prompt = jax_logits(config, params, args + (prompt,))
+  with torch.no_grad():
+    theirs_prompt = tm(t_images, t_tokens, t_mask, prompt_mask=torch.from_numpy(prompt)).numpy()
+  assert np.abs(ours_prompt - theirs_prompt)[mask].max() <= TOL
+  assert np.abs(ours_prompt - ours)[mask].max() > 1e-3  # pooling other tokens routes otherwise
+  # The tag path: both ids given route as the JAX model routes by condition=(task, gran).
+  model = factory.create_model(config)
+  by_tags = np.asarray(jax.jit(lambda p, *a: model.apply({'params': p}, *a[:5],
+                                                         condition=a[5:])[0])(
+      params, images, tokens, mask, task, gran, task, gran))
+  with torch.no_grad():
+    theirs_tags = tm(t_images, t_tokens, t_mask, t_task, t_gran).numpy()
+  assert np.abs(by_tags - theirs_tags)[mask].max() <= TOL
+  assert np.abs(theirs_tags - theirs)[mask].max() > 1e-3  # the prediction is not the tags
+  with pytest.raises(ValueError, match='both task_id and granularity_id'):
+    tm(t_images, t_tokens, t_mask, t_task)
+  assert to_torch.verify_export(out, params, config) <= TOL
+  back, _ = to_torch.load_export(out)  # the head comes back into JAX bit for bit
+  want = lora.merge_lora(params, config.model.lora.alpha)
+  jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, want))
+
+
+def test_predicted_condition_head_matches_jax_where_the_epsilon_counts(predicted):
+  """The head's distributions, torch vs ours, on embeddings so small (1e-7) that the unit-RMS
+  epsilon decides the scale: the exported constants are the ones the JAX model uses."""
+  config, params, out = predicted
+  small = jax.tree.map(np.copy, params)
+  small['decoder']['embed'] *= 2e-7
+  tokens, mask = inputs(config)[1:3]
+  model = factory.create_model(config)
+  logits = jax.jit(lambda p, t, m: model.apply({'params': p}, t, m,
+                                                method='predict_condition'))(small, tokens, mask)
+  ours = [np.asarray(jax.nn.softmax(logits[k], axis=-1)) for k in ('task', 'granularity')]
+  tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out)
+  with torch.no_grad():
+    tm.language_model.model.embed_tokens.weight *= 2e-7
+    theirs = tm.predict_condition(torch.from_numpy(tokens).long(), torch.from_numpy(mask))
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(b.numpy(), a, atol=1e-6)
+  unit = tm.condition_head.rms_eps
+  tm.condition_head.rms_eps = 0.0  # without the epsilon the small embeddings scale to unit RMS
+  with torch.no_grad():
+    other = tm.predict_condition(torch.from_numpy(tokens).long(), torch.from_numpy(mask))
+  tm.condition_head.rms_eps = unit
+  assert np.abs(other[0].numpy() - ours[0]).max() > 1e-2
+  cfg = json.loads((out / 'config.json').read_text())
+  assert cfg['skymoe']['condition_head'] == {'logit_scale': 8.0, 'rms_eps': 1e-12}
+  assert cfg['skymoe']['model']['moe']['condition'] == 'predicted'
+
+
+def test_predicted_condition_generation_routes_by_the_prompt(predicted):
+  """torch generate predicts once, from the prompt: each token equals a full forward whose head
+  pools the prompt alone, and the ids (given neither) route nothing."""
+  config, _, out = predicted
+  tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out)
+  images, tokens, mask, _, _ = torch_inputs(inputs(config, seed=4))
+  n = 5
+  generated, _ = tm.generate(images, tokens, mask, max_new_tokens=n, eos_id=-1, pad_id=0)
+  for row in range(B):
+    real = tokens[row, mask[row]]
+    for i in range(n):
+      seq = torch.cat([real, generated[row, :i]])[None]
+      prompt = torch.arange(seq.shape[1])[None] < len(real)
+      with torch.no_grad():
+        logits = tm(images[row:row + 1], seq, torch.ones_like(seq, dtype=torch.bool),
+                    prompt_mask=prompt)
+      assert int(logits[0, -1].argmax()) == int(generated[row, i])
+
+
+def test_predicted_condition_export_needs_its_head_constants(predicted, tmp_path):
+  """A config.json of a predicted-condition model without skymoe.condition_head (or with a
+  condition this code does not compute) is refused naming the field, on both sides."""
+  _, _, out = predicted
+  cfg = json.loads((out / 'config.json').read_text())
+  del cfg['skymoe']['condition_head']['rms_eps']
+  (tmp_path / 'config.json').write_text(json.dumps(cfg))
+  with pytest.raises(torch_model.LoadError, match=r'skymoe\.condition_head\.rms_eps'):
+    torch_model.export_files(tmp_path)
+  with pytest.raises(from_hf.CheckpointFileError, match=r'skymoe\.condition_head\.rms_eps'):
+    to_torch.load_export(tmp_path)
+  cfg = json.loads((out / 'config.json').read_text())
+  cfg['skymoe']['model']['moe']['condition'] = 'guessed'
+  (tmp_path / 'config.json').write_text(json.dumps(cfg))
+  with pytest.raises(torch_model.LoadError, match=r"skymoe\.model\.moe\.condition 'guessed'"):
+    torch_model.export_files(tmp_path)
+  config = predicted_config()
+  config.model.moe.condition = 'guessed'
+  with pytest.raises(to_torch.ExportError, match=r'config\.model\.moe\.condition'):
+    to_torch.check_exportable(config.model)
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -576,6 +706,18 @@ def test_torch_generation_matches_jax_generation(moe):
   got, got_len = tm.generate(*torch_inputs(args), max_new_tokens=6, eos_id=7, pad_id=0)
   np.testing.assert_array_equal(got.numpy(), np.asarray(want))
   np.testing.assert_array_equal(got_len.numpy(), np.asarray(want_len))
+
+
+def test_predicted_condition_torch_generation_matches_jax_generation(predicted):
+  """Our KV-cache generator predicts the condition once from the prompt; torch's, given no ids,
+  too: the same tokens (eos off: random weights may emit any id)."""
+  config, params, out = predicted
+  args = inputs(config, seed=6)
+  fn = generate.make_generate_fn(factory.create_model(config), config, 6, eos_id=-1, pad_id=0)
+  want, _ = fn(params, *args)
+  tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out)
+  got, _ = tm.generate(*torch_inputs(args)[:3], max_new_tokens=6, eos_id=-1, pad_id=0)
+  np.testing.assert_array_equal(got.numpy(), np.asarray(want))
 
 
 # ----------------------------------------------------------------------------- slow: real weights

@@ -23,7 +23,7 @@ transformers = pytest.importorskip('transformers')
 
 from conftest import REPO  # noqa: E402
 from test_export import (TOL, _workdir_with_checkpoint, dense_config, jax_logits,  # noqa: E402
-                         moe_config, random_params)
+                         moe_config, predicted_config, random_params)
 from test_tokenizer import _conversation, _corpus  # noqa: E402
 from skymoe_jax import workdir as workdir_lib  # noqa: E402
 from skymoe_jax.data import image_ops, tasks  # noqa: E402
@@ -69,6 +69,14 @@ def dense(tok, tmp_path_factory):
   return _export(config, random_params(config, seed=1), tok, tmp_path_factory.mktemp('dense_hf'))
 
 
+@pytest.fixture(scope='module')
+def predicted(tok, tmp_path_factory):
+  """The tiny MoE whose condition head routes (model.moe.condition='predicted')."""
+  config = predicted_config()
+  return _export(config, random_params(config, seed=3), tok,
+                 tmp_path_factory.mktemp('predicted_hf'))
+
+
 def _processor(out):
   return transformers.AutoProcessor.from_pretrained(out, trust_remote_code=True)
 
@@ -85,7 +93,8 @@ def _num_image_tokens(config):
 
 def _jax_args(config, inputs, length=None):
   """Our model's inputs for the processor's: NHWC pixels, the text ids right-padded to
-  `length` (the image placeholders dropped: our model puts the image first itself)."""
+  `length` (the image placeholders dropped: our model puts the image first itself), and the
+  router ids (zeros when the processor gives none: the condition head routes)."""
   nv = _num_image_tokens(config)
   ids, keep = inputs['input_ids'].numpy(), inputs['attention_mask'].numpy().astype(bool)
   rows = [ids[i][keep[i]][nv:] for i in range(len(ids))]
@@ -94,20 +103,23 @@ def _jax_args(config, inputs, length=None):
   mask = np.zeros((len(rows), length), bool)
   for i, r in enumerate(rows):
     tokens[i, :len(r)], mask[i, :len(r)] = r, True
+  zeros = torch.zeros(len(rows), dtype=torch.long)
   return (inputs['pixel_values'].permute(0, 2, 3, 1).numpy(), tokens, mask,
-          inputs['task_ids'].numpy().astype(np.int32),
-          inputs['granularity_ids'].numpy().astype(np.int32))
+          inputs.get('task_ids', zeros).numpy().astype(np.int32),
+          inputs.get('granularity_ids', zeros).numpy().astype(np.int32))
 
 
 def _jax_greedy(config, params, inputs, n):
-  """Greedy tokens of our JAX model, one full forward per token (no cache)."""
+  """Greedy tokens of our JAX model, one full forward per token (no cache); a condition head
+  pools the prompt alone, as in generation."""
   images, tokens, mask, task, gran = _jax_args(config, inputs)
   lengths = mask.sum(1)
   tokens = np.concatenate([tokens, np.zeros((len(tokens), n), np.int32)], axis=1)
   mask = np.concatenate([mask, np.zeros((len(mask), n), bool)], axis=1)
+  prompt = () if config.model.moe.get('condition', 'tags') == 'tags' else (mask.copy(),)
   out = []
   for _ in range(n):
-    logits = jax_logits(config, params, (images, tokens, mask, task, gran))
+    logits = jax_logits(config, params, (images, tokens, mask, task, gran) + prompt)
     new = logits[np.arange(len(tokens)), lengths - 1].argmax(-1)
     tokens[np.arange(len(tokens)), lengths], mask[np.arange(len(tokens)), lengths] = new, True
     lengths = lengths + 1
@@ -288,6 +300,60 @@ def test_generate_is_jax_greedy_and_a_ragged_batch_equals_batch_one(which, moe, 
                               attention_mask=inputs['attention_mask'], max_new_tokens=n,
                               eos_token_id=None)
     np.testing.assert_array_equal(native[:, width:].numpy(), want)
+
+
+def test_predicted_condition_auto_model_matches_jax(predicted):
+  """model.moe.condition='predicted': the processor gives no router ids, the model's head
+  predicts them from the prompt's text tokens (left padding and image placeholders left out):
+  logits and generate() as our JAX model's (one prediction from the prompt routes every new
+  token); ids given both route as tags (ours with condition=(task, granularity))."""
+  config, params, out = predicted
+  processor, model = _processor(out), _model(out)
+  inputs = _inputs(processor, seed=6)
+  assert 'task_ids' not in inputs and 'granularity_ids' not in inputs
+  nv, keep = _num_image_tokens(config), inputs['attention_mask'].numpy().astype(bool)
+  args = _jax_args(config, inputs)
+
+  def text_logits(out_logits):
+    theirs = np.zeros(args[1].shape + out_logits.shape[-1:], np.float32)
+    for i in range(len(theirs)):  # the text positions of each left-padded row
+      theirs[i, :args[2][i].sum()] = out_logits[i][keep[i]][nv:]
+    return theirs
+
+  ours = jax_logits(config, params, args)
+  with torch.no_grad():
+    output = model(**inputs)
+  theirs = text_logits(output.logits.numpy())
+  assert np.abs(ours).max() > 0.5
+  assert np.abs(ours - theirs)[args[2]].max() <= TOL
+  assert [c.shape for c in output.condition] == [
+      (2, config.model.moe.num_tasks), (2, config.model.moe.num_granularities)]
+  # Tags given (names or ids, as to a tag-routed export's processor) route instead.
+  tagged = processor(images=[_png(40, 60, 6), _png(64, 48, 7)], text=list(QUESTIONS),
+                     task_ids=['grounding', 'counting'], granularity_ids=[2, 0])
+  model_jax = factory.create_model(config)
+  task, gran = tagged['task_ids'].numpy(), tagged['granularity_ids'].numpy()
+  by_tags = np.asarray(model_jax.apply({'params': params}, *args[:3], task, gran,
+                                       condition=(task, gran))[0])
+  with torch.no_grad():
+    theirs_tags = text_logits(model(**tagged).logits.numpy())
+    assert model(**tagged).condition is None
+  assert np.abs(by_tags - theirs_tags)[args[2]].max() <= TOL
+  assert np.abs(theirs_tags - theirs)[args[2]].max() > 1e-3
+  n, width = 6, inputs['input_ids'].shape[1]
+  with torch.no_grad():
+    generated = model.generate(**inputs, max_new_tokens=n, eos_token_id=None)[:, width:]
+  np.testing.assert_array_equal(generated.numpy(), _jax_greedy(config, params, inputs, n))
+  # A step on a filled cache must be told the prompt's condition (generate passes it on).
+  with torch.no_grad():
+    first = model(**inputs, use_cache=True)
+    step = dict(input_ids=generated[:, :1], cache=first.cache,
+                attention_mask=torch.cat([inputs['attention_mask'],
+                                          torch.ones(2, 1, dtype=torch.long)], dim=1))
+    with pytest.raises(ValueError, match="needs the condition the prompt's forward returned"):
+      model(**step)
+    logits = model(**step, condition=first.condition).logits
+  assert logits.argmax(-1)[:, 0].tolist() == generated[:, 1].tolist()
 
 
 # ----------------------------------------------------------------------------- from a workdir

@@ -130,6 +130,11 @@ def test_what_qwen2_moe_cannot_express_is_refused_naming_the_field(tmp_path):
   params = random_params(plain_router_config(False), seed=2)
   with pytest.raises(native_export.NotExpressibleError, match=r'model\.moe\.adaptive=True'):
     native_export.export_native(params, adaptive.model, tmp_path / 'a')
+  predicted = load_config('tiny')  # the condition head: no module of LLaVA's holds it
+  predicted.model.moe.condition = 'predicted'
+  with pytest.raises(native_export.NotExpressibleError,
+                     match=r"model\.moe\.condition='predicted'.*condition head"):
+    native_export.export_native(params, predicted.model, tmp_path / 'p')
   novel = plain_router_config(False)
   novel.model.llm.qk_norm = True  # a field the mapping was not written for
   with pytest.raises(native_export.NotExpressibleError, match=r'model\.llm\.qk_norm'):

@@ -110,6 +110,14 @@ def test_what_has_no_adapter_or_no_native_base_is_refused(tmp_path):
   adaptive = load_config('tiny')  # LoRA on an adaptive-router MoE: no native base
   with pytest.raises(native_export.NotExpressibleError, match=r'model\.moe\.adaptive'):
     peft_export.export_adapter(random_params(adaptive, seed=1), adaptive.model, tmp_path / 'b')
+  # A condition head has no native base to sit in, with LoRA or merged (stage II, rank 0).
+  for arg in (None, 'stage2'):
+    predicted = load_config('tiny', arg)
+    predicted.model.moe.condition = 'predicted'
+    with pytest.raises(native_export.NotExpressibleError,
+                       match=r"model\.moe\.condition='predicted'.*no condition head"):
+      peft_export.export_adapter(random_params(predicted, seed=1), predicted.model,
+                                 tmp_path / 'c')
   assert not list(tmp_path.iterdir())
 
 

@@ -89,11 +89,15 @@ def test_defaults_and_a_dense_stage_accept_predicted():
              for p in config_lib.STAGE_II_TRAINABLE)
 
 
-def test_export_refuses_a_predicted_condition():
+def test_export_takes_a_predicted_condition_and_refuses_an_unknown_one():
+  """The PyTorch export carries the condition head (tests/test_export.py: its logits are
+  ours); a condition it does not compute is refused naming the field."""
+  to_torch.check_exportable(_predicted().model)
+  to_torch.check_exportable(load_config('tiny').model)
   config = _predicted()
+  config.model.moe.condition = 'guessed'  # past config.validate, as a newer config might be
   with pytest.raises(to_torch.ExportError, match=r'config\.model\.moe\.condition'):
     to_torch.check_exportable(config.model)
-  to_torch.check_exportable(load_config('tiny').model)
 
 
 # -- the soft condition --------------------------------------------------------------------------

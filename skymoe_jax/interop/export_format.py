@@ -12,7 +12,10 @@ model.safetensors or model-0000i-of-0000n.safetensors shards + model.safetensors
 tokenizer.model, and the files that make it a Hugging Face repository (interop/hf_repo.py):
 the shipped code (SHIPPED_CODE), generation_config.json and the processor's files. Its
 config.json has a `skymoe` section whose `model` is our model config (`REQUIRED` lists the
-fields of it that the readers use) and whose `moe_layers` lists the MoE decoder layers.
+fields of it that the readers use) and whose `moe_layers` lists the MoE decoder layers. A model
+that predicts its router's condition (skymoe.model.moe.condition 'predicted') also has
+`condition_head`: the constants of the head's maths (logit_scale, rms_eps), which the torch
+model computes with.
 """
 import json
 import os
@@ -48,12 +51,23 @@ REQUIRED = {
 REQUIRED_TOP = ('scan_layers', 'param_dtype')
 REQUIRED_MOE = ('layers', 'top_k', 'renormalize', 'adaptive', 'mlp_dim')  # num_experts > 0
 REQUIRED_ADAPTIVE = ('num_tasks', 'num_granularities', 'condition_dim')  # adaptive routers
+# moe.condition: what routes an adaptive router, the tags or the condition head's prediction; a
+# value outside these is a model the readers do not compute.
+CONDITIONS = ('tags', 'predicted')
+CONDITION_HEAD_FIELDS = ('logit_scale', 'rms_eps')  # skymoe.condition_head, when predicted
 
 
 def is_export_file(name: str) -> bool:
   """Whether an export writes a file of this name (what --overwrite may replace)."""
   return name in (CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, TOKENIZER_FILE, GENERATION_FILE,
                   ADAPTER_FOLDER, *SHIPPED_CODE, *PROCESSOR_FILES) or bool(_SHARD.fullmatch(name))
+
+
+def predicts_condition(model: dict) -> bool:
+  """Whether a skymoe.model dict routes by its condition head (model/skymoe.py's rule)."""
+  moe = model.get('moe') or {}
+  return (isinstance(moe.get('num_experts'), int) and moe['num_experts'] > 0
+          and bool(moe.get('adaptive')) and moe.get('condition', 'tags') == 'predicted')
 
 
 def _kind(value) -> str:
@@ -137,6 +151,18 @@ def read_config(folder, error=ValueError, our_layout: bool = True) -> dict:
       bool(layers) != (experts > 0)):
     raise error(f'{path}: skymoe.moe_layers {layers!r} is not a list of decoder layer indices in '
                 f'[0, {n}), non-empty exactly when moe.num_experts (here {experts}) > 0')
+  condition = model['moe'].get('condition', 'tags')
+  if experts > 0 and condition not in CONDITIONS:
+    raise error(f'{path}: skymoe.model.moe.condition {condition!r} is not one this code computes '
+                f'({", ".join(CONDITIONS)}); use the version that wrote it')
+  if predicts_condition(model):
+    head = skymoe.get('condition_head')
+    bad = [f for f in CONDITION_HEAD_FIELDS if not isinstance(head, dict) or isinstance(
+        head.get(f), bool) or not isinstance(head.get(f), (int, float))]
+    if bad:
+      raise error(f'{path}: skymoe.condition_head.{bad[0]} is missing or not a number: a model '
+                  "with moe.condition 'predicted' needs its condition head's constants (a "
+                  'damaged or hand-edited config.json?)')
   if our_layout and skymoe.get('native') == 'qwen2_moe':
     raise error(f'{path}: a native transformers export (LLaVA + Qwen2-MoE, skymoe.native): load '
                 'it with transformers.LlavaForConditionalGeneration, or export with '

@@ -11,7 +11,10 @@ Names follow the LLaVA checkpoint convention that LlavaForConditionalGeneration 
 (`vision_tower.vision_model.*` = CLIP, `multi_modal_projector.linear_{1,2}`,
 `language_model.model.*` + `language_model.lm_head.weight` = LLaMA); MoE layers use Mixtral's
 `block_sparse_moe.{gate, experts.{e}.w1/w2/w3}` plus our adaptive router's
-`block_sparse_moe.{task_embed, granularity_embed, condition_proj}.weight`.
+`block_sparse_moe.{task_embed, granularity_embed, condition_proj}.weight`, and a model that
+predicts its router's condition (model.moe.condition='predicted') has its condition head as
+`condition_head.{weight, bias}` (a Linear from the embedding width to num_tasks +
+num_granularities logits).
 
 Input: a state dict as name -> numpy array, or `open_checkpoint(path)` for a folder or file
 (safetensors, read tensor by tensor through the safetensors library, one file or sharded with an
@@ -45,6 +48,7 @@ import safetensors
 from skymoe_jax.config import num_feature_layers
 from skymoe_jax.interop import export_format
 from skymoe_jax.model import layout
+from skymoe_jax.model.skymoe import predicts_condition
 from skymoe_jax.model.vit import resize_position_embedding
 
 
@@ -211,6 +215,16 @@ def llama_table(model_cfg, prefix: str = 'model.', lm_head_name: str = 'lm_head.
   return t
 
 
+def condition_head_table(model_cfg, name: str = 'condition_head') -> List[Entry]:
+  """The condition head of a model that predicts its router's condition, else nothing: one
+  Linear, embed_dim -> num_tasks + num_granularities (task logits first), with a bias."""
+  if not predicts_condition(model_cfg):
+    return []
+  m = model_cfg.moe
+  return _linear(name, ('condition_head',), (model_cfg.llm.embed_dim,),
+                 (m.num_tasks + m.num_granularities,), bias=True)
+
+
 def _under(part: str, table: List[Entry]) -> List[Entry]:
   return [e._replace(path=None if e.path is None else (part,) + e.path) for e in table]
 
@@ -220,7 +234,8 @@ def llava_table(model_cfg, hf_only: bool = True) -> List[Entry]:
   return (_under('vision', clip_vision_table(model_cfg, 'vision_tower.vision_model.', hf_only)) +
           _under('projector', projector_table(model_cfg)) +
           _under('decoder', llama_table(model_cfg, 'language_model.model.',
-                                        'language_model.lm_head.weight')))
+                                        'language_model.lm_head.weight')) +
+          condition_head_table(model_cfg))
 
 
 def get_path(tree, path):
@@ -331,16 +346,19 @@ def llama_params(state_dict, model_cfg, prefix: str = 'model.',
 
 
 def llava_params(state_dict, model_cfg, dtype=None) -> Dict:
-  """A LLaVA-named checkpoint (our export: any MoE layers and routers included) -> the whole
-  params tree of model_cfg without LoRA adapters (an export has them merged).
+  """A LLaVA-named checkpoint (our export: any MoE layers, routers and condition head) -> the
+  whole params tree of model_cfg without LoRA adapters (an export has them merged).
 
   dtype: of the returned arrays (default model_cfg.param_dtype); the stored grid of the
   position embedding must be the configured one (the export writes it so).
   """
   tree = read_table(state_dict, llava_table(model_cfg), dtype or model_cfg.param_dtype)
-  return {'vision': layout.stack_vision(tree['vision'], model_cfg),
-          'projector': tree['projector'],
-          'decoder': layout.stack_decoder(tree['decoder'], model_cfg)}
+  params = {'vision': layout.stack_vision(tree['vision'], model_cfg),
+            'projector': tree['projector'],
+            'decoder': layout.stack_decoder(tree['decoder'], model_cfg)}
+  if 'condition_head' in tree:
+    params['condition_head'] = tree['condition_head']
+  return params
 
 
 # ------------------------------------------------------------------------ checkpoint files

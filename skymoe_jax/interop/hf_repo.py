@@ -11,7 +11,8 @@
                               against ours), tokenizer_config.json
   chat_template.jinja         the run's chat template (data/template.py) as a Jinja template
   processor_config.json       SkyMoEProcessor: image token id and count, the system prompt, the
-                              task-tag table and keyword rules (data/tasks.py)
+                              task-tag table and keyword rules (data/tasks.py), the model's
+                              condition mode (a predicted condition: no inferred router ids)
   preprocessor_config.json    SkyMoEImageProcessor: resolution, pad_to_square, CLIP mean / std
 
 so that `AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)` and
@@ -30,6 +31,7 @@ from skymoe_jax.data import template as template_lib
 from skymoe_jax.data import tokenizer as tokenizer_lib
 
 from skymoe_jax.interop.export_format import GENERATION_FILE, SHIPPED_CODE
+from skymoe_jax.model.skymoe import predicts_condition
 
 HERE = pathlib.Path(__file__).resolve().parent
 MODEL_AUTO_MAP = {'AutoModelForImageTextToText': 'modeling_skymoe.SkyMoEForImageTextToText'}
@@ -152,7 +154,8 @@ def make_processor(tokenizer: tokenizer_lib.Tokenizer, model_cfg, data_cfg,
   processor = processing_skymoe.SkyMoEProcessor(
       image, hf_tokenizer(tokenizer, template), chat_template=chat_template(template),
       image_token_id=image_token_index, num_image_tokens=(v.image_size // v.patch_size) ** 2,
-      system_prompt=template.system, routing=routing_tables(template))
+      system_prompt=template.system, routing=routing_tables(template),
+      condition='predicted' if predicts_condition(model_cfg) else 'tags')
   return processor
 
 

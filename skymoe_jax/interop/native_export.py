@@ -21,9 +21,10 @@ published Qwen2-MoE checkpoints, which transformers 5 fuses into its 3-D expert 
 
 What Qwen2-MoE cannot express is refused before anything is written (NotExpressibleError,
 naming the config field): the adaptive router (its logits depend on each sample's task and
-granularity, Qwen2-MoE's router sees the token alone), and any model config field this mapping
-was not written for (`_HANDLED`): a new field may change the maths, and silently dropping it
-would make the export look right while computing something else.
+granularity, Qwen2-MoE's router sees the token alone), the condition head that predicts them
+(model.moe.condition='predicted': LLaVA has no such module), and any model config field this
+mapping was not written for (`_HANDLED`): a new field may change the maths, and silently
+dropping it would make the export look right while computing something else.
 
 The folder follows our export's rules (to_torch.check_out: a new or empty `out`, --overwrite
 replaces an earlier export of ours and nothing else; written aside, then renamed). Its
@@ -40,7 +41,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from skymoe_jax.interop import export_format, hf_repo, to_torch
-from skymoe_jax.model import layout, lora
+from skymoe_jax.model import layout, lora, skymoe
 
 SHARED_EXPERT_SIZE = 1  # the zero shared expert's width: the smallest Linear that loads anywhere
 TEXT_ARCHITECTURES = {'dense': 'llama', 'moe': 'qwen2_moe'}  # skymoe.native in config.json
@@ -92,6 +93,13 @@ def check_native(model_cfg) -> None:
         'to the image tokens; export with the default layout (--layout=skymoe), or train with '
         "model.vision.token_posemb='none'")
   m = model_cfg.moe
+  if skymoe.predicts_condition(model_cfg):
+    raise NotExpressibleError(
+        "model.moe.condition='predicted': the condition head that predicts the adaptive "
+        "router's task and granularity from the prompt has no place in transformers' LLaVA / "
+        'Qwen2-MoE (no such module, and a router that sees the token alone); export with the '
+        'default layout (--layout=skymoe, loaded with trust_remote_code), which carries the '
+        'head')
   if m.num_experts > 0 and m.adaptive:
     raise NotExpressibleError(
         'model.moe.adaptive=True: the adaptive router adds a task- and granularity-dependent '

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from skymoe_jax.interop import export_format, from_hf, native_export, to_torch
-from skymoe_jax.model import layout, lora
+from skymoe_jax.model import layout, lora, skymoe
 
 ADAPTER_FOLDER = export_format.ADAPTER_FOLDER
 ADAPTER_CONFIG_FILE = 'adapter_config.json'
@@ -42,7 +42,13 @@ PEFT_PREFIX = 'base_model.model.'  # PeftModel's wrapper, part of every saved ad
 
 
 def check_adapter(model_cfg) -> None:
-  """Refuses, naming the field, a model with no adapters or whose base is not native."""
+  """Refuses, naming the field, a model with no adapters or whose base is not native (a
+  condition head first: whatever the LoRA rank, no native base can carry it)."""
+  if skymoe.predicts_condition(model_cfg):
+    raise native_export.NotExpressibleError(
+        "model.moe.condition='predicted': the adapter's base is the native layout, which has no "
+        'condition head (native_export); export merged with the default layout (--layout=skymoe '
+        '--lora=merged), which carries it')
   if model_cfg.lora.rank <= 0:
     raise native_export.NotExpressibleError(f'model.lora.rank={model_cfg.lora.rank}: this model has no LoRA '
                                'adapters to export (stage II has them merged); use the merged '

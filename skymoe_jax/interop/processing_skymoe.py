@@ -18,7 +18,9 @@ the facts of the run written into the export's files, not into this code:
     rows are left-padded, `attention_mask` marking the real tokens;
   * task_ids / granularity_ids [B] for the adaptive router, from the first human turn's task
     tag, else its keywords (`routing` in processor_config.json: the tag table and keyword rules
-    of data/tasks.py), unless given (ids or names).
+    of data/tasks.py), unless given (ids or names). A model whose condition head predicts them
+    (`condition` 'predicted' in processor_config.json: model.moe.condition) gets none unless
+    some are given: its head routes, as in the chat command.
 """
 import io
 import re
@@ -96,11 +98,13 @@ class SkyMoEProcessor(ProcessorMixin):
 
   def __init__(self, image_processor=None, tokenizer=None, chat_template=None,
                image_token_id: int = 0, num_image_tokens: int = 0,
-               system_prompt: str = '', routing: Optional[Dict] = None, **kwargs):
+               system_prompt: str = '', routing: Optional[Dict] = None, condition: str = 'tags',
+               **kwargs):
     del kwargs
     self.image_token_id, self.num_image_tokens = int(image_token_id), int(num_image_tokens)
     self.system_prompt = system_prompt
     self.routing = routing
+    self.condition = condition  # the model's moe.condition: 'predicted' infers no router ids
     super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
   @classmethod
@@ -195,9 +199,10 @@ class SkyMoEProcessor(ProcessorMixin):
     tasks = self._ids(task_ids, self.routing['tasks'], 'task_ids', n)
     grans = self._ids(granularity_ids, self.routing['granularities'], 'granularity_ids', n)
     data = {'input_ids': input_ids, 'attention_mask': attention_mask,
-            'pixel_values': self.image_processor(images)['pixel_values'],
-            'task_ids': np.asarray(tasks or [t for t, _ in inferred], np.int64),
-            'granularity_ids': np.asarray(grans or [g for _, g in inferred], np.int64)}
+            'pixel_values': self.image_processor(images)['pixel_values']}
+    if self.condition != 'predicted' or tasks is not None or grans is not None:
+      data.update(task_ids=np.asarray(tasks or [t for t, _ in inferred], np.int64),
+                  granularity_ids=np.asarray(grans or [g for _, g in inferred], np.int64))
     return BatchFeature(data, tensor_type=return_tensors)
 
   def batch_decode(self, *args, **kwargs):

@@ -38,7 +38,11 @@ folder natively); an MoE model gets model_type 'skymoe_llava', which only our re
 (configuration_skymoe.py, modeling_skymoe.py) reads, so no transformers class silently drops
 its experts. Either way a `skymoe` section carries our whole model config and the MoE layer
 indices, which torch_model.py (and import back into JAX) builds the model from;
-export_format.py reads it, refusing a damaged or foreign one naming the file and field. The
+export_format.py reads it, refusing a damaged or foreign one naming the file and field. A model
+that predicts its router's condition (model.moe.condition='predicted') exports its condition
+head (`condition_head.{weight, bias}`) and the constants of its maths (skymoe.condition_head:
+model/skymoe.py's logit scale and unit-RMS epsilon), so the PyTorch model predicts exactly as
+ours when it is given no task / granularity ids. The
 vision tower is exported with the blocks we have, up to the feature layer, so HF reads its
 features at vision_feature_layer=-1 (the last exported block: the same tensor as the original
 tower's feature_layer); the post-layernorm HF expects and LLaVA never uses is written as
@@ -64,7 +68,7 @@ from skymoe_jax import workdir as workdir_lib
 from skymoe_jax.config import num_feature_layers
 from skymoe_jax.data import tokenizer as tokenizer_lib
 from skymoe_jax.interop import export_format, from_hf, hf_repo
-from skymoe_jax.model import factory, layout, lora
+from skymoe_jax.model import factory, layout, lora, skymoe as skymoe_lib
 
 FORMAT_VERSION = export_format.FORMAT_VERSION
 DEFAULT_MAX_SHARD_BYTES = 5 * 10 ** 9  # '5GB', transformers' save_pretrained default
@@ -79,14 +83,13 @@ class ExportError(ValueError):
 
 
 def check_exportable(model_cfg) -> None:
-  """Refuses, naming the field, a model the PyTorch side does not implement: a router whose
-  condition is predicted by the condition head (model.moe.condition='predicted')."""
+  """Refuses, naming the field, a model the PyTorch side does not implement: a router condition
+  other than the tags or the condition head's prediction (export_format.CONDITIONS)."""
   condition = model_cfg.moe.get('condition', 'tags')
-  if model_cfg.moe.num_experts > 0 and condition != 'tags':
+  if model_cfg.moe.num_experts > 0 and condition not in export_format.CONDITIONS:
     raise ExportError(
-        f'config.model.moe.condition={condition!r}: the PyTorch model routes by given task and '
-        "granularity ids only; its condition head is not exported (export a model with "
-        "model.moe.condition='tags')")
+        f'config.model.moe.condition={condition!r}: the PyTorch model routes by the tags or by '
+        f'its condition head only ({", ".join(map(repr, export_format.CONDITIONS))})')
 
 
 class OutputFolderError(FileExistsError):
@@ -215,6 +218,9 @@ def hf_config(model_cfg, dtype: str = 'float32', image_token_index: int = 0,
             'layout': 'image tokens first, then text; features of the last exported vision block '
                       'without CLS',
             'moe_layers': list(layout.moe_layers(model_cfg))}
+  if skymoe_lib.predicts_condition(model_cfg):
+    skymoe['condition_head'] = {'logit_scale': float(skymoe_lib.CONDITION_LOGIT_SCALE),
+                                'rms_eps': skymoe_lib.CONDITION_RMS_EPS}
   skymoe.update(extra or {})
   return {
       'architectures': ['LlavaForConditionalGeneration' if dense else
@@ -538,14 +544,22 @@ def load_export(folder, dtype=None):
   folder = pathlib.Path(folder)
   config = export_format.read_config(folder, from_hf.CheckpointFileError)
   model_cfg = ml_collections.ConfigDict(config['skymoe']['model'])
+  head = config['skymoe'].get('condition_head')
+  ours = {'logit_scale': skymoe_lib.CONDITION_LOGIT_SCALE,
+          'rms_eps': skymoe_lib.CONDITION_RMS_EPS}
+  if skymoe_lib.predicts_condition(model_cfg) and any(head[k] != v for k, v in ours.items()):
+    raise from_hf.CheckpointFileError(
+        f'{folder / CONFIG_FILE}: skymoe.condition_head {head} is not the condition head this '
+        f'model computes ({ours}): use the version that wrote the export')
   return from_hf.llava_params(from_hf.open_checkpoint(folder), model_cfg, dtype), model_cfg
 
 
 def _jax_logits(params, config, batch: int, text_len: int, seed: int, image_token: int):
   """Our model's logits on random inputs, and the inputs: images, text avoiding the image
   placeholder id, the second row right-padded as the input pipeline pads, random task and
-  granularity ids. The JAX side runs dropless (the capacity backend would drop tokens the
-  PyTorch models keep)."""
+  granularity ids (which route nothing when the condition head predicts; the PyTorch side then
+  gets none). The JAX side runs dropless (the capacity backend would drop tokens the PyTorch
+  models keep)."""
   config = ml_collections.ConfigDict(config.to_dict())
   if config.model.moe.backend == 'capacity':
     config.model.moe.backend = 'dense'
@@ -574,9 +588,9 @@ def verify_export(out, params, config, batch: int = 2, text_len: int = 16, seed:
   ours, x = _jax_logits(params, config, batch, text_len, seed, image_token=-1)
   tm = torch_model.SkyMoEForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
   t = {k: torch.from_numpy(v) for k, v in x.items()}
+  tags = () if tm.predicted else (t['task'].long(), t['gran'].long())
   with torch.no_grad():
-    theirs = tm(t['images'].permute(0, 3, 1, 2), t['tokens'].long(), t['mask'],
-                t['task'].long(), t['gran'].long()).numpy()
+    theirs = tm(t['images'].permute(0, 3, 1, 2), t['tokens'].long(), t['mask'], *tags).numpy()
   return float(np.abs(ours - theirs)[x['mask']].max())
 
 
@@ -606,7 +620,7 @@ def verify_hf_export(out, params, config, batch: int = 2, text_len: int = 16, se
   attention = np.concatenate([np.ones((batch, nv), bool), x['mask']], axis=1)
   inputs = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attention),
                 pixel_values=torch.from_numpy(x['images']).permute(0, 3, 1, 2))
-  if not native:  # the adaptive router's inputs
+  if not native and not skymoe_lib.predicts_condition(config.model):  # the tags that route
     inputs.update(task_ids=torch.from_numpy(x['task']).long(),
                   granularity_ids=torch.from_numpy(x['gran']).long())
   with torch.no_grad():

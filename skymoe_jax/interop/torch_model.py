@@ -19,15 +19,28 @@ parameter of the same name (every parameter must be filled, every tensor used):
                                      raw or renormalised weights, plus the adaptive bias
                                      condition_proj(task_embed[task] + granularity_embed[gran])
   language_model.lm_head             absent when the embeddings are tied
+  condition_head                     with model.moe.condition='predicted' only: the Linear that
+                                     predicts the router's task and granularity from the prompt
 
 The maths follows the JAX model step by step (image tokens first, then text; RoPE positions
 count real tokens only; statistics and softmaxes in fp32), so in float32 the logits agree to
 rounding. Inputs: images [B, 3, H, W] normalised pixels (torch's channel-first layout), tokens
-and token_mask [B, T], task_id and granularity_id [B]. The decoder (`decode`) runs on any
-key/value cache with transformers' Cache interface (`update(k, v, layer)`, `get_seq_length()`):
-`KVCache` here, transformers' DynamicCache under generate(). `generate` decodes greedily,
-right-aligning each row's real tokens like the JAX generator so one cache index serves the
-batch.
+and token_mask [B, T], task_id and granularity_id [B].
+
+The router's condition is either the tags (task_id and granularity_id: rows of the embedding
+tables) or, for a model exported with model.moe.condition='predicted', the condition head's
+prediction (model/skymoe.py, predict_condition): the mean embedding of the prompt's text tokens,
+scaled to unit RMS, one Linear times the export's `skymoe.condition_head.logit_scale`, a softmax
+over tasks and one over granularities, whose probabilities mix the embedding tables (p_task @
+task_embed + p_gran @ granularity_embed). Such a model predicts when it is given no ids, and
+routes by the ids when given both (the tags, as the JAX model with condition=(task_id,
+granularity_id)). `generate` predicts once from the prompt and routes every new token by it, as
+the JAX generator does.
+
+The decoder (`decode`) runs on any key/value cache with transformers' Cache interface
+(`update(k, v, layer)`, `get_seq_length()`): `KVCache` here, transformers' DynamicCache under
+generate(). `generate` decodes greedily, right-aligning each row's real tokens like the JAX
+generator so one cache index serves the batch.
 """
 import json
 import math
@@ -42,7 +55,7 @@ import torch.nn.functional as F
 
 # Relative, so that the file runs the same in skymoe_jax/interop/ and in an export folder
 # (transformers copies a remote module's relative imports along with it).
-from .export_format import INDEX_FILE, WEIGHTS_FILE, read_config
+from .export_format import INDEX_FILE, WEIGHTS_FILE, predicts_condition, read_config
 
 
 class LoadError(ValueError):
@@ -349,10 +362,19 @@ class Expert(nn.Module):
     return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def mix_condition(table: nn.Embedding, condition) -> torch.Tensor:
+  """The condition embedding [B, C] fp32 of `condition`: ids [B] -> the table's rows (the tag
+  path), or distributions [B, N] -> condition @ table (the predicted condition's soft mix)."""
+  if not torch.is_floating_point(condition):
+    return table(condition).float()
+  return condition.float() @ table.weight.float()
+
+
 class SparseMoe(nn.Module):
   """Routed experts. Router in fp32: logits = gate(x) (+ s condition_proj(e_task + e_gran), s
   the config's condition_scale, 1 in exports that predate it), softmax over all experts, top-k;
-  weights raw (SkyMoE) or renormalised over the k."""
+  weights raw (SkyMoE) or renormalised over the k. e_task and e_gran are rows of the tables for
+  ids, or their probability-weighted mix for distributions (mix_condition)."""
 
   def __init__(self, llm, m):
     super().__init__()
@@ -366,11 +388,13 @@ class SparseMoe(nn.Module):
       self.condition_scale = float(getattr(m, 'condition_scale', 1.0))
     self.experts = nn.ModuleList(Expert(d, m.mlp_dim or llm.mlp_dim) for _ in range(e))
 
-  def route(self, x, token_mask, task_id, granularity_id):
-    """(ids [B, T, k], weights [B, T, k] fp32, probs [B, T, E]) for x [B, T, D]."""
+  def route(self, x, token_mask, task, granularity):
+    """(ids [B, T, k], weights [B, T, k] fp32, probs [B, T, E]) for x [B, T, D]; task and
+    granularity: ids [B] or distributions [B, N] (unused by a router that is not adaptive)."""
     logits = F.linear(x.float(), self.gate.weight.float())
     if self.adaptive:
-      cond = self.task_embed(task_id).float() + self.granularity_embed(granularity_id).float()
+      cond = mix_condition(self.task_embed, task) + mix_condition(self.granularity_embed,
+                                                                  granularity)
       bias = self.condition_scale * F.linear(cond, self.condition_proj.weight.float())
       logits = logits + bias[:, None, :]
     probs = torch.softmax(logits, dim=-1)
@@ -379,9 +403,9 @@ class SparseMoe(nn.Module):
       weights = weights / weights.sum(-1, keepdim=True)
     return ids, weights * token_mask[..., None].float(), probs
 
-  def forward(self, x, token_mask, task_id, granularity_id):
+  def forward(self, x, token_mask, task, granularity):
     b, t, d = x.shape
-    ids, weights, _ = self.route(x, token_mask, task_id, granularity_id)
+    ids, weights, _ = self.route(x, token_mask, task, granularity)
     xs, ids, weights = x.reshape(-1, d), ids.reshape(b * t, -1), weights.reshape(b * t, -1)
     out = torch.zeros_like(xs)
     for e, expert in enumerate(self.experts):
@@ -406,11 +430,11 @@ class DecoderLayer(nn.Module):
     else:
       self.mlp = MLP(llm.embed_dim, llm.mlp_dim)
 
-  def forward(self, x, positions, mask, token_mask, task_id, granularity_id, cache=None):
+  def forward(self, x, positions, mask, token_mask, task, granularity, cache=None):
     x = x + self.self_attn(self.input_layernorm(x), positions, mask, cache)
     h = self.post_attention_layernorm(x)
     if self.is_moe:
-      return x + self.block_sparse_moe(h, token_mask, task_id, granularity_id)
+      return x + self.block_sparse_moe(h, token_mask, task, granularity)
     return x + self.mlp(h)
 
 
@@ -435,9 +459,10 @@ class LanguageModel(nn.Module):
   def head(self):
     return self.model.embed_tokens.weight if self.tied else self.lm_head.weight
 
-  def decode(self, x, slot_mask, task_id, granularity_id, cache=None):
+  def decode(self, x, slot_mask, task, granularity, cache=None):
     """The decoder on embeddings x [B, T, D] that fill the last T of the S slots of slot_mask
-    [B, S] (which slots hold real tokens: the cache's S - T, then the new T).
+    [B, S] (which slots hold real tokens: the cache's S - T, then the new T), routed by task and
+    granularity: ids [B] (the tags) or distributions [B, N] (a predicted condition).
 
     RoPE positions count the real slots before each one. Returns fp32 logits [B, T, V]; the new
     keys and values are appended to `cache`, which must hold exactly S - T slots.
@@ -455,9 +480,42 @@ class LanguageModel(nn.Module):
     mask = causal[None] & slot_mask[:, None, :]
     token_mask = slot_mask[:, index:]
     for layer in self.model.layers:
-      x = layer(x, positions, mask, token_mask, task_id, granularity_id, cache)
+      x = layer(x, positions, mask, token_mask, task, granularity, cache)
     x = self.model.norm(x)
     return F.linear(x.float(), self.head().float())
+
+
+class ConditionHead(nn.Module):
+  """model/skymoe.py's condition head with its pooling (SkyMoE.predict_condition): the mean
+  embedding of the masked tokens, scaled to unit RMS (an empty mask pools to zero: the bias
+  alone decides), then logit_scale * (pooled @ weight.T + bias) in fp32; the first num_tasks
+  logits are the task's, the rest the granularity's. logit_scale and rms_eps are the export's
+  (skymoe.condition_head in config.json), the constants the JAX model computed with."""
+
+  def __init__(self, dim: int, num_tasks: int, num_granularities: int, logit_scale: float,
+               rms_eps: float):
+    super().__init__()
+    self.num_tasks, self.logit_scale, self.rms_eps = num_tasks, float(logit_scale), float(rms_eps)
+    self.weight = nn.Parameter(torch.zeros(num_tasks + num_granularities, dim))
+    self.bias = nn.Parameter(torch.zeros(num_tasks + num_granularities))
+
+  def forward(self, embeds, mask):
+    """(task logits [B, num_tasks], granularity logits [B, G]) fp32 of token embeddings
+    [B, T, D] pooled where mask [B, T]."""
+    weights = mask.float()[..., None]
+    pooled = (embeds.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    pooled = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + self.rms_eps)
+    logits = self.logit_scale * F.linear(pooled, self.weight.float(), self.bias.float())
+    return logits[:, :self.num_tasks], logits[:, self.num_tasks:]
+
+
+def predict_condition(model: nn.Module, tokens, mask) -> Tuple[torch.Tensor, torch.Tensor]:
+  """The predicted condition (task probabilities [B, num_tasks], granularity [B, G], fp32) of
+  text tokens [B, T] pooled where mask [B, T] (the prompt's real text tokens); `model` holds the
+  parts of `submodules`."""
+  embeds = model.language_model.model.embed_tokens(tokens)
+  task, granularity = model.condition_head(embeds, mask.bool())
+  return torch.softmax(task, dim=-1), torch.softmax(granularity, dim=-1)
 
 
 def positions_from_mask(mask):
@@ -475,15 +533,27 @@ def vision_view(model_config: dict) -> dict:
               patch_size=v.patch_size, layer_norm_eps=v.norm_eps)
 
 
-def submodules(model_config: dict, moe_layers: Sequence[int]) -> Dict[str, nn.Module]:
-  """The model's three parts, named as the export's tensors: this class and the transformers
-  model of modeling_skymoe.py both hold exactly these, so both load the same files."""
+def submodules(model_config: dict, moe_layers: Sequence[int],
+               condition_head: Optional[dict] = None) -> Dict[str, nn.Module]:
+  """The model's parts, named as the export's tensors: this class and the transformers model of
+  modeling_skymoe.py both hold exactly these, so both load the same files. Three, and a fourth,
+  the condition head, for a model that predicts its router's condition: `condition_head` is
+  then the export's skymoe.condition_head (its logit_scale and rms_eps)."""
   cfg = _namespace(model_config)
-  return {'vision_tower': VisionTower(_namespace(vision_view(model_config))),
-          'multi_modal_projector': Projector(
-              cfg.vision.width, cfg.llm.embed_dim, cfg.vision.image_size // cfg.vision.patch_size,
-              getattr(cfg.vision, 'token_posemb', 'none')),
-          'language_model': LanguageModel(cfg, moe_layers)}
+  parts = {'vision_tower': VisionTower(_namespace(vision_view(model_config))),
+           'multi_modal_projector': Projector(
+               cfg.vision.width, cfg.llm.embed_dim, cfg.vision.image_size // cfg.vision.patch_size,
+               getattr(cfg.vision, 'token_posemb', 'none')),
+           'language_model': LanguageModel(cfg, moe_layers)}
+  if predicts_condition(model_config):
+    if not isinstance(condition_head, dict):
+      raise ValueError("model.moe.condition='predicted' needs the export's skymoe.condition_head "
+                       '(logit_scale, rms_eps) to build the condition head')
+    m = cfg.moe
+    parts['condition_head'] = ConditionHead(cfg.llm.embed_dim, m.num_tasks, m.num_granularities,
+                                            condition_head['logit_scale'],
+                                            condition_head['rms_eps'])
+  return parts
 
 
 def encode_images(model: nn.Module, images):
@@ -493,13 +563,15 @@ def encode_images(model: nn.Module, images):
 
 
 class SkyMoEForConditionalGeneration(nn.Module):
-  """The whole model. Build it with `from_pretrained(folder)`, or from a `skymoe` model config
-  and the indices of its MoE decoder layers."""
+  """The whole model. Build it with `from_pretrained(folder)`, or from a `skymoe` model config,
+  the indices of its MoE decoder layers and (a predicted condition) skymoe.condition_head."""
 
-  def __init__(self, model_config: dict, moe_layers: Sequence[int]):
+  def __init__(self, model_config: dict, moe_layers: Sequence[int],
+               condition_head: Optional[dict] = None):
     super().__init__()
     self.config = _namespace(model_config)
-    for name, module in submodules(model_config, moe_layers).items():
+    self.predicted = predicts_condition(model_config)  # the condition head routes, not tags
+    for name, module in submodules(model_config, moe_layers, condition_head).items():
       setattr(self, name, module)
 
   @classmethod
@@ -508,7 +580,7 @@ class SkyMoEForConditionalGeneration(nn.Module):
     parameters, so the host holds the model plus one tensor, never a second state dict."""
     config, files = export_files(folder)  # config.json checked: a skymoe section, every field
     skymoe = config['skymoe']
-    model = cls(skymoe['model'], skymoe['moe_layers'])
+    model = cls(skymoe['model'], skymoe['moe_layers'], skymoe.get('condition_head'))
     own = model.state_dict()
     filled, unexpected = set(), []
     with torch.no_grad():
@@ -541,16 +613,46 @@ class SkyMoEForConditionalGeneration(nn.Module):
                       token_mask.bool()], dim=1)
     return x, mask, nv
 
-  def forward(self, images, tokens, token_mask, task_id, granularity_id):
-    """Logits [B, T, V] (fp32) at the text positions: logits[:, t] predicts tokens[:, t + 1]."""
+  def predict_condition(self, tokens, mask):
+    """The condition head's (task probabilities [B, num_tasks], granularity [B, G]) of text
+    tokens [B, T] pooled where mask [B, T]."""
+    return predict_condition(self, tokens, mask)
+
+  def condition(self, tokens, pooled_mask, task_id=None, granularity_id=None):
+    """What routes, (task, granularity): the ids [B] when given; with neither, a model that
+    predicts its condition predicts it from `tokens` pooled where `pooled_mask` (distributions
+    [B, N]). An adaptive router refuses half of the ids, and no ids unless it predicts; a
+    router that is not adaptive reads neither."""
+    m = self.config.moe
+    given = (task_id is not None, granularity_id is not None)
+    if not (m.num_experts and m.adaptive) or all(given):
+      return task_id, granularity_id
+    if any(given) or not self.predicted:
+      raise ValueError('this model\'s adaptive router needs both task_id and granularity_id [B]'
+                       + (', or neither (its condition head predicts them)'
+                          if self.predicted else ''))
+    return self.predict_condition(tokens, pooled_mask)
+
+  def forward(self, images, tokens, token_mask, task_id=None, granularity_id=None,
+              prompt_mask=None):
+    """Logits [B, T, V] (fp32) at the text positions: logits[:, t] predicts tokens[:, t + 1].
+
+    task_id, granularity_id [B]: the tags that route. Without them a model that predicts its
+    condition pools the real tokens where prompt_mask [B, T] (default: all of them, i.e. the
+    tokens are a prompt), as the JAX model's forward pass."""
+    pooled = token_mask.bool() if prompt_mask is None else prompt_mask.bool() & token_mask.bool()
+    task, granularity = self.condition(tokens, pooled, task_id, granularity_id)
     x, mask, nv = self._prefix(images, tokens, token_mask)
-    return self.language_model.decode(x, mask, task_id, granularity_id)[:, nv:]
+    return self.language_model.decode(x, mask, task, granularity)[:, nv:]
 
   @torch.no_grad()
-  def generate(self, images, tokens, token_mask, task_id, granularity_id,
+  def generate(self, images, tokens, token_mask, task_id=None, granularity_id=None,
                max_new_tokens: int = 32, eos_id: int = 2, pad_id: int = 0):
     """Greedy decoding. Returns (tokens [B, max_new_tokens]: each row's tokens up to and
-    including eos, then pad_id; lengths [B]: tokens before eos), as the JAX generator."""
+    including eos, then pad_id; lengths [B]: tokens before eos), as the JAX generator. A
+    predicted condition comes from the prompt (tokens where token_mask) once, before the
+    prefill, and routes every new token."""
+    task, granularity = self.condition(tokens, token_mask.bool(), task_id, granularity_id)
     x, mask, _ = self._prefix(images, tokens, token_mask)
     # Right-align every row's real tokens (stable: order kept) so new tokens share one slot.
     order = torch.sort(mask.int(), dim=1, stable=True).indices
@@ -558,7 +660,7 @@ class SkyMoEForConditionalGeneration(nn.Module):
     mask = torch.gather(mask, 1, order)
     b = mask.shape[0]
     cache = KVCache()
-    logits = self.language_model.decode(x, mask, task_id, granularity_id, cache)
+    logits = self.language_model.decode(x, mask, task, granularity, cache)
     token = logits[:, -1].argmax(-1)
     done = torch.zeros(b, dtype=torch.bool, device=x.device)
     lengths = torch.zeros(b, dtype=torch.long, device=x.device)
@@ -567,7 +669,7 @@ class SkyMoEForConditionalGeneration(nn.Module):
       if step:
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=x.device)], dim=1)
         emb = self.language_model.model.embed_tokens(out[:, step - 1:step]).to(x.dtype)
-        token = self.language_model.decode(emb, mask, task_id, granularity_id, cache)[:, 0]
+        token = self.language_model.decode(emb, mask, task, granularity, cache)[:, 0]
         token = token.argmax(-1)
       token = torch.where(done, torch.full_like(token, pad_id), token)
       done = done | (token == eos_id)

@@ -48,6 +48,8 @@ def condition_distributions(condition_logits):
 # weight by about the learning rate per step whatever the gradient's size, so the factor is what
 # lets the head learn at stage II's small learning rate (3e-4) in tens of steps, not thousands.
 CONDITION_LOGIT_SCALE = 8.0
+# The epsilon of the pooled prompt embedding's unit-RMS scaling (predict_condition).
+CONDITION_RMS_EPS = 1e-12
 
 
 class ConditionHead(nn.Module):
@@ -99,7 +101,8 @@ class SkyMoE(nn.Module):
     # Unit RMS: token embeddings are small (0.02 at init, about as small in a trained LLM), and
     # a linear head on features that small learns its weights only slowly at the learning rates
     # of stage II. An empty prompt pools to zero and stays zero (the bias alone decides).
-    pooled = pooled * jax.lax.rsqrt(jnp.mean(pooled ** 2, axis=-1, keepdims=True) + 1e-12)
+    pooled = pooled * jax.lax.rsqrt(
+        jnp.mean(pooled ** 2, axis=-1, keepdims=True) + CONDITION_RMS_EPS)
     logits = self.condition_head(pooled)
     n = self.config.moe.num_tasks
     return {'task': logits[:, :n], 'granularity': logits[:, n:]}
