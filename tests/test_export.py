@@ -139,22 +139,22 @@ def predicted_config():
   return config
 
 
-@pytest.fixture(scope='module')
-def dense(tmp_path_factory):
-  config = dense_config()
-  params = random_params(config, seed=1)
-  out = tmp_path_factory.mktemp('dense_export')
+def _exported(config, seed, tmp_path_factory, name):
+  """(config, random params, the folder they were exported to)."""
+  params = random_params(config, seed=seed)
+  out = tmp_path_factory.mktemp(name)
   to_torch.export_params(params, config.model, out)
   return config, params, out
+
+
+@pytest.fixture(scope='module')
+def dense(tmp_path_factory):
+  return _exported(dense_config(), 1, tmp_path_factory, 'dense_export')
 
 
 @pytest.fixture(scope='module', params=[False, True], ids=['raw_topk', 'renormalized'])
 def moe(request, tmp_path_factory):
-  config = moe_config(request.param)
-  params = random_params(config, seed=2)
-  out = tmp_path_factory.mktemp('moe_export')
-  to_torch.export_params(params, config.model, out)
-  return config, params, out
+  return _exported(moe_config(request.param), 2, tmp_path_factory, 'moe_export')
 
 
 # ----------------------------------------------------------------------------- name table
@@ -285,11 +285,7 @@ def test_torch_greedy_generation_matches_full_forward(moe):
 
 @pytest.fixture(scope='module')
 def predicted(tmp_path_factory):
-  config = predicted_config()
-  params = random_params(config, seed=3)
-  out = tmp_path_factory.mktemp('predicted_export')
-  to_torch.export_params(params, config.model, out)
-  return config, params, out
+  return _exported(predicted_config(), 3, tmp_path_factory, 'predicted_export')
 
 
 def test_predicted_condition_export_torch_logits_match_jax(predicted):
