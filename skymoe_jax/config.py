@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from skymoe_jax.data import boxes
 from skymoe_jax.data.tasks import GRANULARITIES, TASKS
 from skymoe_jax.registry import ConfigError
 
@@ -148,7 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer_vocab_size=0,     # when training one: 0 = model.llm.vocab_size
       # When training one: a box dialect whose coordinates become one token each ('geochat':
       # '<0>' ... '<100>'; '' = none, digits one per token). A box is then four choices of a
-      # place rather than a digit string to spell (docs/data.md).
+      # place rather than a digit string to spell (docs/data.md). Checked where the tokenizer is
+      # trained (workdir.prepare_tokenizer): the dialects are the data layer's.
       tokenizer_coordinates='',
       template='llava_v1',
       pad_to_square=True,         # LLaVA's pad before resizing (boxes.parse undoes it)
@@ -522,10 +522,6 @@ def _validate_data(config) -> None:
     _check(isinstance(n, int) and n >= 0, f'data.task_repeats.{task}', n, 'must be an int >= 0')
   _check(any(d.task_repeats.values()), 'data.task_repeats', dict(d.task_repeats),
          'leaves every task out')
-  coordinates = d.get('tokenizer_coordinates', '')
-  pieced = sorted(n for n, x in boxes.DIALECTS.items() if x.value_piece)
-  _check(coordinates in [''] + pieced, 'data.tokenizer_coordinates', coordinates,
-         f"must be '' or a box dialect whose values are pieces of their own: {pieced}")
   lo, hi = d.local_scale
   _check(0 < lo <= hi <= 1, 'data.local_scale', tuple(d.local_scale), 'must be 0 < lo <= hi <= 1')
   for name, source in d.sources.items():

@@ -433,8 +433,14 @@ def prepare_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
     storage.copy_file(tokenizer_path(init_workdir(config, workdir)), local)
   else:
     vocab = d.tokenizer_vocab_size or config.model.llm.vocab_size
+    coordinates = d.get('tokenizer_coordinates', '')
+    try:
+      tokenizer_lib.user_symbols(coordinates)  # a dialect without coordinate pieces is refused
+    except ValueError as e:
+      raise config_lib.ConfigError(f'config.data.tokenizer_coordinates={coordinates!r}: {e}'
+                                   ) from None
     tokenizer_lib.ensure(local.with_suffix(''), [s.data_dir for s in d.sources.values()], vocab,
-                         coordinates=d.get('tokenizer_coordinates', ''))
+                         coordinates=coordinates)
   sources.sync('tokenizer')
   return tokenizer_lib.Tokenizer(local)
 

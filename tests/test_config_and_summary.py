@@ -57,7 +57,6 @@ def test_summary_command_line_with_override():
     ('model.remat_policy', 'sometimes', "config.model.remat_policy='sometimes'"),
     ('model.dtype', 'float7', "config.model.dtype='float7'"),
     ('model.vision.feature_layer', -5, 'feature_layer=-5'),
-    ('data.tokenizer_coordinates', 'vhm', "config.data.tokenizer_coordinates='vhm'"),
 ])
 def test_bad_field_is_named(field, value, message):
   config = load_config('tiny')

@@ -326,6 +326,24 @@ def test_texts_from_records_and_ensure(tmp_path, monkeypatch):
     tokenizer_lib.ensure(prefix, [tmp_path / 'a'], 256)
 
 
+def test_a_run_trains_its_tokenizer_with_the_configs_coordinate_tokens(tmp_path):
+  from conftest import load_config
+  from skymoe_jax import config as config_lib
+  from skymoe_jax import workdir as workdir_lib
+  _write_records(tmp_path / 'a', seed=0)
+  config = load_config('tiny')
+  config.data.sources = {'a': dict(data_dir=str(tmp_path / 'a'), split='train', weight=1.0)}
+  config.data.update(tokenizer='', tokenizer_vocab_size=1024, tokenizer_coordinates='geochat')
+  config.train.init_from = ''
+  tok = workdir_lib.prepare_tokenizer(config, tmp_path / 'run')
+  assert [tok.id_to_piece(i) for i in tok.encode('{<37><5><100><0>}')][1:5] == [
+      '<37>', '<5>', '<100>', '<0>']
+  config.data.tokenizer_coordinates = 'vhm'
+  with pytest.raises(config_lib.ConfigError,
+                     match="config.data.tokenizer_coordinates='vhm': box dialect 'vhm' writes"):
+    workdir_lib.prepare_tokenizer(config, tmp_path / 'other_run')
+
+
 def test_cli(tmp_path):
   _write_records(tmp_path / 'a', seed=0)
   _write_records(tmp_path / 'b', seed=1)
