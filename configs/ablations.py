@@ -12,7 +12,7 @@ The argument is a comma-separated list of: 'stage1' | 'stage2' (default), 'init=
 then leaves out of the sweep), 'seeds=N' (seeds in get_sweep, default 1), 'steps=N' (stage-II
 steps, default STAGE2_STEPS), 'eval=N' (evaluation questions per task of each source, default
 EVAL_PER_TASK), 'claims' (get_sweep lists CLAIM_VARIANTS, the ones the claims compare), 'cda'
-(CDA_VARIANTS, the CDA study) or 'experts' (EXPERT_VARIANTS, claim 3d).
+(CDA_VARIANTS, the CDA study) or 'experts' (EXPERT_VARIANTS, claims 3d and 1b).
 
   python launch/sweep.py --config=configs/ablations.py:claims,seeds=4,steps=100,eval=300 \
       --workdir_root=/tmp/skymoe_science --local
@@ -20,7 +20,7 @@ EVAL_PER_TASK), 'claims' (get_sweep lists CLAIM_VARIANTS, the ones the claims co
       --workdir_root=/tmp/skymoe_science --local      # same root: reuses the stage Is
   python benchmarks/ablation_report.py --workdir_root=/tmp/skymoe_science
   python launch/sweep.py --config=configs/ablations.py:experts,seeds=4,steps=100,eval=300 \
-      --workdir_root=/tmp/skymoe_experts --local   # claim 3d, on a root of its own
+      --workdir_root=/tmp/skymoe_experts --local   # claims 3d and 1b, on a root of its own
 
 get_sweep() is seed-major: for seed 0 its stage-I run ({'config_arg': 'stage1', 'seed': 0}, the
 workdir 'config_arg=stage1,seed=0': jobs/sweep.py trains it with this file's ':stage1'), then
@@ -104,9 +104,10 @@ CLAIM_VARIANTS = (FULL, 'CDA off', 'plain router', 'predicted condition', 'dense
 # re-rendered are there), so it may run on the same root, at the same time as the claims sweep.
 CDA_VARIANTS = ('CDA copies (no edit)', 'CDA cutout only', 'CDA recolour only', 'CDA move only',
                 'CDA share 0.5', 'contrastive', 'contrastive control (w=0)')
-# Claim 3d, the 'experts' sweep: the number of experts, each seed's full model among them (its
-# own root: the full model is the claims sweep's too).
-EXPERT_VARIANTS = (FULL, 'MoE-1', 'MoE-2', 'MoE-4')
+# Claims 3d and 1b, the 'experts' sweep: the number of experts and the stage-I dense model
+# trained further, each seed's full model among them (its own root: the full model is the claims
+# sweep's too).
+EXPERT_VARIANTS = (FULL, 'MoE-1', 'MoE-2', 'MoE-4', 'dense (stage-I FFNs)')
 SELECTIONS = {'claims': CLAIM_VARIANTS, 'cda': CDA_VARIANTS, 'experts': EXPERT_VARIANTS}
 
 
