@@ -40,8 +40,8 @@ def get_config(arg=None):
   if c.train.stage == 'stage1':
     c.optimizer.trainable = ()  # from scratch: everything learns
     # Stage II freezes the vision tower: every visual feature is learnt here, and the boxes of
-    # grounding come last (0 at 400 steps, about 0.01 at 800; docs/results.md). 1000 steps keep
-    # the whole README job, data generation included, within 15 minutes on a 2-core CPU.
+    # grounding come last (0 at 400 steps, about 0.01 at 800; docs/results.md). 1000 steps (not
+    # 1200) for time: the README job takes about 14 minutes at 1.7 steps/s, 18 at 1.19 (README).
     c.train.update(total_steps=1000, checkpoint_every=500)
   else:
     c.train.total_steps = 250
