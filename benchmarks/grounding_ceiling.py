@@ -97,13 +97,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   config = workdir_lib.read_config(FLAGS.workdir)
-  step = FLAGS.step
+  step = FLAGS.step if FLAGS.step is not None else workdir_lib.latest_eval_step(FLAGS.workdir)
   if step is None:
-    steps = [int(p.name) for p in (workdir_lib.resolve(FLAGS.workdir) / workdir_lib.EVAL).iterdir()
-             if p.name.isdigit()]
-    if not steps:
-      raise ValueError(f'{FLAGS.workdir}: no evaluation under eval/')
-    step = max(steps)
+    raise ValueError(f'{FLAGS.workdir}: no finished evaluation under eval/')
   v = config.model.vision
   grid = config.data.synthetic.image_size / v.image_size * v.patch_size
   samples = grounding_samples(workdir_lib.eval_dir(FLAGS.workdir, step) / 'answers.jsonl')

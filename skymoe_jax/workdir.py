@@ -101,6 +101,14 @@ def eval_dir(workdir, step: int) -> epath.Path:
   return resolve(workdir) / EVAL / str(step)
 
 
+def latest_eval_step(workdir) -> Optional[int]:
+  """The last step with a finished evaluation (its metrics.json written), or None."""
+  folder = resolve(workdir) / EVAL
+  steps = [int(p.name) for p in folder.iterdir()
+           if p.name.isdigit() and (p / 'metrics.json').exists()] if folder.is_dir() else []
+  return max(steps, default=None)
+
+
 def read_config(workdir) -> ml_collections.ConfigDict:
   """The config the trainer wrote into the workdir. A field newer than the workdir takes its
   default (base_config's): a new field's default is the behaviour the run had without it."""

@@ -53,3 +53,14 @@ def test_no_grounding_answers_is_an_error_naming_the_file(tmp_path):
   path.write_text(json.dumps({'task': 'counting', 'answer': '1', 'references': ['1']}) + '\n')
   with pytest.raises(ValueError, match='answers.jsonl: no grounding answers'):
     grounding_ceiling.grounding_samples(path)
+
+
+def test_latest_eval_step_skips_unfinished_evaluations(tmp_path):
+  from skymoe_jax import workdir as workdir_lib
+  assert workdir_lib.latest_eval_step(tmp_path) is None
+  for step, finished in ((100, True), (250, True), (300, False)):
+    folder = tmp_path / 'eval' / str(step)
+    folder.mkdir(parents=True)
+    if finished:
+      (folder / 'metrics.json').write_text('{}')
+  assert workdir_lib.latest_eval_step(tmp_path) == 250
