@@ -144,6 +144,7 @@ def get_config(arg=None):
   # The sweeps of docs/results.md were measured without the demo's token table: kept so that
   # their commands still give their numbers.
   c.model.vision.token_posemb = 'none'
+  c.model.scan_layers = True  # the demo unrolls its layers; the initialisation follows the layout
   if a['stage'] == 'stage1':
     # The demo's stage I, shorter: four of them (a stage I per seed) must fit beside the
     # variants on a 2-core machine.
