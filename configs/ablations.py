@@ -37,7 +37,7 @@ from skymoe_jax.registry import ConfigError
 # A seed's stage-I workdir, a sibling of its stage-II runs: the name jobs/sweep.py gives the
 # sweep's run {'config_arg': 'stage1', 'seed': seed} (common.run_name; a test checks they agree).
 STAGE1_RUN = 'config_arg=stage1,seed={seed}'
-STAGE1_STEPS = 800        # each seed's stage I (the demo trains 1200)
+STAGE1_STEPS = 800        # each seed's stage I (the demo trains 850)
 STAGE2_STEPS = 60          # sized for ~2 minutes per run on a 2-core CPU, evaluation included
 EVAL_PER_TASK = 100        # evaluation questions per task (eval.max_per_task)
 CONTRASTIVE_WEIGHT = 0.1
