@@ -428,3 +428,13 @@ def test_constant_baseline_is_the_best_single_answer():
   assert ev.constant_baseline('grounding', [dict(ground[0], reference_boxes=[[0, 0, 9, 9]])]
                               ) is None
   assert ev.constant_baseline('counting', []) is None
+
+
+def test_constant_caption_baseline_is_hand_computed_cider_d():
+  # Four captions, one reference each: three 'a big red car', one 'two small green ships'. A
+  # hypothesis equal to its 4-word reference has cosine 1 at each n-gram order 1-4 and no length
+  # penalty, so CIDEr-D scores it 10; one sharing no n-gram scores 0. The constant 'a big red
+  # car' is right for 3 of 4 (mean 7.5), 'two small green ships' for 1 of 4 (2.5).
+  refs = ('a big red car', 'a big red car', 'two small green ships', 'a big red car')
+  caps = [{'prediction': '', 'references': [r]} for r in refs]
+  assert ev.constant_baseline('captioning', caps) == pytest.approx(7.5)
