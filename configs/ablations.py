@@ -12,10 +12,7 @@ The argument is a comma-separated list of: 'stage1' | 'stage2' (default), 'init=
 then leaves out of the sweep), 'seeds=N' (seeds in get_sweep, default 1), 'steps=N' (stage-II
 steps, default STAGE2_STEPS), 'eval=N' (evaluation questions per task of each source, default
 EVAL_PER_TASK), 'claims' (get_sweep lists CLAIM_VARIANTS, the ones the claims compare), 'cda'
-(CDA_VARIANTS, the CDA study) or 'experts' (EXPERT_VARIANTS, claims 3d and 1b), and
-'grounded': the benchmark with grounding off its floor (both stages with the demo's token table
-and unrolled layers, grounding questions GROUNDED_REPEATS-fold; stage I GROUNDED_STAGE1_STEPS
-steps, evaluated and checkpointed every quarter, so a sweep cut short resumes within its stage I).
+(CDA_VARIANTS, the CDA study) or 'experts' (EXPERT_VARIANTS, claims 3d and 1b).
 
   python launch/sweep.py --config=configs/ablations.py:claims,seeds=4,steps=100,eval=300 \
       --workdir_root=/tmp/skymoe_science --local
@@ -24,8 +21,6 @@ steps, evaluated and checkpointed every quarter, so a sweep cut short resumes wi
   python benchmarks/ablation_report.py --workdir_root=/tmp/skymoe_science
   python launch/sweep.py --config=configs/ablations.py:experts,seeds=4,steps=100,eval=300 \
       --workdir_root=/tmp/skymoe_experts --local   # claims 3d and 1b, on a root of its own
-  python launch/sweep.py --config=configs/ablations.py:claims,grounded,seeds=4,steps=100,eval=300 \
-      --workdir_root=/tmp/skymoe_grounded --local  # every task off its floor; ~100 min a seed
 
 get_sweep() is seed-major: for seed 0 its stage-I run ({'config_arg': 'stage1', 'seed': 0}, the
 workdir 'config_arg=stage1,seed=0': jobs/sweep.py trains it with this file's ':stage1'), then
@@ -42,12 +37,7 @@ from skymoe_jax.registry import ConfigError
 # A seed's stage-I workdir, a sibling of its stage-II runs: the name jobs/sweep.py gives the
 # sweep's run {'config_arg': 'stage1', 'seed': seed} (common.run_name; a test checks they agree).
 STAGE1_RUN = 'config_arg=stage1,seed={seed}'
-GROUNDED_STAGE1_RUN = 'config_arg=stage1,grounded,seed={seed}'   # the same, under 'grounded'
 STAGE1_STEPS = 800        # each seed's stage I (the demo trains 850)
-# 'grounded': grounding Acc@0.5 leaves the constant box's 0.043 only after about 2000 steps with
-# its questions four-fold (docs/results.md, "Grounding"); 6000 steps take about 75 min here.
-GROUNDED_STAGE1_STEPS = 6000
-GROUNDED_REPEATS = 4      # data.task_repeats.grounding: 44% of the rows instead of 17%
 STAGE2_STEPS = 60          # sized for ~2 minutes per run on a 2-core CPU, evaluation included
 EVAL_PER_TASK = 100        # evaluation questions per task (eval.max_per_task)
 CONTRASTIVE_WEIGHT = 0.1
@@ -126,8 +116,7 @@ def parse_arg(arg):
   stage I per seed), steps, eval, claims, cda (config.parse_arg reads the items; the checks
   here are this file's own)."""
   a = config_lib.parse_arg(arg, stage1=False, stage2=False, seeds=1, init='', steps=STAGE2_STEPS,
-                           eval=EVAL_PER_TASK, grounded=False,
-                           **{name: False for name in SELECTIONS})
+                           eval=EVAL_PER_TASK, **{name: False for name in SELECTIONS})
   where = f'configs/ablations.py argument {arg!r}'
   if a.stage1 and a.stage2:
     raise ConfigError(f'{where}: stage1 or stage2, not both')
@@ -152,22 +141,10 @@ def _demo_config(stage):
 def get_config(arg=None):
   a = parse_arg(arg)
   c = _demo_config(a['stage'])
-  if a['grounded']:
-    # The demo's token table and unrolled layers stay; grounding rows four-fold in both stages.
-    c.data.task_repeats.grounding = GROUNDED_REPEATS
-  else:
-    # The sweeps of docs/results.md were measured without the demo's token table: kept so that
-    # their commands still give their numbers.
-    c.model.vision.token_posemb = 'none'
-    c.model.scan_layers = True  # the demo unrolls; the initialisation follows the layout
-  if a['stage'] == 'stage1' and a['grounded']:
-    quarter = GROUNDED_STAGE1_STEPS // 4
-    c.train.update(total_steps=GROUNDED_STAGE1_STEPS, checkpoint_every=quarter,
-                   eval_every=quarter, keep_checkpoints=5)
-    # Its learning curve, at 300 questions per task whatever the sweep's 'eval=': the stage-I
-    # run's own argument is 'stage1,grounded' (stage1_run).
-    c.eval.update(max_samples=0, max_per_task=300)
-    return c
+  # The sweeps of docs/results.md were measured without the demo's token table: kept so that
+  # their commands still give their numbers.
+  c.model.vision.token_posemb = 'none'
+  c.model.scan_layers = True  # the demo unrolls its layers; the initialisation follows the layout
   if a['stage'] == 'stage1':
     # The demo's stage I, shorter: four of them (a stage I per seed) must fit beside the
     # variants on a 2-core machine.
@@ -176,7 +153,7 @@ def get_config(arg=None):
   if a['init']:
     c.train.init_from = a['init']
   else:  # the seed's own stage I; follows config.seed, also when overridden (the sweep's seed)
-    head, _, tail = (GROUNDED_STAGE1_RUN if a['grounded'] else STAGE1_RUN).partition('{seed}')
+    head, _, tail = STAGE1_RUN.partition('{seed}')
     c.train.init_from = head + c.get_ref('seed').to_str() + tail
   c.train.total_steps = a['steps']
   # Follow total_steps (also when overridden on the command line): one checkpoint and one
@@ -188,10 +165,10 @@ def get_config(arg=None):
   return c
 
 
-def stage1_run(seed, grounded=False):
+def stage1_run(seed):
   """The sweep's stage-I run of one seed (jobs/sweep.py: 'config_arg' picks this file's
   argument for that run)."""
-  return {'config_arg': 'stage1,grounded' if grounded else 'stage1', 'seed': seed}
+  return {'config_arg': 'stage1', 'seed': seed}
 
 
 def get_sweep(arg=None):
@@ -203,7 +180,7 @@ def get_sweep(arg=None):
   runs = []
   for s in range(a['seeds']):
     if not a['init']:
-      runs.append(stage1_run(s, a['grounded']))
+      runs.append(stage1_run(s))
     runs += [dict(VARIANTS[n], seed=s) for n in names]
   return runs
 

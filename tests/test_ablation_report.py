@@ -374,35 +374,6 @@ def test_sweep_lists_a_stage1_per_seed_then_its_variants(tmp_path):
       ablations.get_sweep(arg)
 
 
-def test_grounded_sweep_trains_its_own_longer_stage1_per_seed(tmp_path):
-  arg = 'claims,grounded,seeds=2,steps=100'
-  expanded = sweep.link_dependencies(sweep.expand(
-      f'{ABLATIONS}:{arg}', str(tmp_path), ablations.get_sweep(arg), {}))
-  k = len(ablations.CLAIM_VARIANTS) + 1
-  assert len(expanded) == 2 * k
-  for s in range(2):
-    stage1 = expanded[s * k]
-    assert stage1.name == ablations.GROUNDED_STAGE1_RUN.format(seed=s)
-    assert stage1.job.config == f'{ABLATIONS}:stage1,grounded'
-    first = config_lib.load(stage1.job.config, stage1.job.overrides)
-    assert (first.train.stage, first.train.total_steps) == ('stage1',
-                                                            ablations.GROUNDED_STAGE1_STEPS)
-    # Resumable and measured every quarter: a sweep cut short loses at most a quarter.
-    assert first.train.checkpoint_every == first.train.eval_every == first.train.total_steps // 4
-    for run in expanded[s * k + 1:(s + 1) * k]:
-      assert run.after == stage1.name
-      second = config_lib.load(run.job.config, run.job.overrides)
-      assert second.train.init_from == stage1.name and second.train.total_steps == 100
-      for config in (first, second):  # one benchmark in both stages: the demo's model
-        assert config.data.task_repeats.grounding == ablations.GROUNDED_REPEATS
-        assert config.model.vision.token_posemb == 'sincos2d' and not config.model.scan_layers
-  # Without 'grounded' the sweeps keep the layout and data their results were measured with.
-  plain = ablations.get_config('stage1')
-  assert (plain.train.total_steps, plain.data.task_repeats.grounding) == (
-      ablations.STAGE1_STEPS, 1)
-  assert plain.model.vision.token_posemb == 'none' and plain.model.scan_layers
-
-
 @pytest.mark.slow  # ~15 min: a stage I and the nine claim variants, a few steps each
 def test_ablation_sweep_and_report_end_to_end(tmp_path, capfd, monkeypatch):
   """docs/results.md's commands at toy length: the claims sweep (its own stage I first), the
