@@ -11,10 +11,16 @@ vision image_size x patch_size):
   true centre, median size the box's own centre, the median width and height of all references
 next to the best constant box (evaluators.constant_baseline) and the run's own answers. High
 scores for the first three say the resolution leaves room: a low Acc@0.5 is the model's.
+
+`reading` says how much of the answers' place comes from the picture: the Pearson correlation
+of the answers' box centres and sizes with the references' (x and y apart: a scene's layout
+can give one axis from the question alone), the median centre error and the distinct boxes.
 """
 import json
 import statistics
 import sys
+
+import numpy as np
 
 from absl import app, flags
 
@@ -86,6 +92,40 @@ def ceiling(samples, grid):
   return result
 
 
+def _corr(a, b):
+  """Pearson's r, or None where either side is constant (a stock box says nothing)."""
+  if np.std(a) == 0 or np.std(b) == 0:
+    return None
+  return float(np.corrcoef(a, b)[0, 1])
+
+
+def reading(samples):
+  """How the run's parsed answers follow the reference boxes (first box of each; unparsable
+  answers are counted, not scored)."""
+  pairs, unparsed = [], 0
+  for s in samples:
+    try:
+      predicted = boxes.parse(s['dialect'], s['prediction'], s['width'], s['height'])[0]
+    except boxes.BoxParseError:
+      unparsed += 1
+      continue
+    pairs.append((predicted, _reference_box(s)))
+  out = {'answers': len(pairs), 'unparsed': unparsed}
+  if not pairs:
+    return out
+  def centre(b, axis):
+    return (b.x1 + b.x2) / 2 if axis == 'x' else (b.y1 + b.y2) / 2
+  def size(b, axis):
+    return b.x2 - b.x1 if axis == 'x' else b.y2 - b.y1
+  for name, fn in (('centre', centre), ('size', size)):
+    out[f'{name} corr'] = {a: _corr([fn(p, a) for p, _ in pairs], [fn(r, a) for _, r in pairs])
+                           for a in ('x', 'y')}
+  out['median centre error (pixels)'] = float(np.median(
+      [max(abs(centre(p, a) - centre(r, a)) for a in 'xy') for p, r in pairs]))
+  out['distinct boxes'] = len({(p.x1, p.y1, p.x2, p.y2) for p, _ in pairs})
+  return out
+
+
 def define_flags():
   """The command's flags (defined only when run as a script: tests import several tools)."""
   flags.DEFINE_string('workdir', None, 'A workdir with an evaluation.', required=True)
@@ -104,7 +144,8 @@ def main(argv):
   grid = config.data.synthetic.image_size / v.image_size * v.patch_size
   samples = grounding_samples(workdir_lib.eval_dir(FLAGS.workdir, step) / 'answers.jsonl')
   result = {'workdir': str(FLAGS.workdir), 'step': step, 'questions': len(samples),
-            'grid_pixels': grid, 'acc@0.5': ceiling(samples, grid)}
+            'grid_pixels': grid, 'acc@0.5': ceiling(samples, grid),
+            'reading': reading(samples)}
   print(json.dumps(result, indent=1))
   if FLAGS.out:
     with open(FLAGS.out, 'w') as f:

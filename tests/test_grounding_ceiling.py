@@ -64,3 +64,21 @@ def test_latest_eval_step_skips_unfinished_evaluations(tmp_path):
     if finished:
       (folder / 'metrics.json').write_text('{}')
   assert workdir_lib.latest_eval_step(tmp_path) == 250
+
+
+def test_reading_correlates_answer_boxes_with_references():
+  # 100-pixel images: three answers moved 5 pixels right of their references (centres and sizes
+  # follow exactly, r = 1) and one unparsable; then three copies of one stock box (r undefined).
+  refs = ['{<10><10><20><30>}', '{<40><50><60><60>}', '{<70><20><90><50>}']
+  moved = ['{<15><10><25><30>}', '{<45><50><65><60>}', '{<75><20><95><50>}']
+  base = {'width': 100, 'height': 100, 'dialect': 'geochat'}
+  samples = [dict(base, prediction=p, references=[r]) for p, r in zip(moved, refs)]
+  samples.append(dict(base, prediction='somewhere', references=[refs[0]]))
+  r = grounding_ceiling.reading(samples)
+  assert (r['answers'], r['unparsed'], r['distinct boxes']) == (3, 1, 3)
+  assert r['centre corr'] == pytest.approx({'x': 1.0, 'y': 1.0})
+  assert r['size corr'] == pytest.approx({'x': 1.0, 'y': 1.0})
+  assert r['median centre error (pixels)'] == pytest.approx(5.0)
+  stock = grounding_ceiling.reading([dict(base, prediction=moved[0], references=[q])
+                                     for q in refs])
+  assert stock['centre corr'] == {'x': None, 'y': None} and stock['distinct boxes'] == 1
