@@ -13,8 +13,8 @@ next to the best constant box (evaluators.constant_baseline) and the run's own a
 scores for the first three say the resolution leaves room: a low Acc@0.5 is the model's.
 
 `reading` says how much of the answers' place comes from the picture: the Pearson correlation
-of the answers' box centres and sizes with the references' (x and y apart: a scene's layout
-can give one axis from the question alone), the median centre error and the distinct boxes.
+of the answers' box centres and sizes with the references' (x and y apart: a model may read one
+axis and not the other), the median centre error and the distinct boxes.
 """
 import json
 import statistics
@@ -109,20 +109,21 @@ def reading(samples):
     except boxes.BoxParseError:
       unparsed += 1
       continue
-    pairs.append((predicted, _reference_box(s)))
+    pairs.append([(b.x1, b.y1, b.x2, b.y2) for b in (predicted, _reference_box(s))])
   out = {'answers': len(pairs), 'unparsed': unparsed}
   if not pairs:
     return out
-  def centre(b, axis):
-    return (b.x1 + b.x2) / 2 if axis == 'x' else (b.y1 + b.y2) / 2
-  def size(b, axis):
-    return b.x2 - b.x1 if axis == 'x' else b.y2 - b.y1
-  for name, fn in (('centre', centre), ('size', size)):
-    out[f'{name} corr'] = {a: _corr([fn(p, a) for p, _ in pairs], [fn(r, a) for _, r in pairs])
-                           for a in ('x', 'y')}
-  out['median centre error (pixels)'] = float(np.median(
-      [max(abs(centre(p, a) - centre(r, a)) for a in 'xy') for p, r in pairs]))
-  out['distinct boxes'] = len({(p.x1, p.y1, p.x2, p.y2) for p, _ in pairs})
+  predicted, reference = np.moveaxis(np.array(pairs, float), 1, 0)   # each [n, 4]
+  def centre(b):
+    return (b[:, :2] + b[:, 2:]) / 2
+  def size(b):
+    return b[:, 2:] - b[:, :2]
+  for name, of in (('centre', centre), ('size', size)):
+    p, r = of(predicted), of(reference)
+    out[f'{name} corr'] = {a: _corr(p[:, i], r[:, i]) for i, a in enumerate('xy')}
+  error = np.abs(centre(predicted) - centre(reference)).max(axis=1)   # the worse axis
+  out['median centre error (pixels)'] = float(np.median(error))
+  out['distinct boxes'] = len({tuple(b) for b in predicted.tolist()})
   return out
 
 
