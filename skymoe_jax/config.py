@@ -104,7 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.llm = ml_collections.ConfigDict(dict(
       vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32,
       head_dim=128, mlp_dim=11008, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
-      max_seq_len=2048))
+      max_seq_len=2048,
+      # The image tokens' rotary positions: '1d' (LLaVA's: the row-major sequence, so a column's
+      # tokens lie a row apart) | '2d' (row and column on interleaved frequencies, text after
+      # them; model/rope.py). docs/results.md: under '1d' a box's answers follow the row only.
+      image_rope='1d'))
 
   # LoRA on the named attention projections; rank 0 = no adapters (stage II, merged).
   m.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=('query', 'value')))
@@ -245,6 +249,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 CONDITIONS = ('tags', 'predicted')  # model.moe.condition
 TOKEN_POSEMB = ('none', 'sincos2d')  # model.vision.token_posemb
+IMAGE_ROPE = ('1d', '2d')  # model.llm.image_rope (model/rope.py)
 EVAL_TAGS = ('given', 'stripped')    # eval.tags
 STAGES = ('stage1', 'stage2')  # the recipe's two stages: config arguments and train.stage
 
@@ -395,6 +400,11 @@ def validate(config) -> None:
          'model.llm.num_kv_heads', llm.num_kv_heads,
          f'must divide model.llm.num_heads={llm.num_heads}')
   _check(llm.head_dim % 2 == 0, 'model.llm.head_dim', llm.head_dim, 'RoPE needs an even size')
+  image_rope = llm.get('image_rope', '1d')
+  _check(image_rope in IMAGE_ROPE, 'model.llm.image_rope', image_rope,
+         f'must be one of {IMAGE_ROPE}')
+  _check(image_rope == '1d' or llm.head_dim >= 4, 'model.llm.image_rope', image_rope,
+         f'2-D positions need model.llm.head_dim={llm.head_dim} >= 4 (a frequency per axis)')
   _check(llm.max_seq_len > vision_tokens(m), 'model.llm.max_seq_len', llm.max_seq_len,
          f'must hold the {vision_tokens(m)} image tokens and some text')
 

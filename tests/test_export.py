@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -123,10 +124,11 @@ def dense_config():
 def moe_config(renormalize):
   config = load_config('tiny')
   config.model.moe.renormalize = renormalize
-  # The second fixture also scales the adaptive bias and adds the fixed position table to the
-  # image tokens, which the torch model must do too.
+  # The second fixture also scales the adaptive bias, adds the fixed position table to the image
+  # tokens and lays their rotary positions on the patch grid, which the torch model must do too.
   config.model.moe.condition_scale = 2.5 if renormalize else 1.0
   config.model.vision.token_posemb = 'sincos2d' if renormalize else 'none'
+  config.model.llm.image_rope = '2d' if renormalize else '1d'
   config.model.moe.backend = 'dense'  # dropless on CPU; routing maths is the same in every one
   return config
 
@@ -395,6 +397,27 @@ def test_predicted_condition_export_needs_its_head_constants(predicted, tmp_path
   config.model.moe.condition = 'guessed'
   with pytest.raises(to_torch.ExportError, match=r'config\.model\.moe\.condition'):
     to_torch.check_exportable(config.model)
+
+
+def test_export_with_image_rope_it_does_not_compute_is_refused(dense, tmp_path):
+  """skymoe.model.llm.image_rope outside ('1d', '2d') is a model neither reader computes;
+  an export written before the field existed (no image_rope) loads as '1d'."""
+  _, _, out = dense
+  cfg = json.loads((out / 'config.json').read_text())
+  assert cfg['skymoe']['model']['llm']['image_rope'] == '1d'
+  cfg['skymoe']['model']['llm']['image_rope'] = 'sheared'
+  (tmp_path / 'config.json').write_text(json.dumps(cfg))
+  with pytest.raises(torch_model.LoadError, match=r"skymoe\.model\.llm\.image_rope 'sheared'"):
+    torch_model.export_files(tmp_path)
+  with pytest.raises(from_hf.CheckpointFileError, match=r'image_rope'):
+    to_torch.load_export(tmp_path)
+  old = tmp_path / 'old'  # the same export as one written before the field existed
+  shutil.copytree(out, old)
+  del cfg['skymoe']['model']['llm']['image_rope']
+  (old / 'config.json').write_text(json.dumps(cfg))
+  _, model_cfg = to_torch.load_export(old)
+  assert model_cfg.llm.get('image_rope', '1d') == '1d'
+  torch_model.SkyMoEForConditionalGeneration.from_pretrained(old)
 
 
 # ----------------------------------------------------------------------------- round trips

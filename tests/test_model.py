@@ -48,9 +48,10 @@ def _inputs(config, batch, text_len, seed=1, pad_left=()):
   return images, tokens, mask, task, gran
 
 
-@pytest.mark.parametrize('scan', [True, False])
-def test_kv_cache_decoding_equals_full_forward(tiny_config, scan):
+@pytest.mark.parametrize('scan,image_rope', [(True, '1d'), (False, '1d'), (True, '2d')])
+def test_kv_cache_decoding_equals_full_forward(tiny_config, scan, image_rope):
   tiny_config.model.scan_layers = scan
+  tiny_config.model.llm.image_rope = image_rope  # 2-D: prefill ends inside the text, as in use
   model, params = _init(tiny_config)
   params = {'params': _randomize_lora_b(params, jax.random.key(3))}
   b, t = 2, 7

@@ -143,6 +143,10 @@ def test_what_qwen2_moe_cannot_express_is_refused_naming_the_field(tmp_path):
   posemb.model.vision.token_posemb = 'sincos2d'  # LLaVA's projector adds no table
   with pytest.raises(native_export.NotExpressibleError, match=r'model\.vision\.token_posemb'):
     native_export.export_native(params, posemb.model, tmp_path / 'c')
+  grid = plain_router_config(False)
+  grid.model.llm.image_rope = '2d'  # LLaMA's rotary positions are one index per token
+  with pytest.raises(native_export.NotExpressibleError, match=r"model\.llm\.image_rope='2d'"):
+    native_export.export_native(params, grid.model, tmp_path / 'd')
   assert not list(tmp_path.iterdir())  # refused before anything is written
 
 

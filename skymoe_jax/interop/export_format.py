@@ -55,6 +55,9 @@ REQUIRED_ADAPTIVE = ('num_tasks', 'num_granularities', 'condition_dim')  # adapt
 # value outside these is a model the readers do not compute.
 CONDITIONS = ('tags', 'predicted')
 CONDITION_HEAD_FIELDS = ('logit_scale', 'rms_eps')  # skymoe.condition_head, when predicted
+# llm.image_rope: the image tokens' rotary positions, 1-D or on the patch grid (model/rope.py);
+# absent in exports written before it existed, which are '1d'.
+IMAGE_ROPE = ('1d', '2d')
 
 
 def is_export_file(name: str) -> bool:
@@ -155,6 +158,10 @@ def read_config(folder, error=ValueError, our_layout: bool = True) -> dict:
   if experts > 0 and condition not in CONDITIONS:
     raise error(f'{path}: skymoe.model.moe.condition {condition!r} is not one this code computes '
                 f'({", ".join(CONDITIONS)}); use the version that wrote it')
+  image_rope = model['llm'].get('image_rope', '1d')
+  if image_rope not in IMAGE_ROPE:
+    raise error(f'{path}: skymoe.model.llm.image_rope {image_rope!r} is not one this code '
+                f'computes ({", ".join(IMAGE_ROPE)}); use the version that wrote it')
   if predicts_condition(model):
     head = skymoe.get('condition_head')
     bad = [f for f in CONDITION_HEAD_FIELDS if not isinstance(head, dict) or isinstance(

@@ -55,7 +55,8 @@ _HANDLED = {
     'vision': ('image_size', 'patch_size', 'width', 'depth', 'num_heads', 'mlp_dim',
                'feature_layer', 'norm_eps', 'posemb_init', 'token_posemb'),
     'llm': ('vocab_size', 'embed_dim', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
-            'mlp_dim', 'rope_theta', 'norm_eps', 'tie_embeddings', 'max_seq_len'),
+            'mlp_dim', 'rope_theta', 'norm_eps', 'tie_embeddings', 'max_seq_len',
+            'image_rope'),  # image_rope: refused below unless '1d' (LLaMA's RoPE is 1-D)
     'lora': ('rank', 'alpha', 'targets'),  # merged into the kernels
     # backend / ep_strategy / capacity: how tokens are dispatched; the export is the dropless
     # function (as our generation and verify_export run it). Loss weights: training only.
@@ -92,6 +93,12 @@ def check_native(model_cfg) -> None:
         f'model.vision.token_posemb={token_posemb!r}: LLaVA\'s projector adds no position table '
         'to the image tokens; export with the default layout (--layout=skymoe), or train with '
         "model.vision.token_posemb='none'")
+  image_rope = model_cfg.llm.get('image_rope', '1d')
+  if image_rope != '1d':
+    raise NotExpressibleError(
+        f"model.llm.image_rope={image_rope!r}: LLaMA's and Qwen2-MoE's rotary positions are "
+        'one index per token, with no row and column for the image tokens; export with the '
+        "default layout (--layout=skymoe), or train with model.llm.image_rope='1d'")
   m = model_cfg.moe
   if skymoe.predicts_condition(model_cfg):
     raise NotExpressibleError(

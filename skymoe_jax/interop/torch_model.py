@@ -14,7 +14,9 @@ parameter of the same name (every parameter must be filled, every tensor used):
                                      last block, CLS dropped; other input sizes resize the
                                      position grid bicubically, as the JAX tower does
   multi_modal_projector.linear_1/2   LLaVA-1.5's 2-layer MLP with exact GELU
-  language_model.model.*             LLaMA decoder: RMSNorm, RoPE (rotate halves), GQA, SwiGLU
+  language_model.model.*             LLaMA decoder: RMSNorm, RoPE (rotate halves; with
+                                     llm.image_rope='2d' the image tokens' on the patch grid),
+                                     GQA, SwiGLU
   ...layers.{i}.block_sparse_moe.*   in MoE layers: fp32 router, softmax over all experts, top-k,
                                      raw or renormalised weights, plus the adaptive bias
                                      condition_proj(task_embed[task] + granularity_embed[gran])
@@ -255,19 +257,22 @@ def token_position_table(grid: int, width: int) -> torch.Tensor:
 
 class Projector(nn.Module):
   """LLaVA-1.5's 2-layer MLP; with token_posemb='sincos2d' the fixed position table is added to
-  its output (a buffer computed from the config, not a tensor of the export)."""
+  its output, computed from the config at each call: not a tensor of the export, and not a
+  buffer either, since transformers builds remote-code models on the meta device and fills only
+  the file's tensors, which left a non-persistent buffer uninitialised (NaN)."""
 
   def __init__(self, vision_width, dim, grid, token_posemb='none'):
     super().__init__()
     self.linear_1, self.linear_2 = nn.Linear(vision_width, dim), nn.Linear(dim, dim)
     if token_posemb not in ('none', 'sincos2d'):
       raise ValueError(f"vision.token_posemb={token_posemb!r}: not 'none' or 'sincos2d'")
-    table = token_position_table(grid, dim) if token_posemb == 'sincos2d' else None
-    self.register_buffer('token_posemb', table, persistent=False)
+    self.table_grid = grid if token_posemb == 'sincos2d' else 0
 
   def forward(self, x):
     y = self.linear_2(F.gelu(self.linear_1(x)))
-    return y if self.token_posemb is None else y + self.token_posemb.to(y.dtype)
+    if not self.table_grid:
+      return y
+    return y + token_position_table(self.table_grid, y.shape[-1]).to(y.device, y.dtype)
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -284,11 +289,31 @@ class RMSNorm(nn.Module):
     return (y * self.weight.float()).to(x.dtype)
 
 
-def apply_rope(x, positions, theta):
-  """x [B, T, H, Dh], positions [B, T]: the LLaMA half-rotation, angles in fp32."""
+def image_grid(cfg) -> int:
+  """model/decoder.py's image_grid: the patch grid of 2-D image positions, 0 for 1-D ones."""
+  v = cfg.vision
+  return v.image_size // v.patch_size if getattr(cfg.llm, 'image_rope', '1d') == '2d' else 0
+
+
+def rotary_positions(positions, image_grid: int):
+  """model/rope.py's: 1-D positions [B, T] -> (row, column) positions; with a grid g the first
+  g^2 are the image's row-major patches and the text follows from g on both axes."""
+  if not image_grid:
+    return positions, positions
+  text = positions - image_grid * image_grid + image_grid
+  is_image = positions < image_grid * image_grid
+  return (torch.where(is_image, positions // image_grid, text),
+          torch.where(is_image, positions % image_grid, text))
+
+
+def apply_rope(x, positions, theta, image_grid: int = 0):
+  """x [B, T, H, Dh], positions [B, T]: the LLaMA half-rotation, angles in fp32; with an image
+  grid the even frequencies turn by the row, the odd ones by the column."""
   dh = x.shape[-1]
   inv_freq = 1.0 / (theta ** (torch.arange(0, dh, 2, dtype=torch.float32, device=x.device) / dh))
-  angles = positions.float()[:, :, None] * inv_freq
+  rows, cols = rotary_positions(positions, image_grid)
+  by_row = torch.arange(dh // 2, device=x.device) % 2 == 0
+  angles = torch.where(by_row, rows[:, :, None], cols[:, :, None]).float() * inv_freq
   cos, sin = torch.cos(angles)[:, :, None], torch.sin(angles)[:, :, None]
   x1, x2 = x.float()[..., :dh // 2], x.float()[..., dh // 2:]
   return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
@@ -315,10 +340,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
-  def __init__(self, llm, layer_idx: int):
+  def __init__(self, llm, layer_idx: int, image_grid: int = 0):
     super().__init__()
     d, self.h, self.hkv, self.dh = llm.embed_dim, llm.num_heads, llm.num_kv_heads, llm.head_dim
-    self.theta, self.layer_idx = llm.rope_theta, layer_idx
+    self.theta, self.layer_idx, self.image_grid = llm.rope_theta, layer_idx, image_grid
     self.q_proj = nn.Linear(d, self.h * self.dh, bias=False)
     self.k_proj = nn.Linear(d, self.hkv * self.dh, bias=False)
     self.v_proj = nn.Linear(d, self.hkv * self.dh, bias=False)
@@ -328,8 +353,10 @@ class Attention(nn.Module):
     """mask [B, T, S] over the cache's slots then the new ones; the new keys and values are
     appended to `cache` (a KVCache or a transformers Cache) when one is given."""
     b, t, _ = x.shape
-    q = apply_rope(self.q_proj(x).reshape(b, t, self.h, self.dh), positions, self.theta)
-    k = apply_rope(self.k_proj(x).reshape(b, t, self.hkv, self.dh), positions, self.theta)
+    q = apply_rope(self.q_proj(x).reshape(b, t, self.h, self.dh), positions, self.theta,
+                   self.image_grid)
+    k = apply_rope(self.k_proj(x).reshape(b, t, self.hkv, self.dh), positions, self.theta,
+                   self.image_grid)
     v = self.v_proj(x).reshape(b, t, self.hkv, self.dh)
     if cache is not None:  # caches hold [B, Hkv, S, Dh], transformers' layout
       k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
@@ -423,7 +450,7 @@ class DecoderLayer(nn.Module):
     llm = cfg.llm
     self.is_moe = is_moe
     self.input_layernorm = RMSNorm(llm.embed_dim, llm.norm_eps)
-    self.self_attn = Attention(llm, layer_idx)
+    self.self_attn = Attention(llm, layer_idx, image_grid(cfg))
     self.post_attention_layernorm = RMSNorm(llm.embed_dim, llm.norm_eps)
     if is_moe:
       self.block_sparse_moe = SparseMoe(llm, cfg.moe)

@@ -45,6 +45,7 @@ class Attention(nn.Module):
   num_kv_heads: int
   head_dim: int
   rope_theta: float = 10000.0
+  image_grid: int = 0  # > 0: 2-D rotary positions for the first image_grid^2 tokens (rope.py)
   lora_targets: Sequence[str] = ()
   lora_rank: int = 0
   lora_alpha: float = 16.0
@@ -72,8 +73,8 @@ class Attention(nn.Module):
     q = checkpoint_name(self._project('query', x, self.num_heads), 'query_proj')
     k = checkpoint_name(self._project('key', x, self.num_kv_heads), 'key_proj')
     v = checkpoint_name(self._project('value', x, self.num_kv_heads), 'value_proj')
-    q = apply_rope(q, positions, self.rope_theta)
-    k = apply_rope(k, positions, self.rope_theta)
+    q = apply_rope(q, positions, self.rope_theta, self.image_grid)
+    k = apply_rope(k, positions, self.rope_theta, self.image_grid)
     q = nn.with_logical_constraint(q, ('activation_batch', 'activation_length', 'heads', 'head_dim'))
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), index, axis=1)

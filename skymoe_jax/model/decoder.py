@@ -18,6 +18,13 @@ from skymoe_jax.model.mlp import MLP
 from skymoe_jax.model.moe.layer import MoeFFN
 
 
+def image_grid(model_cfg) -> int:
+  """The patch grid the decoder's 2-D rotary positions lay the image tokens on; 0 when they take
+  1-D positions (model.llm.image_rope)."""
+  v = model_cfg.vision
+  return v.image_size // v.patch_size if model_cfg.llm.get('image_rope', '1d') == '2d' else 0
+
+
 class DecoderLayer(nn.Module):
   config: ml_collections.FrozenConfigDict  # model config
   is_moe: bool
@@ -30,7 +37,7 @@ class DecoderLayer(nn.Module):
     lora_on = cfg.lora.rank > 0
     h = layers.RMSNorm(llm.norm_eps, name='attn_norm', **kw)(x)
     attn_out, cache = Attention(
-        llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.rope_theta,
+        llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.rope_theta, image_grid(cfg),
         lora_targets=tuple(cfg.lora.targets) if lora_on else (), lora_rank=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha, attention_impl=cfg.attention_impl, name='attn', **kw)(
             h, positions, mask, cache, index)
