@@ -70,6 +70,16 @@ _HANDLED = {
 }
 
 
+# Options the native layout computes only at their LLaVA value: (section, field, value, why not).
+_LLAVA_ONLY = (
+    ('vision', 'token_posemb', 'none',
+     "LLaVA's projector adds no position table to the image tokens"),
+    ('llm', 'image_rope', '1d',
+     "LLaMA's and Qwen2-MoE's rotary positions are one index per token, with no row and column "
+     'for the image tokens'),
+)
+
+
 class NotExpressibleError(to_torch.ExportError):
   """The model is not exactly an existing transformers architecture; names the config field."""
 
@@ -87,18 +97,12 @@ def check_native(model_cfg) -> None:
           'that transformers computes the same model; export with the default layout '
           '(--layout=skymoe), or add the field to native_export._HANDLED once the mapping is '
           'checked exact for it')
-  token_posemb = model_cfg.vision.get('token_posemb', 'none')
-  if token_posemb != 'none':
-    raise NotExpressibleError(
-        f'model.vision.token_posemb={token_posemb!r}: LLaVA\'s projector adds no position table '
-        'to the image tokens; export with the default layout (--layout=skymoe), or train with '
-        "model.vision.token_posemb='none'")
-  image_rope = model_cfg.llm.get('image_rope', '1d')
-  if image_rope != '1d':
-    raise NotExpressibleError(
-        f"model.llm.image_rope={image_rope!r}: LLaMA's and Qwen2-MoE's rotary positions are "
-        'one index per token, with no row and column for the image tokens; export with the '
-        "default layout (--layout=skymoe), or train with model.llm.image_rope='1d'")
+  for section, field, plain, why in _LLAVA_ONLY:
+    value = model_cfg[section].get(field, plain)
+    if value != plain:
+      raise NotExpressibleError(
+          f'model.{section}.{field}={value!r}: {why}; export with the default layout '
+          f"(--layout=skymoe), or train with model.{section}.{field}={plain!r}")
   m = model_cfg.moe
   if skymoe.predicts_condition(model_cfg):
     raise NotExpressibleError(
