@@ -107,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_seq_len=2048,
       # The image tokens' rotary positions: '1d' (LLaVA's: the row-major sequence, so a column's
       # tokens lie a row apart) | '2d' (row and column on interleaved frequencies, text after
-      # them; model/rope.py). docs/results.md: under '1d' a box's answers follow the row only.
+      # them; model/rope.py). docs/results.md: under '1d' box answers follow rows, not columns.
       image_rope='1d'))
 
   # LoRA on the named attention projections; rank 0 = no adapters (stage II, merged).
